@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models and a tokenizer built on the spot (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+
+from rlhf import tiny
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tokenizer")
+    tiny.train_tokenizer(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory, tokenizer):
+    """A tiny Llama (head_dim 32), saved sharded with an index."""
+    return tiny.make_tiny_model(tmp_path_factory.mktemp("llama") / "m", arch="llama", tokenizer=tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_tied(tmp_path_factory, tokenizer):
+    """A tiny Qwen2 with tied input/output embeddings (no lm_head tensor on disk)."""
+    return tiny.make_tiny_model(tmp_path_factory.mktemp("qwen2") / "m", arch="qwen2", tokenizer=tokenizer,
+                                tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory, tiny_llama):
+    """A base model and two fine-tuned relatives (same names, shapes, config): BAI merge inputs."""
+    root = tmp_path_factory.mktemp("family")
+    return {
+        "base": tiny_llama,
+        "sft_a": tiny.perturbed_copy(tiny_llama, root / "sft_a", seed=1),
+        "sft_b": tiny.perturbed_copy(tiny_llama, root / "sft_b", seed=2),
+    }
