@@ -1,0 +1,58 @@
+"""Masked statistics over response-aligned tensors.
+
+Every tensor is ``[B, T]`` (T = longest response of the batch) and ``mask`` is 1.0 on response
+tokens (including EOS) and 0.0 on padding, wherever the padding sits. Values under a zero mask
+never reach a result, even when they are NaN or inf (logprobs of pad tokens often are).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _check_same_shape(x: torch.Tensor, mask: torch.Tensor, name: str = "x") -> None:
+    if x.shape != mask.shape:
+        raise ValueError(f"{name} has shape {tuple(x.shape)} but mask has shape {tuple(mask.shape)}")
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Sum of ``x`` over positions where ``mask`` is non-zero (weighted by ``mask``)."""
+    _check_same_shape(x, mask)
+    m = mask.to(x.dtype) if x.is_floating_point() else mask.float()
+    vals = torch.where(mask != 0, x * m, torch.zeros((), dtype=m.dtype, device=x.device))
+    return vals.sum() if dim is None else vals.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``x`` over masked positions; 0 where the mask is empty (no NaN)."""
+    total = masked_sum(x, mask, dim)
+    count = mask.sum() if dim is None else mask.sum(dim)
+    return total / count.to(total.dtype).clamp_min(1.0)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over all masked positions (Bessel-corrected when ``unbiased``).
+
+    Returns 0 when fewer than two tokens are masked in (the unbiased estimate is undefined).
+    """
+    mean = masked_mean(x, mask)
+    centered = torch.where(mask != 0, x - mean, torch.zeros((), dtype=mean.dtype, device=x.device))
+    var = masked_mean(centered.pow(2), mask)
+    n = mask.sum().to(var.dtype)
+    if unbiased:
+        var = torch.where(n > 1, var * n / (n - 1).clamp_min(1.0), torch.zeros_like(var))
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  eps: float = 1e-8) -> torch.Tensor:
+    """``(x - mean) / sqrt(var + eps)`` over the masked tokens of the whole batch.
+
+    With ``shift_mean=False`` the mean is added back (scale only). Padding positions are 0.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_var(x, mask, unbiased=True)
+    out = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return torch.where(mask != 0, out, torch.zeros_like(out))
