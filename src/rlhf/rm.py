@@ -1,0 +1,341 @@
+"""`rlhf rm CONFIG.yaml`: train a Bradley-Terry reward model on DeepSpeed.
+
+Data: JSONL, one preference pair per line, ``{"prompt": ..., "chosen": ..., "rejected": ...}``
+(strings). The prompt is rendered with the tokenizer's chat template as a user message with the
+generation prompt; each response is appended to it followed by EOS, which is the sequence the PPO
+loop scores (prompt + response up to EOS). Tokenizers without a chat template use plain
+concatenation.
+
+Model: ``AutoModelForSequenceClassification`` with ``num_labels=1`` loaded from a causal-LM
+checkpoint (the score head is new) or from an existing reward model. The score of a sequence is
+the head's output at its last non-pad token. Loss: ``-log sigmoid(r_chosen - r_rejected)``,
+averaged over the pairs of a batch.
+
+Output (written to a temporary sibling directory and renamed into place; an existing directory
+is refused unless ``force: true`` or ``--force``): the model and tokenizer in Hugging Face format,
+``rm_stats.json`` with the score mean/std over every training response (chosen and rejected) for
+reward normalization, the pair accuracy on the training and (if given) evaluation data, and
+``rm_config.yaml``, the resolved config.
+
+Example config (all keys; only ``model``, ``data`` and ``out`` are required)::
+
+    model: path/to/causal-lm        # or a reward model to continue training
+    data: pairs.jsonl
+    out: runs/rm
+    eval_data: null                 # optional held-out pairs (JSONL)
+    max_length: 1024                # longer sequences are refused, naming the line
+    epochs: 1
+    batch_size: 8                   # pairs per optimizer step
+    micro_batch_size: 8             # pairs per forward (gradient accumulation = batch / micro)
+    lr: 1.0e-5
+    weight_decay: 0.0
+    warmup_steps: 0                 # linear warm-up, then constant
+    grad_clip: 1.0
+    zero_stage: 0
+    seed: 0
+    force: false
+
+Command line: ``rlhf rm CONFIG.yaml [key=value ...] [--force]`` (``key=value`` overrides a key).
+Multi-process data parallel: launch with ``torchrun``/``deepspeed``; a single process starts its own
+one-rank gloo/NCCL group.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+@dataclass
+class RMConfig:
+    """A reward-model training run."""
+
+    model: str
+    """causal-LM (or sequence-classification) checkpoint directory; its tokenizer is used"""
+    data: str
+    """training pairs, JSONL with keys prompt, chosen, rejected"""
+    out: str
+    """output directory (refused if it exists, unless force)"""
+    eval_data: str | None = None
+    """optional held-out pairs (JSONL) for pair accuracy"""
+    max_length: int = 1024
+    """maximum tokens of prompt + response + EOS; a longer pair is an error naming its line"""
+    epochs: int = 1
+    """passes over the training pairs"""
+    batch_size: int = 8
+    """pairs per optimizer step (over all data-parallel ranks)"""
+    micro_batch_size: int = 8
+    """pairs per forward pass per rank"""
+    lr: float = 1e-5
+    """AdamW learning rate (after warm-up)"""
+    weight_decay: float = 0.0
+    """AdamW weight decay"""
+    warmup_steps: int = 0
+    """linear warm-up steps, then constant"""
+    grad_clip: float = 1.0
+    """gradient-norm clipping (0: off)"""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage 0-3"""
+    seed: int = 0
+    """shuffling and head initialization seed"""
+    force: bool = False
+    """replace an existing output directory"""
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RMConfig:
+    """Read and validate a YAML config; ``overrides`` are ``key=value`` strings (YAML values)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SystemExit(f"rlhf rm: config file not found: {path}")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise SystemExit(f"rlhf rm: {path}: expected a mapping of keys")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"rlhf rm: override {item!r} is not key=value")
+        raw[key] = yaml.safe_load(value)
+    return config_from_dict(raw, source=str(path))
+
+
+def config_from_dict(raw: dict, source: str = "config") -> RMConfig:
+    """Validate a mapping into an ``RMConfig``; one clear error naming the key."""
+    fields = {f.name: f for f in dataclasses.fields(RMConfig)}
+    for key in raw:
+        if key not in fields:
+            raise SystemExit(f"rlhf rm: {source}: unknown key {key!r} (known: {', '.join(fields)})")
+    for key in ("model", "data", "out"):
+        if not raw.get(key):
+            raise SystemExit(f"rlhf rm: {source}: missing required key {key!r}")
+    cfg = RMConfig(**raw)
+    for key in ("max_length", "epochs", "batch_size", "micro_batch_size"):
+        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
+            raise SystemExit(f"rlhf rm: {source}: {key} must be a positive integer, got {getattr(cfg, key)!r}")
+    if cfg.zero_stage not in (0, 1, 2, 3):
+        raise SystemExit(f"rlhf rm: {source}: zero_stage must be 0-3, got {cfg.zero_stage!r}")
+    if not float(cfg.lr) > 0:
+        raise SystemExit(f"rlhf rm: {source}: lr must be > 0, got {cfg.lr!r}")
+    if not Path(cfg.model).is_dir():
+        raise SystemExit(f"rlhf rm: {source}: model: directory not found: {cfg.model}")
+    for key in ("data", "eval_data"):
+        value = getattr(cfg, key)
+        if value is not None and not Path(value).is_file():
+            raise SystemExit(f"rlhf rm: {source}: {key}: file not found: {value}")
+    if Path(cfg.out).exists() and not cfg.force:
+        raise SystemExit(f"rlhf rm: {source}: out: {cfg.out} exists (use --force to replace it)")
+    cfg.lr, cfg.weight_decay, cfg.grad_clip = float(cfg.lr), float(cfg.weight_decay), float(cfg.grad_clip)
+    return cfg
+
+
+def read_pairs(path: str | Path) -> list[dict]:
+    """Read preference pairs, checking every line before any training."""
+    pairs = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"rlhf rm: {path}:{n}: not valid JSON ({e.msg})") from None
+            for key in ("prompt", "chosen", "rejected"):
+                if not isinstance(row.get(key), str):
+                    raise SystemExit(f"rlhf rm: {path}:{n}: key {key!r} missing or not a string")
+            pairs.append(row)
+    if not pairs:
+        raise SystemExit(f"rlhf rm: {path}: no pairs")
+    return pairs
+
+
+def encode_pair_side(tokenizer, prompt: str, response: str) -> list[int]:
+    """Token ids of prompt (chat template, generation prompt) + response + EOS."""
+    if tokenizer.chat_template:
+        prefix = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    else:
+        prefix = prompt
+    ids = tokenizer.encode(prefix + response, add_special_tokens=False)
+    return ids + [tokenizer.eos_token_id]
+
+
+def _encode_all(tokenizer, pairs: list[dict], max_length: int, source: str) -> list[tuple[list[int], list[int]]]:
+    out = []
+    for n, row in enumerate(pairs, 1):
+        c = encode_pair_side(tokenizer, row["prompt"], row["chosen"])
+        r = encode_pair_side(tokenizer, row["prompt"], row["rejected"])
+        if max(len(c), len(r)) > max_length:
+            raise SystemExit(f"rlhf rm: {source}: pair {n} has {max(len(c), len(r))} tokens > max_length {max_length}")
+        out.append((c, r))
+    return out
+
+
+def _pad(seqs: list[list[int]], pad_id: int):
+    """Right-padded ids and attention mask (the classifier reads the last non-pad token)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s)
+        mask[i, : len(s)] = 1
+    return ids, mask
+
+
+def init_distributed() -> bool:
+    """Start a one-rank process group if none is running (gloo on CPU). True when we started it."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                          LOCAL_RANK="0")
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+def _scores(engine, tokenizer, seqs: list[list[int]], micro: int):
+    import torch
+
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(seqs), micro):
+            ids, mask = _pad(seqs[i: i + micro], tokenizer.pad_token_id)
+            dev = engine.device
+            out.append(engine(input_ids=ids.to(dev), attention_mask=mask.to(dev)).logits[:, 0].float().cpu())
+    return torch.cat(out)
+
+
+def pair_accuracy(engine, tokenizer, encoded, micro: int) -> float:
+    """Fraction of pairs scored chosen > rejected."""
+    c = _scores(engine, tokenizer, [p[0] for p in encoded], micro)
+    r = _scores(engine, tokenizer, [p[1] for p in encoded], micro)
+    return float((c > r).float().mean())
+
+
+def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
+    """Train and save a reward model; returns the output directory."""
+    import deepspeed
+    import torch
+    import torch.distributed as dist
+    from tqdm import tqdm
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model)
+    if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
+        raise SystemExit(f"rlhf rm: model: tokenizer at {cfg.model} needs a pad and an EOS token")
+    train = _encode_all(tokenizer, read_pairs(cfg.data), cfg.max_length, cfg.data)
+    evals = _encode_all(tokenizer, read_pairs(cfg.eval_data), cfg.max_length, cfg.eval_data) if cfg.eval_data else []
+
+    started = init_distributed()
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise SystemExit(f"rlhf rm: batch_size {cfg.batch_size} is not divisible by micro_batch_size "
+                         f"{cfg.micro_batch_size} x {world} ranks")
+    accum = cfg.batch_size // (cfg.micro_batch_size * world)
+    torch.manual_seed(cfg.seed)
+    model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
+    ds_config = {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "steps_per_print": 10 ** 9,
+    }
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    try:
+        rng = random.Random(cfg.seed)
+        order = []
+        for _ in range(cfg.epochs):
+            idx = list(range(len(train)))
+            rng.shuffle(idx)
+            order += idx
+        mine = order[rank::world]
+        micro_batches = [mine[i: i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
+        micro_batches = micro_batches[: len(micro_batches) // accum * accum] or micro_batches
+        engine.train()
+        bar = tqdm(micro_batches, desc="rlhf rm", disable=not show_progress or rank != 0)
+        for mb in bar:
+            ids, mask = _pad([train[i][0] for i in mb] + [train[i][1] for i in mb], tokenizer.pad_token_id)
+            scores = engine(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device)).logits[:, 0]
+            loss = -torch.nn.functional.logsigmoid(scores[: len(mb)] - scores[len(mb):]).mean()
+            if not torch.isfinite(loss):
+                raise SystemExit("rlhf rm: non-finite loss; nothing was written")
+            engine.backward(loss)
+            engine.step()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        engine.eval()
+        all_scores = torch.cat([_scores(engine, tokenizer, [p[0] for p in train], cfg.micro_batch_size * 2),
+                                _scores(engine, tokenizer, [p[1] for p in train], cfg.micro_batch_size * 2)])
+        stats = {
+            "mean": float(all_scores.mean()),
+            "std": float(all_scores.std()),
+            "n": int(all_scores.numel()),
+            "train_pair_accuracy": float((all_scores[: len(train)] > all_scores[len(train):]).float().mean()),
+            "eval_pair_accuracy": pair_accuracy(engine, tokenizer, evals, cfg.micro_batch_size * 2) if evals else None,
+        }
+        out = Path(cfg.out)
+        if rank == 0:
+            tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            unwrapped = engine.module
+            if cfg.zero_stage == 3:
+                from deepspeed.runtime.zero.partition_parameters import GatheredParameters
+
+                with GatheredParameters(list(unwrapped.parameters())):
+                    unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+            else:
+                unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "rm_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+            (tmp / "rm_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+        return out
+    finally:
+        engine.destroy()
+        if started:
+            dist.destroy_process_group()
+
+
+def read_stats(path: str | Path) -> dict:
+    """The ``rm_stats.json`` a reward model was saved with (mean, std, pair accuracies)."""
+    return json.loads((Path(path) / "rm_stats.json").read_text())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return 0
+    force = "--force" in argv
+    rest = [a for a in argv[1:] if a != "--force"]
+    cfg_path = argv[0]
+    cfg = load_config(cfg_path, rest + (["force=true"] if force else []))
+    out = train_reward_model(cfg)
+    stats = read_stats(out)
+    print(f"rlhf rm: wrote {out} (score mean {stats['mean']:.4f}, std {stats['std']:.4f}, "
+          f"train pair accuracy {stats['train_pair_accuracy']:.3f}"
+          + (f", eval {stats['eval_pair_accuracy']:.3f}" if stats['eval_pair_accuracy'] is not None else "") + ")")
+    return 0
