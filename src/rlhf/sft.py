@@ -1,0 +1,511 @@
+"""Supervised fine-tuning (full or LoRA) of a causal LM on DeepSpeed: ``rlhf sft CONFIG.yaml``.
+
+A general SFT trainer: point it at a local Hugging Face checkpoint and a JSONL file of
+(prompt, response) records and it trains with next-token loss on the **response tokens only**.
+
+Data. Each JSONL line is an object with a prompt field and a response field (names set by
+``prompt_field`` / ``response_field``). The prompt is a string (becomes one user message, after
+an optional ``system_prompt``) or a list of ``{"role", "content"}`` messages. The prompt is
+rendered with the tokenizer's chat template and its generation prompt; the response is the text
+the model should produce after it, followed by the EOS token (added unless the response already
+ends with it).
+
+Prefilled reasoning templates. Some reasoning templates end the generation prompt with the
+start of the reasoning block (``<think>\\n`` for DeepSeek-R1/QwQ/Qwen3-Thinking, ``<think>`` for
+OLMo-3-Think). If the prompt ends with ``reasoning_start`` (plus optional whitespace) and the
+response begins with that same text, the overlap is removed from the response, so the response
+is tokenized exactly as the model continues after the prefill at inference. A response that
+does not continue such a prefill is an error (the model would be trained on a path it never takes).
+
+LoRA (``method: lora``, peft) targets q, k, v, o, gate, up, down projections by default; the
+output is an adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``) plus the
+tokenizer. ``method: full`` writes a full Hugging Face checkpoint (safetensors). Either way the
+output is written to a temporary sibling directory and renamed into place when complete.
+
+DeepSpeed runs everywhere (ZeRO stage 0-3; on CPU through gloo in a single process). A torch
+AdamW optimizer is passed to ``deepspeed.initialize`` (no JIT-compiled ops). Launch several
+processes with the ``deepspeed`` or ``torchrun`` launcher for data parallelism; rank and world
+size come from the usual environment variables.
+
+Example config (every key is an ``SFTConfig`` field)::
+
+    model: /models/OpenThinker-7B
+    data: train.jsonl
+    out: runs/sft-rust
+    prompt_field: prompt
+    response_field: response
+    method: lora
+    epochs: 5
+    lr: 5.0e-5
+    batch_size: 16
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@dataclass
+class LoraSettings:
+    """LoRA adapter shape (peft). The paper's rank is not stated; these are our defaults."""
+
+    r: int = 16
+    """Adapter rank."""
+    alpha: float = 32.0
+    """peft ``lora_alpha``; the adapter is scaled by alpha / r."""
+    dropout: float = 0.05
+    """Dropout on the adapter input during training."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Module names that receive adapters (attention q/k/v/o and MLP gate/up/down by default)."""
+
+
+@dataclass
+class SFTConfig:
+    """Everything one SFT run needs. Unknown keys in YAML are an error."""
+
+    model: str = ""
+    """Local path of the Hugging Face checkpoint to fine-tune (safetensors)."""
+    data: str = ""
+    """JSONL file of training records."""
+    out: str = ""
+    """Output directory (must not exist unless ``force``)."""
+    prompt_field: str = "prompt"
+    """Record key of the prompt: a string or a list of chat messages."""
+    response_field: str = "response"
+    """Record key of the response text (the only tokens that carry loss)."""
+    system_prompt: str | None = None
+    """Optional system message put before string prompts."""
+    reasoning_start: str | None = "<think>"
+    """Reasoning-start marker whose prefill (at the end of the generation prompt) is stripped
+    from responses that begin with it; ``null`` disables the check."""
+    method: str = "lora"
+    """``lora`` (peft adapter) or ``full`` (all weights)."""
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    """LoRA settings (``method: lora`` only)."""
+    epochs: int = 1
+    """Passes over the data."""
+    lr: float = 5e-5
+    """Peak learning rate (AdamW)."""
+    batch_size: int = 16
+    """Effective (global) batch size in examples per optimizer step."""
+    micro_batch_size: int = 4
+    """Examples per forward/backward on each rank; gradient accumulation makes up the rest."""
+    max_len: int = 2048
+    """Examples longer than this (prompt + response tokens) are dropped and counted."""
+    warmup_ratio: float = 0.03
+    """Fraction of optimizer steps with linear warm-up; constant learning rate afterwards."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    zero_stage: int = 0
+    """DeepSpeed ZeRO stage (0-3)."""
+    dtype: str = "float32"
+    """Training dtype: float32 or bfloat16."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory."""
+    seed: int = 0
+    """Seed for initialisation of the adapter and data order."""
+    log_every: int = 10
+    """Write a metrics line every N optimizer steps."""
+    force: bool = False
+    """Replace an existing ``out`` directory."""
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def _from_dict(cls, data: dict, where: str):
+    if not isinstance(data, dict):
+        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
+    kwargs = {}
+    for name, value in data.items():
+        if name == "lora" and cls is SFTConfig:
+            value = _from_dict(LoraSettings, value or {}, f"{where}.lora")
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_config(data: dict, where: str = "sft") -> SFTConfig:
+    """Build and validate an ``SFTConfig`` from a mapping (errors name the offending key)."""
+    cfg = _from_dict(SFTConfig, data, where)
+    validate_config(cfg, where)
+    return cfg
+
+
+def validate_config(cfg: SFTConfig, where: str = "sft", *, need_paths: bool = True) -> None:
+    """Raise ``ValueError`` naming the first bad key, before any work is done."""
+    checks = [
+        (cfg.method in ("lora", "full"), "method", f"must be 'lora' or 'full', got {cfg.method!r}"),
+        (int(cfg.epochs) >= 1, "epochs", f"must be >= 1, got {cfg.epochs}"),
+        (float(cfg.lr) > 0, "lr", f"must be > 0, got {cfg.lr}"),
+        (int(cfg.batch_size) >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}"),
+        (int(cfg.micro_batch_size) >= 1, "micro_batch_size", f"must be >= 1, got {cfg.micro_batch_size}"),
+        (int(cfg.max_len) >= 2, "max_len", f"must be >= 2, got {cfg.max_len}"),
+        (0 <= float(cfg.warmup_ratio) < 1, "warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio}"),
+        (int(cfg.zero_stage) in (0, 1, 2, 3), "zero_stage", f"must be 0-3, got {cfg.zero_stage}"),
+        (cfg.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {cfg.dtype!r}"),
+        (int(cfg.lora.r) >= 1, "lora.r", f"must be >= 1, got {cfg.lora.r}"),
+        (bool(cfg.lora.targets), "lora.targets", "must name at least one module"),
+    ]
+    for ok, key, msg in checks:
+        if not ok:
+            raise ValueError(f"{where}.{key}: {msg}")
+    if not need_paths:
+        return
+    for key in ("model", "data", "out"):
+        if not getattr(cfg, key):
+            raise ValueError(f"{where}.{key}: required")
+    if not Path(cfg.model, "config.json").is_file():
+        raise ValueError(f"{where}.model: {cfg.model} is not a Hugging Face checkpoint (no config.json)")
+    if not Path(cfg.data).is_file():
+        raise ValueError(f"{where}.data: file not found: {cfg.data}")
+    if Path(cfg.out).exists() and not cfg.force:
+        raise ValueError(f"{where}.out: {cfg.out} exists; pass --force to replace it")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def read_jsonl(path: str | Path, required: list[str], where: str) -> list[dict]:
+    """Read a JSONL file; every record must hold the ``required`` keys (error names file, line, key)."""
+    records = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(rec, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+            missing = [k for k in required if k not in rec]
+            if missing:
+                raise ValueError(f"{path}:{lineno}: record has no field {missing[0]!r} "
+                                 f"(set by {where}; record keys: {sorted(rec)})")
+            records.append(rec)
+    if not records:
+        raise ValueError(f"{path}: no records")
+    return records
+
+
+def prompt_messages(prompt: Any, system_prompt: str | None = None) -> list[dict]:
+    """A prompt as chat messages: a string becomes one user message (after the system prompt)."""
+    if isinstance(prompt, str):
+        msgs = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        return msgs + [{"role": "user", "content": prompt}]
+    if isinstance(prompt, list) and all(isinstance(m, dict) and "role" in m and "content" in m for m in prompt):
+        return list(prompt)
+    raise ValueError("prompt must be a string or a list of {'role', 'content'} messages")
+
+
+def render_prompt(tokenizer, messages: list[dict]) -> str:
+    """The chat template's rendering of ``messages`` with the generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("tokenizer has no chat_template; SFT needs one to render prompts")
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+def strip_prefill(prompt_text: str, response: str, reasoning_start: str | None) -> str:
+    """Remove from ``response`` the reasoning prefill the generation prompt already ends with.
+
+    The prefill is ``reasoning_start`` followed only by whitespace at the very end of the
+    prompt. Raises ``ValueError`` when a prefilled prompt meets a response that does not
+    continue it.
+    """
+    if not reasoning_start:
+        return response
+    idx = prompt_text.rfind(reasoning_start)
+    if idx < 0 or prompt_text[idx + len(reasoning_start):].strip():
+        return response
+    prefill = prompt_text[idx:]
+    if response.startswith(prefill):
+        return response[len(prefill):]
+    if response.startswith(reasoning_start):
+        raise ValueError(f"response starts with {response[:len(prefill) + 8]!r} but the template already "
+                         f"prefilled {prefill!r}; serialize the response to continue the prefill")
+    raise ValueError(f"the chat template prefills {prefill!r} but the response does not continue it "
+                     f"(starts with {response[:16]!r})")
+
+
+def tokenize_example(tokenizer, messages: list[dict], response: str,
+                     reasoning_start: str | None = "<think>") -> tuple[list[int], list[int]]:
+    """(prompt ids, response ids) exactly as the model sees them at inference.
+
+    The prompt is the chat template with its generation prompt; the response is tokenized on
+    its own after the prefill is stripped (see ``strip_prefill``) and ends with EOS.
+    """
+    prompt_text = render_prompt(tokenizer, messages)
+    body = strip_prefill(prompt_text, response, reasoning_start)
+    eos = tokenizer.eos_token
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    resp_ids = tokenizer(body, add_special_tokens=False)["input_ids"]
+    if eos is not None and not body.endswith(eos):
+        resp_ids = resp_ids + [tokenizer.eos_token_id]
+    return prompt_ids, resp_ids
+
+
+def build_examples(tokenizer, records: list[dict], cfg: SFTConfig) -> tuple[list[tuple[list[int], list[int]]], int]:
+    """Tokenize records into (input_ids, labels) with labels -100 on prompt tokens.
+
+    Returns the examples and the number dropped for exceeding ``max_len``.
+    """
+    examples, dropped = [], 0
+    for i, rec in enumerate(records):
+        try:
+            msgs = prompt_messages(rec[cfg.prompt_field], cfg.system_prompt)
+            if not isinstance(rec[cfg.response_field], str):
+                raise ValueError(f"field {cfg.response_field!r} must be a string")
+            p, r = tokenize_example(tokenizer, msgs, rec[cfg.response_field], cfg.reasoning_start)
+        except ValueError as e:
+            raise ValueError(f"{cfg.data or 'records'}: record {i}: {e}") from None
+        if len(p) + len(r) > cfg.max_len:
+            dropped += 1
+            continue
+        examples.append((p + r, [-100] * len(p) + r))
+    if not examples:
+        raise ValueError(f"sft.max_len: all {len(records)} records are longer than {cfg.max_len} tokens")
+    return examples, dropped
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
+    """Right-pad a micro-batch into input_ids / attention_mask / labels tensors."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (x, y) in enumerate(batch):
+        ids[row, :len(x)] = torch.tensor(x)
+        labels[row, :len(y)] = torch.tensor(y)
+        mask[row, :len(x)] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+# ----------------------------------------------------------------------------- distributed
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> bool:
+    """Initialise torch.distributed for DeepSpeed if needed; True when this call created it.
+
+    A single process without a launcher gets RANK=0, WORLD_SIZE=1 and a free local port;
+    the backend is gloo on CPU and nccl on CUDA.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return False
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
+
+
+# ----------------------------------------------------------------------------- model
+
+
+def load_model(path: str | Path, dtype: str = "float32"):
+    """Load a causal LM from a local safetensors checkpoint (no remote code, no downloads)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=getattr(torch, dtype), use_safetensors=True,
+                                                trust_remote_code=False, local_files_only=True)
+
+
+def add_lora(model, lora: LoraSettings):
+    """Wrap ``model`` in a peft LoRA adapter on the configured target modules."""
+    from peft import LoraConfig, get_peft_model
+
+    names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    missing = [t for t in lora.targets if t not in names]
+    if missing:
+        raise ValueError(f"sft.lora.targets: model has no module named {missing}")
+    cfg = LoraConfig(r=int(lora.r), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
+                     target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def _ds_config(cfg: SFTConfig, world: int) -> dict:
+    per_step = cfg.micro_batch_size * world
+    if cfg.batch_size % per_step:
+        raise ValueError(f"sft.batch_size: {cfg.batch_size} is not a multiple of micro_batch_size x world size "
+                         f"({cfg.micro_batch_size} x {world})")
+    return {
+        "train_batch_size": cfg.batch_size,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.batch_size // per_step,
+        "gradient_clipping": float(cfg.grad_clip),
+        "zero_optimization": {"stage": int(cfg.zero_stage)},
+        "bf16": {"enabled": cfg.dtype == "bfloat16"},
+        "steps_per_print": 10 ** 9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _save(model, tokenizer, cfg: SFTConfig, out: Path, meta: dict) -> None:
+    """Write the adapter (LoRA) or the full checkpoint to a temporary sibling, then rename."""
+    import deepspeed
+
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        if int(os.environ.get("RANK", "0")) == 0:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "sft_meta.json").write_text(json.dumps(meta, indent=2))
+    if int(os.environ.get("RANK", "0")) == 0:
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
+    """Run SFT and write ``cfg.out``; returns its path.
+
+    ``records`` (prompt/response dicts) may be passed in memory instead of reading ``cfg.data``.
+    The output holds the adapter or full weights, the tokenizer, ``sft_meta.json`` (config,
+    example counts, final loss, time) and ``metrics.jsonl`` (loss and lr per logged step).
+    """
+    import deepspeed
+    import torch
+    from tqdm import tqdm
+    from transformers import AutoTokenizer
+
+    validate_config(cfg, need_paths=False)
+    out = Path(cfg.out)
+    if not cfg.model or not Path(cfg.model, "config.json").is_file():
+        raise ValueError(f"sft.model: {cfg.model!r} is not a Hugging Face checkpoint (no config.json)")
+    if out.exists() and not cfg.force:
+        raise ValueError(f"sft.out: {out} exists; pass --force to replace it")
+    if records is None:
+        if not Path(cfg.data).is_file():
+            raise ValueError(f"sft.data: file not found: {cfg.data}")
+        records = read_jsonl(cfg.data, [cfg.prompt_field, cfg.response_field], "sft.prompt_field/response_field")
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    examples, dropped = build_examples(tokenizer, records, cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    created = init_distributed()
+    engine = None
+    try:
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        ds_config = _ds_config(cfg, world)
+        torch.manual_seed(cfg.seed)
+        model = load_model(cfg.model, cfg.dtype)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+        if cfg.method == "lora":
+            model = add_lora(model, cfg.lora)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
+        gas = ds_config["gradient_accumulation_steps"]
+        micro_per_epoch = math.ceil(len(examples) / (cfg.micro_batch_size * world))
+        micro_per_epoch = math.ceil(micro_per_epoch / gas) * gas
+        total_steps = cfg.epochs * micro_per_epoch // gas
+        warmup = int(cfg.warmup_ratio * total_steps)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
+                                               config=ds_config)
+        engine.train()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        t0, step, window, final_loss = time.time(), 0, [], float("nan")
+        metrics_lines = []
+        bar = tqdm(total=total_steps, desc=f"sft ({cfg.method})", disable=rank != 0)
+        for epoch in range(cfg.epochs):
+            order = torch.randperm(len(examples), generator=gen).tolist()
+            need = micro_per_epoch * cfg.micro_batch_size * world
+            order = (order * math.ceil(need / len(order)))[:need]
+            mine = order[rank::world]
+            for m in range(micro_per_epoch):
+                batch = collate([examples[i] for i in mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]],
+                                pad_id)
+                batch = {k: v.to(engine.device) for k, v in batch.items()}
+                loss = engine(**batch).loss
+                engine.backward(loss)
+                engine.step()
+                window.append(loss.item())
+                if (m + 1) % gas == 0:
+                    step += 1
+                    final_loss = sum(window) / len(window)
+                    window = []
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{final_loss:.4f}")
+                    if step % cfg.log_every == 0 or step == total_steps:
+                        metrics_lines.append({"step": step, "epoch": epoch, "loss": final_loss,
+                                              "lr": scheduler.get_last_lr()[0]})
+        bar.close()
+        meta = {"config": dataclasses.asdict(cfg), "examples": len(examples), "dropped_too_long": dropped,
+                "optimizer_steps": step, "final_loss": final_loss, "seconds": time.time() - t0,
+                "world_size": world}
+        engine.eval()
+        _save(engine.module, tokenizer, cfg, out, meta)
+        if rank == 0:
+            with open(out / "metrics.jsonl", "w") as fh:
+                fh.writelines(json.dumps(x) + "\n" for x in metrics_lines)
+    finally:
+        if engine is not None:
+            engine.destroy()
+        if created:
+            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rlhf sft CONFIG.yaml [--out DIR] [--force]``."""
+    import argparse
+
+    import yaml
+
+    ap = argparse.ArgumentParser(prog="rlhf sft", description="supervised fine-tuning (full or LoRA) on DeepSpeed")
+    ap.add_argument("config", help="YAML file with SFTConfig keys")
+    ap.add_argument("--out", help="output directory (overrides the config's `out`)")
+    ap.add_argument("--force", action="store_true", help="replace an existing output directory")
+    args = ap.parse_args(argv)
+    try:
+        data = yaml.safe_load(Path(args.config).read_text()) or {}
+        if args.out:
+            data["out"] = args.out
+        if args.force:
+            data["force"] = True
+        cfg = load_config(data, "sft")
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        print(f"rlhf sft: {e}", file=sys.stderr)
+        return 2
+    out = train(cfg)
+    print(f"wrote {out}")
+    return 0
