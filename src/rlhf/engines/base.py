@@ -53,3 +53,38 @@ class RolloutEngine(Protocol):
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Load new policy weights (Hugging Face parameter names, full unsharded tensors)."""
         ...
+
+
+class TrainingEngine(Protocol):
+    """One data-parallel rank of a trainable model (DeepSpeed now; megatron-core could implement it).
+
+    The workers only call these methods, so a new backend needs no trainer or worker changes.
+    """
+
+    module: torch.nn.Module
+
+    def forward(self, *args, **kwargs): ...
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Accumulate gradients of ``loss`` as given (never rescaled by accumulation steps)."""
+        ...
+
+    def step(self) -> dict[str, float]:
+        """One micro-batch done; at the accumulation boundary update and return grad_norm and lr."""
+        ...
+
+    def train(self, mode: bool = True) -> None: ...
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Unsharded parameters and buffers with Hugging Face names (every rank calls it)."""
+        ...
+
+    def save_pretrained(self, out_dir) -> None: ...
+
+    def save_state(self, out_dir) -> None:
+        """Weights, optimizer and scheduler for exact resume."""
+        ...
+
+    def load_state(self, in_dir) -> None: ...
+
+    def destroy(self) -> None: ...

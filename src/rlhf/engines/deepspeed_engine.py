@@ -1,0 +1,145 @@
+"""DeepSpeed training engine (ZeRO 0-3; gloo on CPU, nccl on GPU) behind ``TrainingEngine``.
+
+One instance per data-parallel rank, created inside a Ray worker after the process group env
+(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) is set. The optimizer
+is torch AdamW handed to DeepSpeed as a client optimizer (no JIT op builds); the learning rate
+warms up linearly then stays constant; gradient clipping is DeepSpeed's. Gradient accumulation
+is DeepSpeed's: ``backward`` never rescales the loss (the PPO losses are already normalised by
+the global token count), ``step`` only updates at the accumulation boundary.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+
+@dataclass
+class EngineSpec:
+    """How to build one training engine."""
+
+    lr: float
+    """Peak learning rate."""
+    warmup_steps: int = 0
+    """Linear warmup (optimizer steps), then constant."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    zero_stage: int = 0
+    """ZeRO stage 0-3."""
+    micro_batch_size: int = 1
+    """Sequences per forward on this rank."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on this rank."""
+    bf16: bool = False
+    """bf16 mixed precision (GPU)."""
+
+
+def init_distributed() -> None:
+    """Join the process group described by the env (gloo on CPU, nccl on GPU), once per process."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+
+class DeepSpeedTrainEngine:
+    """A model wrapped by DeepSpeed; implements ``rlhf.engines.base.TrainingEngine``."""
+
+    def __init__(self, model: torch.nn.Module, spec: EngineSpec):
+        import deepspeed
+
+        init_distributed()
+        self.spec = spec
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay)
+        warm = max(spec.warmup_steps, 0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        ds_config = {
+            "train_micro_batch_size_per_gpu": spec.micro_batch_size,
+            "gradient_accumulation_steps": spec.grad_accum,
+            "train_batch_size": spec.micro_batch_size * spec.grad_accum * world,
+            "gradient_clipping": spec.grad_clip,
+            "zero_optimization": {"stage": spec.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": bool(spec.bf16)},
+            "steps_per_print": 10 ** 9,
+            "wall_clock_breakdown": False,
+        }
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+        self.world_size = world
+        self.rank = int(os.environ.get("RANK", "0"))
+
+    @property
+    def module(self) -> torch.nn.Module:
+        return self.engine.module
+
+    def forward(self, *args, **kwargs):
+        return self.engine(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def step(self) -> dict[str, float]:
+        """Advance one micro-batch; at the accumulation boundary also returns grad_norm and lr."""
+        boundary = self.engine.is_gradient_accumulation_boundary()
+        self.engine.step()
+        if not boundary:
+            return {}
+        gn = self.engine.get_global_grad_norm()
+        gn = float(gn.item() if torch.is_tensor(gn) else (gn if gn is not None else float("nan")))
+        return {"grad_norm": gn, "lr": float(self.scheduler.get_last_lr()[0])}
+
+    def train(self, mode: bool = True) -> None:
+        self.engine.train(mode)
+
+    def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Every parameter, unsharded (ZeRO-3 gathered), as a detached CPU float tensor copy."""
+        import deepspeed
+
+        for name, p in self.module.named_parameters():
+            with deepspeed.zero.GatheredParameters([p], enabled=self.spec.zero_stage == 3):
+                yield name, p.detach().to("cpu", copy=True)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Parameters and buffers, unsharded, keyed like the Hugging Face model's own state dict."""
+        sd = dict(self.named_full_parameters())
+        for name, t in self.module.state_dict().items():  # persistent buffers (no parameter is missing)
+            if name not in sd and name.rsplit(".", 1)[-1] not in ("inv_freq",):
+                sd.setdefault(name, t.detach().to("cpu", copy=True))
+        return sd
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Hugging Face checkpoint (safetensors); every rank must call it (ZeRO-3 gathers), rank 0 writes."""
+        sd = self.full_state_dict()
+        if self.rank == 0:
+            self.module.save_pretrained(str(out_dir), state_dict=sd, safe_serialization=True)
+
+    def save_state(self, out_dir: str | Path) -> None:
+        """Engine state (weights, optimizer, scheduler) for exact resume; all ranks call it."""
+        self.engine.save_checkpoint(str(out_dir), tag="state", save_latest=False)
+
+    def load_state(self, in_dir: str | Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(in_dir), tag="state")
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed state under {in_dir}")
+
+    def destroy(self) -> None:
+        import torch.distributed as dist
+
+        try:
+            self.engine.destroy()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()

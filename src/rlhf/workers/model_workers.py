@@ -1,0 +1,273 @@
+"""Ray actors for the five PPO roles: actor, critic (trainable, DeepSpeed), reference, reward
+(frozen) and rollout (a ``RolloutEngine``).
+
+Batches travel as dicts of CPU tensors (``rlhf.workers.batch``): ``input_ids``, ``attention_mask``,
+``position_ids`` ``[B, P+T]`` (prompts left-padded to P, responses right-padded to T) and
+response-aligned ``[B, T]`` tensors. Trainable workers receive the whole batch plus a plan (for
+each epoch and mini-batch, the rows this rank trains on and the global token count), so every
+data-parallel layout computes the same token-mean loss.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+import torch
+
+from rlhf.workers.batch import response_slice, select_rows
+
+WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
+              "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+
+
+def _threads(n: int) -> None:
+    torch.set_num_threads(max(1, n))
+
+
+def _forward_hidden_or_logits(model, batch, **kw):
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], use_cache=False, **kw)
+
+
+def policy_logits(model, batch: dict, temperature: float) -> torch.Tensor:
+    """Logits ``[B, T, V]`` that predict each response token (divided by the sampling temperature)."""
+    logits = _forward_hidden_or_logits(model, batch).logits
+    return response_slice(logits, batch).float() / temperature
+
+
+def critic_values(model, batch: dict) -> torch.Tensor:
+    """Values ``[B, T]``: V_t is read at the state that predicts response token t (same positions
+    as the policy's logits, so the value mask is the response mask, unshifted)."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = _forward_hidden_or_logits(backbone, batch).last_hidden_state
+    return model.score(response_slice(hidden, batch)).squeeze(-1).float()
+
+
+def _setup_dist(rank: int, world: int, addr: str, port: int) -> None:
+    os.environ.update({"MASTER_ADDR": addr, "MASTER_PORT": str(port), "RANK": str(rank),
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": "0" if not torch.cuda.is_available() else "0"})
+
+
+def free_port() -> tuple[str, int]:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return ray.util.get_node_ip_address(), s.getsockname()[1]
+
+
+def ppo_update(engine, batch: dict, plan: list, micro: int, loss_fn) -> list[dict[str, float]]:
+    """Run the planned mini-batches; ``loss_fn(engine, sub_batch, num_tokens) -> (loss, stats)``.
+
+    Returns one stats dict per micro-batch (with ``tokens`` and ``loss`` as the local token mean)
+    and one ``{grad_norm, lr}`` per optimizer step, for ``rlhf.metrics.reduce_update_stats``.
+    Raises ``FloatingPointError`` on a non-finite loss (the trainer stops, keeping its last checkpoint).
+    """
+    engine.train(True)
+    out: list[dict[str, float]] = []
+    for epoch in plan:
+        for rows, num_tokens in epoch:
+            for i in range(0, len(rows), micro):
+                sub = select_rows(batch, rows[i:i + micro])
+                loss, stats = loss_fn(engine, sub, num_tokens)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"non-finite loss {loss.item()} (rank {engine.rank})")
+                engine.backward(loss)
+                step = engine.step()
+                rec = {k: float(v) for k, v in stats.items()}
+                rec["loss"] = float(loss.detach()) * num_tokens / engine.world_size / max(rec["tokens"], 1.0)
+                out.append(rec)
+                if step:
+                    out.append(step)
+    return out
+
+
+class _TrainableBase:
+    """Shared plumbing of the actor and critic workers (process group, engine, checkpoints)."""
+
+    engine = None
+
+    def address(self) -> tuple[str, int]:
+        return free_port()
+
+    def _make_engine(self, model, spec, rank, world, addr, port):
+        from rlhf.engines.deepspeed_engine import DeepSpeedTrainEngine
+
+        _setup_dist(rank, world, addr, port)
+        self.engine = DeepSpeedTrainEngine(model, spec)
+
+    def save_state(self, out_dir: str) -> None:
+        self.engine.save_state(out_dir)
+
+    def load_state(self, in_dir: str) -> None:
+        self.engine.load_state(in_dir)
+
+    def save_pretrained(self, out_dir: str) -> None:
+        self.engine.save_pretrained(out_dir)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def destroy(self) -> None:
+        if self.engine is not None:
+            self.engine.destroy()
+            self.engine = None
+
+
+@ray.remote
+class ActorWorker(_TrainableBase):
+    """One data-parallel rank of the trainable policy."""
+
+    def __init__(self, model_path: str, spec, rank: int, world: int, addr: str, port: int,
+                 ppo: dict, temperature: float, threads: int = 1):
+        from transformers import AutoModelForCausalLM
+
+        _threads(threads)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self._make_engine(model, spec, rank, world, addr, port)
+        self.ppo, self.temperature, self.micro = ppo, temperature, spec.micro_batch_size
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logprobs, entropy) ``[len(rows), T]`` of the taken response tokens."""
+        from rlhf.algo import entropy_from_logits, logprobs_from_logits
+
+        self.engine.train(False)
+        sub = select_rows(batch, rows)
+        logits = policy_logits(self.engine.module, sub, self.temperature)
+        return logprobs_from_logits(logits, sub["responses"]), entropy_from_logits(logits)
+
+    def train(self, batch: dict, plan: list) -> list[dict[str, float]]:
+        from rlhf.algo import entropy_from_logits, logprobs_from_logits, masked_mean, policy_loss
+
+        p = self.ppo
+
+        def loss_fn(engine, sub, num_tokens):
+            logits = policy_logits(engine.module, sub, self.temperature)
+            logp = logprobs_from_logits(logits, sub["responses"])
+            loss, stats = policy_loss(logp, sub["old_logp"], sub["advantages"], sub["mask"],
+                                      clip_low=p["clip_low"], clip_high=p["clip_high"], dual_clip=p["dual_clip"],
+                                      num_tokens=num_tokens, dp_world_size=engine.world_size,
+                                      is_weights=sub.get("is_weights"))
+            with torch.no_grad():
+                stats["entropy"] = masked_mean(entropy_from_logits(logits), sub["mask"])
+            return loss, stats
+
+        return ppo_update(self.engine, batch, plan, self.micro, loss_fn)
+
+    def weights(self):
+        """Full HF-named weights on rank 0 (None elsewhere); every rank must be called (ZeRO-3)."""
+        sd = dict(self.engine.named_full_parameters())
+        return sd if self.engine.rank == 0 else None
+
+
+@ray.remote
+class CriticWorker(_TrainableBase):
+    """One data-parallel rank of the trainable value model (a sequence-classification model read per token)."""
+
+    def __init__(self, model_path: str, spec, rank: int, world: int, addr: str, port: int,
+                 ppo: dict, seed: int, threads: int = 1):
+        from transformers import AutoModelForSequenceClassification
+
+        _threads(threads)
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
+        self._make_engine(model, spec, rank, world, addr, port)
+        self.ppo, self.micro = ppo, spec.micro_batch_size
+
+    @torch.no_grad()
+    def values(self, batch: dict, rows: list[int]) -> torch.Tensor:
+        self.engine.train(False)
+        return critic_values(self.engine.module, select_rows(batch, rows))
+
+    def train(self, batch: dict, plan: list) -> list[dict[str, float]]:
+        from rlhf.algo import value_loss
+
+        def loss_fn(engine, sub, num_tokens):
+            v = critic_values(engine.module, sub)
+            return value_loss(v, sub["old_values"], sub["returns"], sub["mask"], clip=self.ppo["value_clip"],
+                              num_tokens=num_tokens, dp_world_size=engine.world_size)
+
+        return ppo_update(self.engine, batch, plan, self.micro, loss_fn)
+
+
+@ray.remote
+class ReferenceWorker:
+    """The frozen reference policy."""
+
+    def __init__(self, model_path: str, temperature: float, threads: int = 1):
+        from transformers import AutoModelForCausalLM
+
+        _threads(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.temperature = temperature
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict) -> torch.Tensor:
+        from rlhf.algo import logprobs_from_logits
+
+        return logprobs_from_logits(policy_logits(self.model, batch, self.temperature), batch["responses"])
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote
+class RewardWorker:
+    """The frozen reward: a sequence-classification model scored at the last response token, or a
+    rule-based ``module:function`` applied to the decoded texts."""
+
+    def __init__(self, tokenizer_path: str, model_path: str | None, function: str | None, threads: int = 1):
+        from transformers import AutoTokenizer
+
+        _threads(threads)
+        self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        self.model = self.fn = None
+        if model_path is not None:
+            from transformers import AutoModelForSequenceClassification
+
+            self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1).eval()
+        else:
+            from rlhf.rewards import load_reward_function
+
+            self.fn = load_reward_function(function)
+
+    @torch.no_grad()
+    def score(self, batch: dict, prompts: list[list[int]], responses: list[list[int]],
+              finished: list[bool]) -> torch.Tensor:
+        if self.model is not None:
+            from rlhf.algo import last_token_index
+
+            values = critic_values(self.model, batch)
+            return values.gather(1, last_token_index(batch["mask"])[:, None]).squeeze(1)
+        ptxt = self.tok.batch_decode(prompts, skip_special_tokens=False)
+        rtxt = self.tok.batch_decode(responses, skip_special_tokens=True)
+        return torch.tensor(self.fn(ptxt, rtxt, finished), dtype=torch.float32)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+@ray.remote
+class RolloutWorker:
+    """Holds a ``RolloutEngine`` (transformers generate on CPU; vLLM at scale)."""
+
+    def __init__(self, engine: str, model_path: str, pad_id: int, eos_id: int, threads: int = 1):
+        _threads(threads)
+        if engine == "hf":
+            from rlhf.engines.hf_rollout import HFRolloutEngine
+
+            self.engine = HFRolloutEngine(model_path, pad_token_id=pad_id, eos_token_id=eos_id)
+        else:
+            from rlhf.engines import vllm_engine  # the scale path (its own issue)
+
+            self.engine = vllm_engine.make_engine(model_path)
+
+    def generate(self, prompts, params):
+        return self.engine.generate(prompts, params)
+
+    def update_weights(self, state: dict) -> None:
+        self.engine.update_weights(state.items())
+
+    def pid(self) -> int:
+        return os.getpid()
