@@ -1,0 +1,177 @@
+"""Per-step metrics of one rollout batch and of the PPO updates, as ``dict[str, float]``.
+
+Names are the stable slash-separated names of DESIGN.md, each documented in the README's
+"Metrics" table. Inputs are response-aligned ``[B, T]`` tensors with ``mask`` 1.0 on response
+tokens (including EOS); ``lengths`` are response lengths (generated tokens up to and including
+EOS). Pure torch; nothing here touches a device stack or the disk.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from rlhf.algo.kl import kl_penalty
+from rlhf.algo.masked import masked_mean, masked_var
+
+
+def bucket_key(i: int, what: str, prefix: str = "reward") -> str:
+    """``reward/bucket_03_mean``: the metric name of length bucket ``i`` (zero-padded to 2 digits)."""
+    return f"{prefix}/bucket_{i:02d}_{what}"
+
+
+def length_bucket_index(lengths: torch.Tensor, width: int = 100, num_buckets: int = 20) -> torch.Tensor:
+    """Bucket ``i`` holds lengths in ``[i*width, (i+1)*width)``; the last bucket is open-ended."""
+    if width < 1 or num_buckets < 1:
+        raise ValueError(f"bucket width and num_buckets must be >= 1, got {width}, {num_buckets}")
+    return torch.div(lengths.long(), width, rounding_mode="floor").clamp(0, num_buckets - 1)
+
+
+def length_bucket_stats(lengths: torch.Tensor, scores: torch.Tensor, width: int = 100, num_buckets: int = 20,
+                        prefix: str = "reward") -> dict[str, float]:
+    """Mean score and count of the responses in each length bucket.
+
+    Every bucket gets ``{prefix}/bucket_XX_count``; ``{prefix}/bucket_XX_mean`` only when the
+    bucket is not empty (an empty bucket has no mean; plots show a gap, not a fake zero).
+    """
+    lengths, scores = torch.as_tensor(lengths), torch.as_tensor(scores, dtype=torch.float64)
+    if lengths.shape != scores.shape or lengths.dim() != 1:
+        raise ValueError(f"lengths {tuple(lengths.shape)} and scores {tuple(scores.shape)} must be one [B] shape")
+    idx = length_bucket_index(lengths, width, num_buckets)
+    counts = torch.bincount(idx, minlength=num_buckets)
+    sums = torch.zeros(num_buckets, dtype=torch.float64).index_add_(0, idx, scores)
+    out: dict[str, float] = {}
+    for i, (c, s) in enumerate(zip(counts.tolist(), sums.tolist())):
+        out[bucket_key(i, "count", prefix)] = float(c)
+        if c:
+            out[bucket_key(i, "mean", prefix)] = s / c
+    return out
+
+
+def _stats(name: str, x: torch.Tensor) -> dict[str, float]:
+    x = x.double()
+    return {f"{name}_mean": x.mean().item(), f"{name}_std": x.std(unbiased=False).item(),
+            f"{name}_min": x.min().item(), f"{name}_max": x.max().item()}
+
+
+def _masked_stats(name: str, x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
+    on = mask != 0
+    x = x.double()
+    vals = x[on]
+    return {f"{name}/mean": masked_mean(x, mask).item(), f"{name}/std": masked_var(x, mask, unbiased=False).sqrt().item(),
+            f"{name}/min": vals.min().item(), f"{name}/max": vals.max().item()}
+
+
+def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.Tensor,
+                  old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
+                  rollout_logp: torch.Tensor | None = None, values: torch.Tensor | None = None,
+                  returns: torch.Tensor | None = None, advantages: torch.Tensor | None = None,
+                  bucket_width: int = 100, num_buckets: int = 20) -> dict[str, float]:
+    """Metrics of one rollout batch, computed before any update of this step.
+
+    Arguments (``[B, T]`` unless noted; optional ones add their metrics when given):
+      mask: 1.0 on response tokens (including EOS), 0.0 on padding.
+      scores: [B] reward-model / reward-function scores (before KL shaping).
+      finished: [B] bool, True when the response ended with EOS (False: truncated).
+      old_logp: trainer logprobs of the sampled tokens (the sampling policy, recomputed).
+      ref_logp: reference-policy logprobs.
+      rollout_logp: the rollout engine's logprobs of the same tokens.
+      values, returns, advantages: critic values, GAE returns and (unwhitened) advantages.
+      bucket_width, num_buckets: length buckets for ``reward/bucket_XX_*``.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
+    B = mask.shape[0]
+    for name, t in [("scores", scores), ("finished", finished)]:
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"{name} must be [B]={B}, got shape {tuple(t.shape)}")
+    for name, t in [("old_logp", old_logp), ("ref_logp", ref_logp), ("rollout_logp", rollout_logp),
+                    ("values", values), ("returns", returns), ("advantages", advantages)]:
+        if t is not None and t.shape != mask.shape:
+            raise ValueError(f"{name} has shape {tuple(t.shape)}, mask has {tuple(mask.shape)}")
+    lengths = (mask != 0).sum(1)
+    scores = scores.double()
+    out: dict[str, float] = {
+        "rollout/num_responses": float(B),
+        "rollout/num_tokens": float(lengths.sum().item()),
+        "rollout/clip_ratio": 1.0 - finished.float().mean().item(),
+        "reward/mean": scores.mean().item(),
+        "reward/std": scores.std(unbiased=False).item(),
+        "reward/min": scores.min().item(),
+        "reward/max": scores.max().item(),
+    }
+    out.update({f"rollout/length_{k.split('_')[-1]}": v for k, v in _stats("len", lengths).items()})
+    if bool(finished.any()):
+        out["rollout/terminated_length_mean"] = lengths[finished.bool()].double().mean().item()
+    out.update(length_bucket_stats(lengths, scores, bucket_width, num_buckets))
+    if old_logp is not None:
+        out["rollout/nll"] = masked_mean(-old_logp.double(), mask).item()
+    if old_logp is not None and ref_logp is not None:
+        k3 = kl_penalty(old_logp.double(), ref_logp.double(), "k3")
+        out["kl/to_reference"] = masked_mean(k3, mask).item()
+        out["kl/to_reference_k1"] = masked_mean(kl_penalty(old_logp.double(), ref_logp.double(), "k1"), mask).item()
+        out["kl/to_reference_seq"] = (torch.where(mask != 0, k3, torch.zeros_like(k3)).sum(1)).mean().item()
+    if old_logp is not None and rollout_logp is not None:
+        # tokens were sampled from the rollout engine: KL(rollout || trainer) with x = rollout - trainer
+        x = rollout_logp.double() - old_logp.double()
+        out["kl/rollout_vs_trainer"] = masked_mean(kl_penalty(rollout_logp.double(), old_logp.double(), "k3"), mask).item()
+        out["kl/rollout_vs_trainer_k1"] = masked_mean(x, mask).item()
+        out["kl/rollout_vs_trainer_max_abs"] = x.abs()[mask != 0].max().item()
+    if values is not None:
+        out["critic/value_mean"] = masked_mean(values.double(), mask).item()
+    if values is not None and returns is not None:
+        out["critic/explained_var"] = explained_variance(values, returns, mask)
+    if returns is not None:
+        out.update(_masked_stats("return", returns, mask))
+    if advantages is not None:
+        out.update(_masked_stats("advantage", advantages, mask))
+    return out
+
+
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """``1 - Var(R - V) / Var(R)`` over response tokens (1: perfect critic, <= 0: no better than a
+    constant); NaN when the returns do not vary."""
+    r, v = returns.double(), values.double()
+    var_r = masked_var(r, mask, unbiased=False)
+    if var_r.item() == 0.0:
+        return float("nan")
+    return (1.0 - masked_var(r - v, mask, unbiased=False) / var_r).item()
+
+
+# PPO-update statistics (from rlhf.algo.policy_loss / value_loss and the trainer) -> metric names
+ACTOR_STAT_NAMES = {
+    "clipfrac": "actor/clipfrac", "dual_clipfrac": "actor/dual_clipfrac", "approx_kl": "kl/policy_vs_sampling",
+    "ratio_mean": "actor/ratio_mean", "ratio_max": "actor/ratio_max", "entropy": "actor/entropy",
+    "loss": "actor/pg_loss", "grad_norm": "actor/grad_norm", "lr": "actor/lr",
+}
+CRITIC_STAT_NAMES = {
+    "vf_clipfrac": "critic/vf_clipfrac", "value_error": "critic/value_error", "loss": "critic/loss",
+    "grad_norm": "critic/grad_norm", "lr": "critic/lr",
+}
+
+
+def reduce_update_stats(stats: Iterable[Mapping[str, float | torch.Tensor]], names: Mapping[str, str]) -> dict[str, float]:
+    """Combine the stats dicts of all micro-batches (and DP ranks) of a step into metrics.
+
+    Each dict may carry ``tokens`` (its response-token count); means are token-weighted (equal
+    weights when absent), keys ending in ``_max`` take the maximum. Keys not in ``names`` are
+    ignored; ``names`` maps a stat key to its metric name (``ACTOR_STAT_NAMES``, ``CRITIC_STAT_NAMES``).
+    """
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    maxima: dict[str, float] = {}
+    for s in stats:
+        w = float(s.get("tokens", 1.0))
+        for k, v in s.items():
+            if k not in names:
+                continue
+            v = float(v)
+            if k.endswith("_max"):
+                maxima[k] = max(maxima.get(k, v), v)
+            else:
+                sums[k] = sums.get(k, 0.0) + w * v
+                weights[k] = weights.get(k, 0.0) + w
+    out = {names[k]: sums[k] / weights[k] for k in sums if weights[k] > 0}
+    out.update({names[k]: v for k, v in maxima.items()})
+    return out

@@ -1,0 +1,102 @@
+"""Per-step batch metrics against hand-computed numbers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from rlhf import metrics
+
+
+def _mask(lengths, T, left=False):
+    m = torch.zeros(len(lengths), T)
+    for i, n in enumerate(lengths):
+        if left:
+            m[i, T - n:] = 1
+        else:
+            m[i, :n] = 1
+    return m
+
+
+def test_length_bucket_stats_width_count_and_open_last_bucket():
+    lengths = torch.tensor([0, 99, 100, 250, 1999, 2000, 5000])
+    scores = torch.tensor([1.0, 3.0, 5.0, 7.0, 9.0, 11.0, 13.0])
+    out = metrics.length_bucket_stats(lengths, scores)            # 100 x 20, last open-ended
+    assert out["reward/bucket_00_count"] == 2 and out["reward/bucket_00_mean"] == 2.0
+    assert out["reward/bucket_01_count"] == 1 and out["reward/bucket_01_mean"] == 5.0
+    assert out["reward/bucket_02_mean"] == 7.0
+    assert out["reward/bucket_19_count"] == 3 and out["reward/bucket_19_mean"] == 11.0
+    assert out["reward/bucket_05_count"] == 0 and "reward/bucket_05_mean" not in out
+    assert sum(v for k, v in out.items() if k.endswith("_count")) == 7
+    assert len([k for k in out if k.endswith("_count")]) == 20
+    small = metrics.length_bucket_stats(lengths, scores, width=1000, num_buckets=3)
+    assert small["reward/bucket_00_count"] == 4 and small["reward/bucket_01_count"] == 1
+    assert small["reward/bucket_02_count"] == 2 and small["reward/bucket_02_mean"] == 12.0
+    with pytest.raises(ValueError, match="width"):
+        metrics.length_bucket_stats(lengths, scores, width=0)
+
+
+@pytest.mark.parametrize("left", [False, True])
+def test_batch_metrics_hand_values(left):
+    lengths = [2, 4, 3, 1]
+    mask = _mask(lengths, 4, left)
+    scores = torch.tensor([1.0, 2.0, 3.0, 6.0])
+    finished = torch.tensor([True, False, True, True])
+    logp = torch.log(torch.full((4, 4), 0.5))
+    out = metrics.batch_metrics(mask=mask, scores=scores, finished=finished, old_logp=logp, ref_logp=logp,
+                                rollout_logp=logp, values=torch.ones(4, 4), returns=torch.ones(4, 4) * 2,
+                                advantages=torch.ones(4, 4), bucket_width=2, num_buckets=2)
+    assert out["rollout/length_mean"] == 2.5
+    assert out["rollout/length_std"] == pytest.approx(math.sqrt(1.25))
+    assert (out["rollout/length_min"], out["rollout/length_max"]) == (1.0, 4.0)
+    assert out["rollout/clip_ratio"] == 0.25
+    assert out["rollout/terminated_length_mean"] == 2.0
+    assert out["rollout/num_tokens"] == 10 and out["rollout/num_responses"] == 4
+    assert out["reward/mean"] == 3.0 and out["reward/std"] == pytest.approx(math.sqrt(3.5))
+    assert out["reward/bucket_00_count"] == 1 and out["reward/bucket_00_mean"] == 6.0
+    assert out["reward/bucket_01_count"] == 3 and out["reward/bucket_01_mean"] == 2.0
+    assert out["rollout/nll"] == pytest.approx(math.log(2))
+    for k in ("kl/to_reference", "kl/to_reference_k1", "kl/to_reference_seq", "kl/rollout_vs_trainer",
+              "kl/rollout_vs_trainer_max_abs"):
+        assert out[k] == 0.0, k
+    assert math.isnan(out["critic/explained_var"])             # constant returns
+    assert out["return/mean"] == 2.0 and out["advantage/std"] == 0.0
+
+
+def test_kl_and_mismatch_metrics():
+    mask = _mask([2, 1], 2)
+    old = torch.tensor([[-1.0, -2.0], [-0.5, float("nan")]])
+    ref = torch.tensor([[-1.5, -1.0], [-0.5, 0.0]])
+    roll = torch.tensor([[-1.0, -2.1], [-0.3, 0.0]])
+    out = metrics.batch_metrics(mask=mask, scores=torch.zeros(2), finished=torch.ones(2, dtype=torch.bool),
+                                old_logp=old, ref_logp=ref, rollout_logp=roll)
+    k3 = lambda x: math.exp(-x) - 1 + x  # noqa: E731
+    assert out["kl/to_reference"] == pytest.approx((k3(0.5) + k3(-1.0) + 0) / 3)
+    assert out["kl/to_reference_k1"] == pytest.approx((0.5 - 1.0) / 3)
+    assert out["kl/to_reference_seq"] == pytest.approx((k3(0.5) + k3(-1.0)) / 2)
+    assert out["kl/rollout_vs_trainer"] == pytest.approx((0 + k3(-0.1) + k3(0.2)) / 3)
+    assert out["kl/rollout_vs_trainer_max_abs"] == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="ref_logp"):
+        metrics.batch_metrics(mask=mask, scores=torch.zeros(2), finished=torch.ones(2, dtype=torch.bool),
+                              old_logp=old, ref_logp=ref[:, :1])
+
+
+def test_explained_variance():
+    mask = _mask([3, 2], 3)
+    ret = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]])
+    assert metrics.explained_variance(ret, ret, mask) == pytest.approx(1.0)
+    const = torch.full_like(ret, 3.0)
+    assert metrics.explained_variance(const, ret, mask) == pytest.approx(0.0)
+    assert metrics.explained_variance(ret + 1.0, ret, mask) == pytest.approx(1.0)   # constant offset
+
+
+def test_reduce_update_stats_token_weighted():
+    stats = [{"clipfrac": torch.tensor(0.5), "approx_kl": 0.1, "ratio_max": 1.3, "tokens": 10.0, "other": 9},
+             {"clipfrac": 0.0, "approx_kl": 0.4, "ratio_max": 1.7, "tokens": 30.0}]
+    out = metrics.reduce_update_stats(stats, metrics.ACTOR_STAT_NAMES)
+    assert out["actor/clipfrac"] == pytest.approx(0.125)
+    assert out["kl/policy_vs_sampling"] == pytest.approx((0.1 * 10 + 0.4 * 30) / 40)
+    assert out["actor/ratio_max"] == 1.7
+    assert set(out) == {"actor/clipfrac", "kl/policy_vs_sampling", "actor/ratio_max"}
