@@ -7,7 +7,9 @@
 Non-finite values are written as JSON ``null`` (strict JSON readers accept the file) and skipped
 in TensorBoard. With ``resume_step=k`` the records with step > k are dropped from both JSONL
 files (rewritten through a temporary sibling and renamed) and TensorBoard purges its events
-after k, so a resumed run's files equal an uninterrupted run's.
+after k, so a resumed run's files equal an uninterrupted run's. Without ``resume_step`` the run
+starts afresh: existing JSONL files are renamed to ``*.bak`` (never deleted) and TensorBoard
+hides the old event files' steps.
 """
 
 from __future__ import annotations
@@ -84,15 +86,17 @@ class MetricLogger:
                     monitor.update(int(r["step"]), {k: v for k, v in r.items()
                                                     if k != "step" and v is not None and not k.startswith("stability/")})
                 monitor.new_events = []
-        elif self.metrics_path.exists() and self.metrics_path.stat().st_size > 0:
-            raise FileExistsError(f"{self.metrics_path} already holds metrics; pass resume_step to continue that run")
+        else:  # a fresh start (or a restart before the first checkpoint): keep any old files as *.bak
+            for path in (self.metrics_path, self.events_path):
+                if path.exists():
+                    os.replace(path, path.with_name(path.name + ".bak"))
         self._file = self.metrics_path.open("a")
         self._events = None
         self._writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard is slow to import
 
-            purge = None if resume_step is None else resume_step + 1
+            purge = 0 if resume_step is None else resume_step + 1   # hide older event files' later steps
             self._writer = SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=purge)
 
     def log(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float | None]:

@@ -64,8 +64,10 @@ def test_resume_drops_later_records_and_matches_uninterrupted_run(tmp_path):
     assert [s for s, _ in kl] == list(range(12))                      # TensorBoard purged steps > 4
 
 
-def test_refuses_to_append_to_an_existing_run_without_resume(tmp_path):
-    _run(tmp_path, range(2))
-    with pytest.raises(FileExistsError, match="metrics.jsonl"):
-        MetricLogger(tmp_path, tensorboard=False)
-    assert len(read_jsonl(tmp_path / "metrics.jsonl")) == 2
+def test_fresh_start_keeps_old_files_as_backup(tmp_path):
+    _run(tmp_path, range(5))
+    _run(tmp_path, range(3))                 # restarted from scratch (no checkpoint yet)
+    assert [r["step"] for r in read_jsonl(tmp_path / "metrics.jsonl")] == [0, 1, 2]
+    assert len(read_jsonl(tmp_path / "metrics.jsonl.bak")) == 5
+    _, kl = _scalars(tmp_path, "kl/policy_vs_sampling")
+    assert [s for s, _ in kl] == [0, 1, 2]
