@@ -44,11 +44,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,17 +91,19 @@ class RMConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RMConfig:
-    """Read and validate a YAML config; ``overrides`` are ``key=value`` strings (YAML values)."""
+    """Read and validate a YAML config; ``overrides`` are ``key=value`` strings (YAML values).
+
+    Raises ``ValueError`` naming the key (or file and line) on bad input, before any work."""
     path = Path(path)
     if not path.is_file():
-        raise SystemExit(f"rlhf rm: config file not found: {path}")
+        raise ValueError(f"config file not found: {path}")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
-        raise SystemExit(f"rlhf rm: {path}: expected a mapping of keys")
+        raise ValueError(f"{path}: expected a mapping of keys")
     for item in overrides:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SystemExit(f"rlhf rm: override {item!r} is not key=value")
+            raise ValueError(f"override {item!r} is not key=value")
         raw[key] = yaml.safe_load(value)
     return config_from_dict(raw, source=str(path))
 
@@ -113,26 +113,26 @@ def config_from_dict(raw: dict, source: str = "config") -> RMConfig:
     fields = {f.name: f for f in dataclasses.fields(RMConfig)}
     for key in raw:
         if key not in fields:
-            raise SystemExit(f"rlhf rm: {source}: unknown key {key!r} (known: {', '.join(fields)})")
+            raise ValueError(f"{source}: unknown key {key!r} (known: {', '.join(fields)})")
     for key in ("model", "data", "out"):
         if not raw.get(key):
-            raise SystemExit(f"rlhf rm: {source}: missing required key {key!r}")
+            raise ValueError(f"{source}: missing required key {key!r}")
     cfg = RMConfig(**raw)
     for key in ("max_length", "epochs", "batch_size", "micro_batch_size"):
         if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
-            raise SystemExit(f"rlhf rm: {source}: {key} must be a positive integer, got {getattr(cfg, key)!r}")
+            raise ValueError(f"{source}: {key} must be a positive integer, got {getattr(cfg, key)!r}")
     if cfg.zero_stage not in (0, 1, 2, 3):
-        raise SystemExit(f"rlhf rm: {source}: zero_stage must be 0-3, got {cfg.zero_stage!r}")
+        raise ValueError(f"{source}: zero_stage must be 0-3, got {cfg.zero_stage!r}")
     if not float(cfg.lr) > 0:
-        raise SystemExit(f"rlhf rm: {source}: lr must be > 0, got {cfg.lr!r}")
+        raise ValueError(f"{source}: lr must be > 0, got {cfg.lr!r}")
     if not Path(cfg.model).is_dir():
-        raise SystemExit(f"rlhf rm: {source}: model: directory not found: {cfg.model}")
+        raise ValueError(f"{source}: model: directory not found: {cfg.model}")
     for key in ("data", "eval_data"):
         value = getattr(cfg, key)
         if value is not None and not Path(value).is_file():
-            raise SystemExit(f"rlhf rm: {source}: {key}: file not found: {value}")
+            raise ValueError(f"{source}: {key}: file not found: {value}")
     if Path(cfg.out).exists() and not cfg.force:
-        raise SystemExit(f"rlhf rm: {source}: out: {cfg.out} exists (use --force to replace it)")
+        raise ValueError(f"{source}: out: {cfg.out} exists (use --force to replace it)")
     cfg.lr, cfg.weight_decay, cfg.grad_clip = float(cfg.lr), float(cfg.weight_decay), float(cfg.grad_clip)
     return cfg
 
@@ -147,13 +147,13 @@ def read_pairs(path: str | Path) -> list[dict]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as e:
-                raise SystemExit(f"rlhf rm: {path}:{n}: not valid JSON ({e.msg})") from None
+                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
             for key in ("prompt", "chosen", "rejected"):
                 if not isinstance(row.get(key), str):
-                    raise SystemExit(f"rlhf rm: {path}:{n}: key {key!r} missing or not a string")
+                    raise ValueError(f"{path}:{n}: key {key!r} missing or not a string")
             pairs.append(row)
     if not pairs:
-        raise SystemExit(f"rlhf rm: {path}: no pairs")
+        raise ValueError(f"{path}: no pairs")
     return pairs
 
 
@@ -174,7 +174,7 @@ def _encode_all(tokenizer, pairs: list[dict], max_length: int, source: str) -> l
         c = encode_pair_side(tokenizer, row["prompt"], row["chosen"])
         r = encode_pair_side(tokenizer, row["prompt"], row["rejected"])
         if max(len(c), len(r)) > max_length:
-            raise SystemExit(f"rlhf rm: {source}: pair {n} has {max(len(c), len(r))} tokens > max_length {max_length}")
+            raise ValueError(f"{source}: pair {n} has {max(len(c), len(r))} tokens > max_length {max_length}")
         out.append((c, r))
     return out
 
@@ -190,23 +190,6 @@ def _pad(seqs: list[list[int]], pad_id: int):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
     return ids, mask
-
-
-def init_distributed() -> bool:
-    """Start a one-rank process group if none is running (gloo on CPU). True when we started it."""
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
-                          LOCAL_RANK="0")
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
 
 
 def _scores(engine, tokenizer, seqs: list[list[int]], micro: int):
@@ -236,16 +219,18 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
     from tqdm import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from rlhf.sft import init_distributed
+
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise SystemExit(f"rlhf rm: model: tokenizer at {cfg.model} needs a pad and an EOS token")
+        raise ValueError(f"model: tokenizer at {cfg.model} needs a pad and an EOS token")
     train = _encode_all(tokenizer, read_pairs(cfg.data), cfg.max_length, cfg.data)
     evals = _encode_all(tokenizer, read_pairs(cfg.eval_data), cfg.max_length, cfg.eval_data) if cfg.eval_data else []
 
-    started = init_distributed()
+    started = init_distributed()  # shared with rlhf sft: one-rank gloo group when not launched
     world, rank = dist.get_world_size(), dist.get_rank()
     if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise SystemExit(f"rlhf rm: batch_size {cfg.batch_size} is not divisible by micro_batch_size "
+        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size "
                          f"{cfg.micro_batch_size} x {world} ranks")
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
     torch.manual_seed(cfg.seed)
@@ -279,7 +264,7 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
             scores = engine(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device)).logits[:, 0]
             loss = -torch.nn.functional.logsigmoid(scores[: len(mb)] - scores[len(mb):]).mean()
             if not torch.isfinite(loss):
-                raise SystemExit("rlhf rm: non-finite loss; nothing was written")
+                raise ValueError("non-finite loss; nothing was written")
             engine.backward(loss)
             engine.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -316,7 +301,7 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
     finally:
         engine.destroy()
         if started:
-            dist.destroy_process_group()
+            deepspeed.comm.destroy_process_group()
 
 
 def read_stats(path: str | Path) -> dict:
@@ -331,9 +316,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     force = "--force" in argv
     rest = [a for a in argv[1:] if a != "--force"]
-    cfg_path = argv[0]
-    cfg = load_config(cfg_path, rest + (["force=true"] if force else []))
-    out = train_reward_model(cfg)
+    try:
+        cfg = load_config(argv[0], rest + (["force=true"] if force else []))
+        out = train_reward_model(cfg)
+    except (ValueError, OSError, yaml.YAMLError) as e:
+        print(f"rlhf rm: {e}", file=sys.stderr)
+        return 2
     stats = read_stats(out)
     print(f"rlhf rm: wrote {out} (score mean {stats['mean']:.4f}, std {stats['std']:.4f}, "
           f"train pair accuracy {stats['train_pair_accuracy']:.3f}"

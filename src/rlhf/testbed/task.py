@@ -14,9 +14,9 @@ With ``verify=True`` (the long-trace variant) the trace also re-derives the firs
 subtracting the second from the sum column by column (``"s-b-w=..."`` with borrows), which
 doubles the trace; with ``max_digits=15`` reasoning responses are about 200-400 tokens.
 
-The tokenizer is character level (about 20 tokens), saved as a Hugging Face
-``PreTrainedTokenizerFast`` with ``<think>``, ``</think>``, ``<eos>`` and ``<pad>`` as special
-tokens and a chat template, so the PPO loop, merges and reward model load it like any other.
+The tokenizer is character level (22 tokens), saved as a Hugging Face
+``PreTrainedTokenizerFast`` with ``<eos>`` and ``<pad>`` as special tokens, ``<think>`` and
+``</think>`` as single added tokens that decoding keeps (as Qwen3 does), and a chat template, so the PPO loop, merges and reward model load it like any other.
 Rewards and gold metrics parse the decoded response text (special tokens kept).
 """
 
@@ -113,7 +113,7 @@ def reasoning_response(p: Problem, *, verify: bool = False) -> str:
 
 def build_tokenizer(out_dir: str | Path | None = None):
     """The character-level tokenizer as a ``PreTrainedTokenizerFast`` (saved to ``out_dir`` if given)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     vocab = {t: i for i, t in enumerate(SPECIAL + CHARS)}
@@ -122,7 +122,9 @@ def build_tokenizer(out_dir: str | Path | None = None):
     tok.decoder = decoders.Fuse()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, pad_token=PAD, unk_token=UNK,
                                    bos_token=None, padding_side="left")
-    fast.add_special_tokens({"additional_special_tokens": [THINK_START, THINK_END]})
+    # like Qwen3: the reasoning markers are added tokens but not "special", so a decode with
+    # skip_special_tokens=True (what the PPO reward worker hands rule-based rewards) keeps them
+    fast.add_tokens([AddedToken(t, special=False, normalized=False) for t in (THINK_START, THINK_END)])
     fast.chat_template = CHAT_TEMPLATE
     if out_dir is not None:
         fast.save_pretrained(str(out_dir))
