@@ -1,0 +1,127 @@
+"""Evaluating and writing M_a = (1 - a) M + a M_sft, where a (``sft_weight``) weighs the SFT model.
+
+LoRA SFT: M_sft = M + dW, so M_a = M + a dW. Candidates are evaluated by scaling the adapter
+by a (peft ``rescale_adapter_scale``, exact for plain LoRA, "wise-ft"); no merged weights are
+materialised. Only the chosen model is written, as a full Hugging Face checkpoint.
+
+Full SFT: candidates are interpolated in memory parameter by parameter (fp32 arithmetic); the
+chosen model is written through ``bai.merge`` (streaming, ``method: linear`` with weights
+[1 - a, a]) when that module is available, otherwise from the in-memory interpolation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from rlhf.sft import load_model
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+def load_lora(model_path: str, adapter_dir: str | Path, device: str, dtype: str):
+    """The original model with the SFT adapter attached (scale 1 = M_sft), in eval mode."""
+    from peft import PeftModel
+
+    base = load_model(model_path, dtype)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).to(device).eval()
+
+
+@contextlib.contextmanager
+def lora_at(model, sft_weight: float):
+    """Temporarily scale every LoRA adapter by ``sft_weight``: the model computes M_a."""
+    from peft.helpers import rescale_adapter_scale
+
+    with rescale_adapter_scale(model, float(sft_weight)):
+        yield model
+
+
+class FullInterpolator:
+    """Holds M and M_sft tensors and sets a working model's weights to M_a in place."""
+
+    def __init__(self, model_path: str, sft_path: str | Path, device: str, dtype: str):
+        self.model = load_model(model_path, dtype).to(device).eval()
+        sft = load_model(str(sft_path), "float32")
+        self.orig = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
+        sft_state = sft.state_dict()
+        missing = sorted(set(self.orig) - set(sft_state))
+        if missing:
+            raise ValueError(f"sft checkpoint lacks tensor {missing[0]!r} of the original model")
+        self.delta = {k: sft_state[k].float() - self.orig[k] for k in self.orig}
+        del sft
+
+    @torch.no_grad()
+    def at(self, sft_weight: float):
+        """The working model with weights (1 - a) M + a M_sft = M + a (M_sft - M)."""
+        state = self.model.state_dict()
+        for k, t in state.items():
+            t.copy_((self.orig[k] + float(sft_weight) * self.delta[k]).to(t.dtype))
+        return self.model
+
+
+@contextlib.contextmanager
+def full_at(interp: FullInterpolator, sft_weight: float):
+    """The working model of ``interp`` set to M_a for the duration of the block."""
+    yield interp.at(sft_weight)
+
+
+def _tmp_sibling(out: Path) -> Path:
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    return tmp
+
+
+def write_lora_merge(model_path: str, adapter_dir: str | Path, sft_weight: float, out: Path) -> Path:
+    """Write M_a (adapter scaled by a, merged into the weights) as a full safetensors checkpoint."""
+    from transformers import AutoTokenizer
+
+    model = load_lora(model_path, adapter_dir, "cpu", _config_dtype(model_path))
+    tmp = _tmp_sibling(out)
+    with lora_at(model, sft_weight):
+        merged = model.merge_and_unload()
+    merged.save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_path, local_files_only=True).save_pretrained(str(tmp))
+    tmp.rename(out)
+    return out
+
+
+def _config_dtype(model_path: str) -> str:
+    import json
+
+    cfg = json.loads(Path(model_path, "config.json").read_text())
+    name = str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32")
+    return name if name in ("float32", "bfloat16", "float16") else "float32"
+
+
+def _bai_merge():
+    """``bai.merge.merge(config, out, force=False)`` if the merge module is present, else None."""
+    try:
+        import bai.merge as m
+    except ImportError:
+        return None
+    fn = getattr(m, "merge", None)
+    return fn if callable(fn) else None
+
+
+def write_full_merge(model_path: str, sft_path: str | Path, sft_weight: float, out: Path) -> Path:
+    """Write M_a for a full SFT: through ``bai.merge`` when available, else interpolated in memory."""
+    from transformers import AutoTokenizer
+
+    merge = _bai_merge()
+    recipe = {"method": "linear", "models": [{"path": str(model_path), "weight": 1.0 - float(sft_weight)},
+                                             {"path": str(sft_path), "weight": float(sft_weight)}]}
+    if merge is not None:
+        merge(recipe, str(out), force=False)
+        return out
+    interp = FullInterpolator(model_path, sft_path, "cpu", _config_dtype(model_path))
+    tmp = _tmp_sibling(out)
+    interp.at(sft_weight).save_pretrained(str(tmp), safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_path, local_files_only=True).save_pretrained(str(tmp))
+    tmp.rename(out)
+    return out
