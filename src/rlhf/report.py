@@ -1,0 +1,385 @@
+"""`rlhf report RUN_DIR [RUN_DIR ...] --out DIR`: the paper's figures and a summary table.
+
+Reads each run's ``metrics.jsonl`` (a run still going works: a half-written last line is
+skipped) and its resolved ``config.yaml`` (legend label and detector thresholds), then writes
+
+    reward_buckets.png   reward against step per length bucket, runs overlaid (BAI Figs. 2, 6, 7)
+    reward.png           batch reward with the hockey-stick onset / trough / recovery marked
+    length.png           mean response length with a +-std band, collapse marked (Figs. 3a, 4)
+    kl.png               KL training-vs-sampling policy, to the reference, rollout-vs-trainer (Figs. 3c, 5)
+    summary.md           per run: final reward, minimum length, collapse and hockey-stick verdicts
+
+into ``--out`` (built in a temporary sibling directory, then renamed into place; an existing
+output directory is replaced only with ``--force``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rlhf.metrics.batch import bucket_key
+from rlhf.metrics.detectors import StabilityConfig, detect_run, rolling_median
+from rlhf.metrics.logger import METRICS_FILE, read_jsonl
+
+BUCKET_RE = re.compile(r"^reward/bucket_(\d+)_mean$")
+KL_PANELS = [("kl/policy_vs_sampling", "KL(sampling || training policy)"),
+             ("kl/to_reference", "KL to reference (k3)"),
+             ("kl/rollout_vs_trainer", "rollout engine vs trainer (k3)")]
+
+
+@dataclass
+class Run:
+    """One run directory, loaded."""
+
+    path: Path
+    """The run directory."""
+    label: str
+    """Legend label: initialization and BAI ratio when known, else the directory name."""
+    records: list[dict]
+    """Per-step records of ``metrics.jsonl``, sorted by step."""
+    cfg: StabilityConfig
+    """Detector thresholds (the run config's ``metrics:`` section, else defaults)."""
+    verdicts: dict[str, Any] = field(default_factory=dict)
+    """``detect_run`` output: length_collapse, hockey_stick, buckets."""
+
+    def series(self, key: str, min_count_key: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        st, vals = [], []
+        for r in self.records:
+            v = r.get(key)
+            if v is None or not math.isfinite(float(v)):
+                continue
+            if min_count_key is not None and float(r.get(min_count_key) or 0) < self.cfg.bucket_min_count:
+                continue
+            st.append(int(r["step"]))
+            vals.append(float(v))
+        return np.asarray(st, dtype=np.int64), np.asarray(vals, dtype=np.float64)
+
+
+def _find_key(node: Any, names: tuple[str, ...]) -> Any:
+    """First scalar value under a key in ``names`` anywhere in a nested dict."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k in names and isinstance(v, (int, float, str)) and not isinstance(v, bool):
+                return v
+        for v in node.values():
+            found = _find_key(v, names)
+            if found is not None:
+                return found
+    return None
+
+
+def run_label(run_dir: Path, config: dict | None) -> str:
+    """``<init> (α=a, β=1-a)`` from the resolved config: the actor's initialization (a path's
+    name, ``tiny``, or ``BAI merge`` when built from a recipe) and the BAI base weight alpha
+    (a config key ``alpha``/``ratio``, an ``alpha_<a>`` actor path of a sweep, or the recipe's
+    ``alpha``). Falls back to the run directory's name."""
+    import yaml
+
+    if not config:
+        return run_dir.name
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    actor = model.get("actor") or _find_key(config, ("init",))
+    recipe = model.get("bai_recipe")
+    alpha = _find_key(config, ("alpha", "ratio"))
+    if alpha is None and isinstance(actor, str):
+        m = re.search(r"alpha[_=-]?([0-9]*\.?[0-9]+)", actor)
+        alpha = m.group(1) if m else None
+    if alpha is None and recipe:
+        for base in (Path.cwd(), run_dir):
+            p = base / recipe
+            if p.is_file():
+                try:
+                    alpha = _find_key(yaml.safe_load(p.read_text()) or {}, ("alpha",))
+                except yaml.YAMLError:
+                    alpha = None
+                break
+    init = "BAI merge" if recipe else (Path(str(actor).rstrip("/")).name if actor else None)
+    if init is None and alpha is None:
+        return run_dir.name
+    label = init or "init"
+    try:
+        a = float(alpha)
+        label += f" (α={a:g}, β={1 - a:g})"
+    except (TypeError, ValueError):
+        pass
+    return label
+
+
+def load_run(run_dir: Path) -> Run:
+    """Load one run; raises ValueError naming the file when it is missing or empty."""
+    import yaml
+
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise ValueError(f"{metrics_path}: no such file (is {run_dir} a run directory?)")
+    records = sorted((r for r in read_jsonl(metrics_path) if "step" in r), key=lambda r: int(r["step"]))
+    if not records:
+        raise ValueError(f"{metrics_path}: holds no step records yet")
+    config: dict = {}
+    cfg_path = run_dir / "config.yaml"
+    if cfg_path.is_file():
+        try:
+            config = yaml.safe_load(cfg_path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ValueError(f"{cfg_path}: not valid YAML ({e})") from e
+    metrics_cfg = config.get("metrics") if isinstance(config, dict) else None
+    cfg = StabilityConfig.from_dict(metrics_cfg if isinstance(metrics_cfg, dict) else {})
+    run = Run(path=run_dir, label=run_label(run_dir, config if isinstance(config, dict) else {}),
+              records=records, cfg=cfg)
+    run.verdicts = detect_run(records, cfg)
+    return run
+
+
+# ----------------------------------------------------------------------------- figures
+
+def _bucket_ids(runs: list[Run]) -> list[int]:
+    ids = {int(m.group(1)) for r in runs for rec in r.records for k in rec if (m := BUCKET_RE.match(k))}
+    return sorted(ids)
+
+
+def _bucket_title(i: int, cfg: StabilityConfig) -> str:
+    lo = i * cfg.bucket_width
+    if i == cfg.num_buckets - 1:
+        return f"length >= {lo}"
+    return f"length [{lo}, {lo + cfg.bucket_width})"
+
+
+def _plot_line(ax, st, vals, color, label, cfg: StabilityConfig):
+    if st.size == 0:
+        return
+    ax.plot(st, vals, color=color, alpha=0.25, lw=0.8)
+    ax.plot(st, rolling_median(vals, cfg.smooth_window), color=color, lw=1.6, label=label)
+
+
+def _mark(ax, step, color, style, text=None):
+    if step is None:
+        return
+    ax.axvline(step, color=color, ls=style, lw=1.0, alpha=0.8)
+    if text:
+        ax.annotate(text, (step, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color=color,
+                    rotation=90, va="top", ha="right")
+
+
+def _mark_hockey(ax, v, color, annotate=True):
+    if v is None or v.onset_step is None:
+        return
+    _mark(ax, v.onset_step, color, ":", "decline" if annotate else None)
+    _mark(ax, v.trough_step, color, "--", "trough" if annotate else None)
+    _mark(ax, v.recovery_step, color, "-.", "recovered" if annotate else None)
+
+
+def _colors(n: int) -> list:
+    import matplotlib.pyplot as plt
+
+    cmap = plt.get_cmap("tab10")
+    return [cmap(i % 10) for i in range(n)]
+
+
+def plot_reward_buckets(runs: list[Run], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    ids = _bucket_ids(runs)
+    cfg = runs[0].cfg
+    ncols = 5 if len(ids) > 4 else max(1, len(ids))
+    nrows = max(1, math.ceil(len(ids) / ncols))
+    height = 2.4 * nrows + 0.6
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, height), squeeze=False)
+    colors = _colors(len(runs))
+    for ax, i in zip(axes.flat, ids):
+        for run, c in zip(runs, colors):
+            st, vals = run.series(bucket_key(i, "mean"), bucket_key(i, "count"))
+            _plot_line(ax, st, vals, c, run.label, run.cfg)
+            _mark_hockey(ax, run.verdicts["buckets"].get(i), c, annotate=False)
+        ax.set_title(_bucket_title(i, cfg), fontsize=9)
+        ax.tick_params(labelsize=7)
+    for ax in list(axes.flat)[len(ids):]:
+        ax.axis("off")
+    if not ids:
+        axes.flat[0].text(0.5, 0.5, "no per-bucket reward metrics", ha="center", va="center")
+    legend: dict = {}
+    for ax in axes.flat:                    # a run may be absent from some buckets
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            legend.setdefault(lab, h)
+    top = 1 - 0.45 / height if legend else 1
+    if legend:
+        fig.legend(list(legend.values()), list(legend), loc="upper center", ncol=min(len(legend), 4), fontsize=9)
+    fig.supxlabel("step")
+    fig.supylabel("reward")
+    fig.tight_layout(rect=(0, 0, 1, top))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_reward(runs: list[Run], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run, c in zip(runs, _colors(len(runs))):
+        st, vals = run.series("reward/mean")
+        _plot_line(ax, st, vals, c, f"{run.label}: {run.verdicts['hockey_stick'].verdict}", run.cfg)
+        _mark_hockey(ax, run.verdicts["hockey_stick"], c)
+    ax.set_xlabel("step")
+    ax.set_ylabel("reward/mean")
+    ax.set_title("Reward (hockey stick: decline / trough / recovery marked)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_length(runs: list[Run], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for run, c in zip(runs, _colors(len(runs))):
+        st, mean = run.series("rollout/length_mean")
+        by_step = {int(r["step"]): r.get("rollout/length_std") for r in run.records}
+        std = np.array([by_step.get(int(s)) if by_step.get(int(s)) is not None else np.nan for s in st], dtype=float)
+        lc = run.verdicts["length_collapse"]
+        ax.plot(st, mean, color=c, lw=1.6, label=f"{run.label}: {lc.verdict}")
+        if np.isfinite(std).any():
+            ax.fill_between(st, mean - std, mean + std, color=c, alpha=0.15, lw=0)
+        _mark(ax, lc.onset_step, c, ":", "collapse")
+        _mark(ax, lc.min_step, c, "--", "minimum")
+        _mark(ax, lc.recovery_step, c, "-.", "recovered")
+    ax.set_xlabel("step")
+    ax.set_ylabel("response length (tokens)")
+    ax.set_title("Mean response length ± std (sequence-length collapse marked)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_kl(runs: list[Run], path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    panels = [(k, t) for k, t in KL_PANELS if any(run.series(k)[0].size for run in runs)] or KL_PANELS[:1]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (key, title) in zip(axes.flat, panels):
+        for run, c in zip(runs, _colors(len(runs))):
+            st, vals = run.series(key)
+            if st.size:
+                ax.plot(st, vals, color=c, lw=1.2, label=run.label)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(key)
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- summary table
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return "-" if not math.isfinite(x) else f"{x:.{digits}g}"
+    return str(x)
+
+
+def summary_markdown(runs: list[Run]) -> str:
+    lines = ["# Run report", "",
+             "| run | last step | final reward (smoothed) | min length (step) | length collapse | hockey stick |",
+             "|---|---|---|---|---|---|"]
+    for run in runs:
+        st_r, rew = run.series("reward/mean")
+        st_l, length = run.series("rollout/length_mean")
+        lc, hs = run.verdicts["length_collapse"], run.verdicts["hockey_stick"]
+        min_len = f"{_fmt(float(length.min()))} ({int(st_l[np.argmin(length)])})" if length.size else "-"
+        final = float(rolling_median(rew, run.cfg.smooth_window)[-1]) if rew.size else None
+        lines.append(f"| {run.label} | {int(run.records[-1]['step'])} | {_fmt(final)} "
+                     f"| {min_len} | {lc.verdict} | {hs.verdict} |")
+    for run in runs:
+        lc, hs = run.verdicts["length_collapse"], run.verdicts["hockey_stick"]
+        lines += ["", f"## {run.label}", "", f"Run directory: `{run.path}`", "",
+                  "| detector | value |", "|---|---|",
+                  f"| length collapse | {lc.verdict} |",
+                  f"| baseline length | {_fmt(lc.baseline)} |",
+                  f"| collapse onset step | {_fmt(lc.onset_step)} |",
+                  f"| depth (min / baseline) | {_fmt(lc.depth)} |",
+                  f"| minimum length (step) | {_fmt(lc.min_value)} ({_fmt(lc.min_step)}) |",
+                  f"| length recovery step | {_fmt(lc.recovery_step)} |",
+                  f"| hockey stick | {hs.verdict} (phase: {hs.phase}) |",
+                  f"| reward baseline / scale | {_fmt(hs.baseline)} / {_fmt(hs.scale)} |",
+                  f"| decline onset step | {_fmt(hs.onset_step)} |",
+                  f"| drop depth (z / reward units) | {_fmt(hs.drop_depth)} / {_fmt(hs.drop_value)} |",
+                  f"| trough step, length | {_fmt(hs.trough_step)}, {_fmt(hs.trough_length)} |",
+                  f"| half / full recovery step | {_fmt(hs.half_recovery_step)} / {_fmt(hs.recovery_step)} |",
+                  f"| recovery slope (reward / step) | {_fmt(hs.recovery_slope)} |",
+                  f"| severity (area below baseline, z·steps) | {_fmt(hs.severity)} |"]
+        if run.verdicts["buckets"]:
+            lines += ["", "| length bucket | verdict | onset | depth (z) | trough (length) | recovery | slope |",
+                      "|---|---|---|---|---|---|---|"]
+            for i, v in sorted(run.verdicts["buckets"].items()):
+                lines.append(f"| {_bucket_title(i, run.cfg)} | {v.verdict} | {_fmt(v.onset_step)} | "
+                             f"{_fmt(v.drop_depth, 3)} | {_fmt(v.trough_step)} ({_fmt(v.trough_length)}) | "
+                             f"{_fmt(v.recovery_step)} | {_fmt(v.recovery_slope, 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def write_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
+    """Load every run first (bad input stops before anything is written), then build the output
+    in a temporary sibling directory and rename it into place."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = Path(out)
+    if out.exists() and not force:
+        raise ValueError(f"--out {out}: already exists (use --force to replace it)")
+    runs = [load_run(Path(d)) for d in run_dirs]
+    seen: dict[str, int] = {}
+    for run in runs:                       # two runs with the same init/ratio: add the dir name
+        seen[run.label] = seen.get(run.label, 0) + 1
+    for run in runs:
+        if seen[run.label] > 1:
+            run.label = f"{run.label} [{run.path.name}]"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        plot_reward_buckets(runs, tmp / "reward_buckets.png")
+        plot_reward(runs, tmp / "reward.png")
+        plot_length(runs, tmp / "length.png")
+        plot_kl(runs, tmp / "kl.png")
+        (tmp / "summary.md").write_text(summary_markdown(runs))
+        if out.exists():
+            old = out.with_name(f".{out.name}.old")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="rlhf report", description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (metrics.jsonl, config.yaml)")
+    ap.add_argument("--out", required=True, help="output directory for the PNG figures and summary.md")
+    ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    ns = ap.parse_args(argv)
+    try:
+        out = write_report([Path(r) for r in ns.runs], Path(ns.out), force=ns.force)
+    except ValueError as e:
+        print(f"rlhf report: error: {e}", file=sys.stderr)
+        return 2
+    print(f"rlhf report: wrote {out}/ (reward_buckets.png, reward.png, length.png, kl.png, summary.md)")
+    return 0

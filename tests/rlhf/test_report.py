@@ -1,0 +1,90 @@
+"""`rlhf report` on synthetic run directories written by the real MetricLogger."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import yaml
+
+from rlhf.cli import main as rlhf_main
+from rlhf.metrics import MetricLogger, StabilityMonitor, batch_metrics
+from rlhf.report import run_label
+
+STEPS = 80
+
+
+def _write_run(run_dir, collapse: bool, config: dict | None, steps=STEPS):
+    import torch
+
+    rng = np.random.default_rng(0 if collapse else 1)
+    if config is not None:
+        run_dir.mkdir(parents=True)
+        (run_dir / "config.yaml").write_text(yaml.safe_dump(config))
+    logger = MetricLogger(run_dir, monitor=StabilityMonitor({"bucket_width": 10, "num_buckets": 4}), tensorboard=False)
+    for step in range(steps):
+        mean_len = 30 if (not collapse or step < 10) else 8
+        lengths = torch.tensor(np.clip(rng.normal(mean_len, 6, 64), 1, 40).astype(int))
+        dip = -1.0 if collapse and 10 <= step < 40 else 0.0
+        scores = torch.tensor(rng.normal(dip + 0.01 * max(0, step - 40), 1.0, 64))
+        mask = (torch.arange(40)[None, :] < lengths[:, None]).float()
+        m = batch_metrics(mask=mask, scores=scores, finished=lengths < 40, bucket_width=10, num_buckets=4)
+        m["kl/policy_vs_sampling"] = 1e-3 * rng.random()
+        logger.log(step, m)
+    logger.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    sft = root / "sft_only"
+    bai = root / "bai_05"
+    _write_run(sft, True, {"model": {"actor": "/ckpt/distill_sft"}, "metrics": {"bucket_width": 10, "num_buckets": 4}})
+    _write_run(bai, False, {"model": {"actor": "/merges/bai/alpha_0.5"}, "metrics": {"bucket_width": 10,
+                                                                                     "num_buckets": 4}})
+    return sft, bai
+
+
+def test_report_figures_and_summary(runs, tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    out = tmp_path / "report"
+    assert rlhf_main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    for name in ("reward_buckets.png", "reward.png", "length.png", "kl.png"):
+        img = mpimg.imread(out / name)
+        assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300, name
+    summary = (out / "summary.md").read_text()
+    assert "| distill_sft | 79 |" in summary and "| alpha_0.5 (α=0.5, β=0.5) | 79 |" in summary
+    sft_row = [ln for ln in summary.splitlines() if ln.startswith("| distill_sft |")][0]
+    assert "| collapsed |" in sft_row and "hockey_stick" in sft_row
+    bai_row = [ln for ln in summary.splitlines() if ln.startswith("| alpha_0.5")][0]
+    assert "| none | no_drop |" in bai_row
+    assert "length [10, 20)" in summary and "length >= 30" in summary
+    assert not list(tmp_path.glob(".report.*"))          # no temporary sibling left behind
+
+
+def test_report_refuses_bad_input_before_writing(runs, tmp_path, capsys):
+    out = tmp_path / "r"
+    assert rlhf_main(["report", str(runs[0]), str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "nope/metrics.jsonl" in capsys.readouterr().err and not out.exists()
+    out.mkdir()
+    assert rlhf_main(["report", str(runs[0]), "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert rlhf_main(["report", str(runs[0]), "--out", str(out), "--force"]) == 0
+    assert (out / "summary.md").exists()
+
+
+def test_report_on_a_live_run_with_a_partial_line(tmp_path):
+    live = tmp_path / "live"
+    _write_run(live, True, None, steps=25)
+    with open(live / "metrics.jsonl", "a") as f:
+        f.write('{"step": 25, "reward/me')
+    assert rlhf_main(["report", str(live), "--out", str(tmp_path / "o")]) == 0
+    assert "| live | 24 |" in (tmp_path / "o" / "summary.md").read_text()
+
+
+def test_run_label_sources(tmp_path):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "bai", "alpha": 0.7, "base": "b", "sft_models": []}))
+    assert run_label(tmp_path / "r1", {"model": {"actor": "tiny", "bai_recipe": str(recipe)}}) == "BAI merge (α=0.7, β=0.3)"
+    assert run_label(tmp_path / "r2", {"actor": {"init": "/m/sft", "ratio": 0.2}}) == "sft (α=0.2, β=0.8)"
+    assert run_label(tmp_path / "r3", {}) == "r3"
