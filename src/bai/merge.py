@@ -1,0 +1,382 @@
+"""``bai merge CONFIG.yaml --out DIR [--force]`` and the Python API ``bai.merge(config, out, force=False)``.
+
+How a merge runs:
+
+1. ``load_config`` validates the recipe; ``plan`` opens every input (headers only) and refuses,
+   before any tensor is read: different architectures, different tensor names or shapes,
+   pickled-only weights (unless ``allow_pickle``), an existing output without ``force``, an
+   output that is one of the inputs. Tied embeddings follow transformers: an input without
+   ``lm_head.weight`` whose config ties it contributes its input embedding; the output has an
+   ``lm_head`` (and ``tie_word_embeddings: false``) only if some input stores one.
+2. ``stream`` walks the output tensors in the reference checkpoint's on-disk order, reads each
+   input's bytes chunk by chunk (element-wise methods: ``CHUNK_ELEMS`` elements; TIES, DARE and
+   SLERP need whole tensors), upcasts to float32, combines (``bai.methods``), rounds once to the
+   output dtype and appends the bytes to the open output shard(s). A sweep (``alphas``) computes
+   stage 1 once per chunk and writes every alpha's shard from it. A non-finite input value stops
+   the merge with the tensor and file named (checked on the data in the same pass, as a separate
+   pre-pass would double the reads).
+3. Everything is written under a temporary sibling ``.DIR.tmp-bai-PID`` (shards, index, config,
+   generation config, tokenizer files, ``bai_merge.yaml``) and renamed to DIR when complete;
+   with ``force`` the old DIR is moved aside only then, and deleted after the rename. Leftovers
+   of killed runs are cleaned up (or an old output restored) by the next run on the same DIR.
+
+Test hook: the environment variable ``BAI_MERGE_SLOWDOWN_S`` sleeps that many seconds after each
+output tensor (used by the kill test to stop a merge mid-way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import re
+import shutil
+import sys
+import time
+import types
+import zlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from bai import __version__, methods
+from bai.config import MergeConfig, MergeError, load_config
+from bai.io import (INDEX_NAME, Checkpoint, Reader, ShardWriter, copy_aux_files, fingerprint,
+                    open_checkpoint)
+
+CHUNK_ELEMS = 1 << 20
+"""Elements per chunk for element-wise methods (4 MiB of float32 per input: stays in cache)."""
+HEAD = "lm_head.weight"
+EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
+ELEMENTWISE = {"bai", "linear", "task_arithmetic"}
+Combine = Callable[[list[Tensor], str], Iterable[Tensor]]
+
+
+@dataclass
+class OutTensor:
+    """One tensor of the output checkpoint."""
+
+    name: str
+    """Its name in the output."""
+    shape: tuple[int, ...]
+    """Its shape (the same in every input)."""
+    dtype: torch.dtype
+    """Output dtype: the recipe's for floating tensors, the stored one otherwise (copied from the reference)."""
+    sources: list[str]
+    """Per input checkpoint, the name to read (the embedding, for a tied input's lm_head)."""
+    floating: bool
+    """False for integer/bool buffers, which are copied from the reference input."""
+
+    @property
+    def numel(self) -> int:
+        return int(torch.Size(self.shape).numel())
+
+
+@dataclass
+class Plan:
+    """A validated merge, ready to stream."""
+
+    cfg: MergeConfig
+    """The recipe."""
+    ckpts: list[Checkpoint]
+    """Inputs in ``cfg.inputs()`` order (base first when there is one); the first is the reference."""
+    shards: list[list[OutTensor]]
+    """Output tensors grouped into shards of at most ``cfg.shard_size`` bytes."""
+    out_config: dict
+    """config.json of the output (the reference's, with dtype and tie_word_embeddings updated)."""
+    in_bytes: int
+    """Bytes read from the inputs (the progress bar's total)."""
+
+
+def _embed_name(ck: Checkpoint) -> str | None:
+    return next((n for n in ck.tensors if n.endswith(EMBED_SUFFIXES)), None)
+
+
+def _tied(ck: Checkpoint) -> bool:
+    cfg = ck.config if "tie_word_embeddings" in ck.config else ck.config.get("text_config", {})
+    return bool(cfg.get("tie_word_embeddings", True))   # PretrainedConfig's default
+
+
+def _sources(ck: Checkpoint, want_head: bool) -> dict[str, str]:
+    """Output name -> name to read in ``ck``, with a tied input's lm_head read from its embedding."""
+    names = {n: n for n in ck.tensors}
+    if want_head and HEAD not in names and _tied(ck) and _embed_name(ck):
+        names[HEAD] = _embed_name(ck)
+    return names
+
+
+def _listing(items: list[str], n: int = 5) -> str:
+    return ", ".join(items[:n]) + (f" (and {len(items) - n} more)" if len(items) > n else "")
+
+
+def plan(cfg: MergeConfig) -> Plan:
+    """Open the inputs (headers only) and check they can be merged; raise ``MergeError`` otherwise."""
+    roles = (["base"] if cfg.base is not None else []) + [
+        f"{'sft_models' if cfg.method == 'bai' else 'models'}[{i}]" for i in range(len(cfg.models))]
+    ckpts = [open_checkpoint(p, allow_pickle=cfg.allow_pickle, key=f"{r}.path") for r, p in zip(roles, cfg.inputs())]
+    ref, ref_role = ckpts[0], roles[0]
+    for ck, role in zip(ckpts[1:], roles[1:]):
+        for key in ("architectures", "model_type"):
+            if ck.config.get(key) != ref.config.get(key):
+                raise MergeError(f"{role}: {ck.path / 'config.json'} has {key} {ck.config.get(key)!r}, but "
+                                 f"{ref_role} ({ref.path}) has {ref.config.get(key)!r}")
+    want_head = any(HEAD in ck.tensors for ck in ckpts)
+    srcs = [_sources(ck, want_head) for ck in ckpts]
+    for ck, role, s in zip(ckpts[1:], roles[1:], srcs[1:]):
+        missing, extra = sorted(set(srcs[0]) - set(s)), sorted(set(s) - set(srcs[0]))
+        if missing or extra:
+            raise MergeError(f"{role}: tensor names differ from {ref_role} ({ref.path}): "
+                             + "; ".join(f"{what}: {_listing(v)}" for what, v in
+                                         (("missing", missing), ("extra", extra)) if v))
+        bad = [f"{n} {list(ck.tensors[s[n]].shape)} vs {list(ref.tensors[srcs[0][n]].shape)}"
+               for n in srcs[0] if ck.tensors[s[n]].shape != ref.tensors[srcs[0][n]].shape]
+        if bad:
+            raise MergeError(f"{role}: tensor shapes differ from {ref_role} ({ref.path}): {_listing(bad)}")
+
+    out_dtype = getattr(torch, cfg.dtype)
+    tensors = []
+    for name, src in srcs[0].items():
+        info = ref.tensors[src]
+        floating = info.dtype.is_floating_point
+        tensors.append(OutTensor(name, info.shape, out_dtype if floating else info.dtype,
+                                 [s[name] for s in srcs], floating))
+    shards: list[list[OutTensor]] = [[]]
+    size = 0
+    for t in tensors:
+        nbytes = t.numel * t.dtype.itemsize
+        if shards[-1] and size + nbytes > cfg.shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += nbytes
+    out_config = dict(ref.config)
+    out_config["dtype"] = cfg.dtype
+    if "torch_dtype" in out_config:
+        out_config["torch_dtype"] = cfg.dtype
+    if want_head and out_config.get("tie_word_embeddings", True):
+        out_config["tie_word_embeddings"] = False
+    in_bytes = sum(ck.tensors[src].nbytes for t in tensors for ck, src in zip(ckpts, t.sources))
+    return Plan(cfg, ckpts, shards, out_config, in_bytes)
+
+
+def _combiner(cfg: MergeConfig) -> Combine:
+    """The per-tensor merge for the recipe: inputs (float32, base first) -> one output per out dir."""
+    w = [m.weight for m in cfg.models]
+    lam, dens = cfg.lam, cfg.density
+
+    def gens(name: str, n: int) -> list[torch.Generator]:
+        return [torch.Generator().manual_seed(zlib.crc32(f"{cfg.seed}:{i}:{name}".encode())) for i in range(n)]
+
+    if cfg.method == "bai" and cfg.sweep:
+        return lambda xs, name: methods.bai_sweep(xs[0], xs[1:], w, cfg.alphas)
+    if cfg.method == "bai":     # one alpha: a single linear pass over [base, sft_1, ...]
+        a = cfg.alphas[0]
+        flat = [a] + [(1.0 - a) * wi for wi in w]
+        return lambda xs, name: [methods.linear(xs, flat, out=xs[0])]
+    table: dict[str, Combine] = {
+        "linear": lambda xs, name: [methods.linear(xs, w, out=xs[0])],
+        "task_arithmetic": lambda xs, name: [methods.task_arithmetic(xs[0], xs[1:], w, lam)],
+        "ties": lambda xs, name: [methods.ties(xs[0], xs[1:], w, dens, lam)],
+        "dare_linear": lambda xs, name: [methods.dare_linear(xs[0], xs[1:], w, dens, gens(name, len(w)), lam)],
+        "dare_ties": lambda xs, name: [methods.dare_ties(xs[0], xs[1:], w, dens, gens(name, len(w)), lam)],
+        "slerp": lambda xs, name: [methods.slerp(xs[0], xs[1], cfg.t)],
+    }
+    return table[cfg.method]
+
+
+def _nonfinite_error(p: Plan, t: OutTensor, start: int, n: int) -> MergeError | None:
+    """Re-read the chunk of each input and name the first holding a NaN or inf (None if none does)."""
+    reader = Reader()
+    try:
+        for ck, src in zip(p.ckpts, t.sources):
+            buf = torch.empty(n * ck.tensors[src].dtype.itemsize, dtype=torch.uint8)
+            x = reader.read(ck, src, start, n, buf)
+            if not bool(torch.isfinite(x).all()):
+                where = ck.tensors[src].file if ck.tensors[src].offset >= 0 else ck.path
+                return MergeError(f"tensor {src!r} in {where}: contains NaN or inf values")
+    finally:
+        reader.close()
+    return None
+
+
+def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
+    """Write the weight shards and index of every output directory in one pass over the inputs."""
+    from tqdm.auto import tqdm
+
+    combine = _combiner(p.cfg)
+    elementwise = p.cfg.method in ELEMENTWISE
+    all_t = [t for s in p.shards for t in s]
+    cap = CHUNK_ELEMS if elementwise else max((t.numel for t in all_t), default=1)
+    itemsize = max(i.dtype.itemsize for ck in p.ckpts for i in ck.tensors.values())
+    raw = [torch.empty(cap * itemsize, dtype=torch.uint8) for _ in p.ckpts]
+    f32 = [torch.empty(cap, dtype=torch.float32) for _ in p.ckpts]
+    outbuf = torch.empty(cap * itemsize, dtype=torch.uint8)
+    names = [f"model-{i + 1:05d}-of-{len(p.shards):05d}.safetensors" for i in range(len(p.shards))]
+    slow = float(os.environ.get("BAI_MERGE_SLOWDOWN_S", "0") or 0)
+    reader = Reader()
+    bar = tqdm(total=p.in_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+               desc=f"bai merge ({p.cfg.method}, {len(out_dirs)} output{'s' * (len(out_dirs) > 1)})")
+    try:
+        for shard, fname in zip(p.shards, names):
+            writers = [ShardWriter(d / fname, [(t.name, t.dtype, t.shape) for t in shard]) for d in out_dirs]
+            for t in shard:
+                step = CHUNK_ELEMS if elementwise else max(t.numel, 1)
+                for start in range(0, t.numel, step):
+                    n = min(step, t.numel - start)
+                    views = [reader.read(ck, src, start, n, b) for ck, src, b in zip(p.ckpts, t.sources, raw)]
+                    if not t.floating:
+                        for w in writers:
+                            w.write(views[0])
+                        continue
+                    xs = [v if v.dtype == torch.float32 else f32[i][:n].copy_(v) for i, v in enumerate(views)]
+                    if not elementwise:
+                        xs = [x.view(t.shape) for x in xs]
+                        if not all(bool(torch.isfinite(x.sum())) for x in xs):
+                            raise _nonfinite_error(p, t, start, n) or MergeError(
+                                f"tensor {t.name!r}: overflow while checking values")
+                    for k, (w, y) in enumerate(zip(writers, combine(xs, t.name))):
+                        if k == 0 and elementwise and not bool(torch.isfinite(y.sum())):
+                            err = _nonfinite_error(p, t, start, n)
+                            if err is not None:
+                                raise err
+                        o = y if y.dtype == t.dtype else outbuf[:n * t.dtype.itemsize].view(t.dtype).copy_(y.reshape(-1))
+                        w.write(o)
+                    bar.update(sum(n * ck.tensors[src].dtype.itemsize for ck, src in zip(p.ckpts, t.sources)))
+                if slow:
+                    time.sleep(slow)
+            for w in writers:
+                w.close()
+    finally:
+        bar.close()
+        reader.close()
+    total = sum(t.numel * t.dtype.itemsize for t in all_t)
+    index = {"metadata": {"total_size": total, "bai_version": __version__},
+             "weight_map": {t.name: fname for shard, fname in zip(p.shards, names) for t in shard}}
+    for d in out_dirs:
+        (d / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _write_metadata(p: Plan, out_dirs: list[Path]) -> None:
+    """config.json, tokenizer and generation config, and a ``bai_merge.yaml`` in each output."""
+    import yaml
+
+    cfg = p.cfg
+    roles = (["base"] if cfg.base is not None else []) + [
+        f"{'sft_models' if cfg.method == 'bai' else 'models'}[{i}]" for i in range(len(cfg.models))]
+    inputs = [{"role": r, "path": str(ck.path), "fingerprint": fingerprint(ck)} for r, ck in zip(roles, p.ckpts)]
+    now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    for i, d in enumerate(out_dirs):
+        (d / "config.json").write_text(json.dumps(p.out_config, indent=2, sort_keys=True) + "\n")
+        copied = copy_aux_files(p.ckpts[0].path, d)
+        record = {"bai_version": __version__, "created_utc": now, "recipe": cfg.to_dict(), "inputs": inputs,
+                  "copied_from_reference": copied, "output": {"dtype": cfg.dtype, "shards": len(p.shards)}}
+        if cfg.method == "bai":
+            a = cfg.alphas[i]
+            record["output"].update(alpha=a, effective_weights=[a] + [(1 - a) * m.weight for m in cfg.models])
+        (d / "bai_merge.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Remove temporary dirs of dead earlier runs on ``out``; restore an old output a killed
+    ``--force`` run had moved aside but not yet replaced."""
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-bai-(\d+)$")
+    for sib in out.parent.iterdir() if out.parent.is_dir() else []:
+        m = pat.match(sib.name)
+        if not m or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists():
+            os.rename(sib, out)
+        else:
+            shutil.rmtree(sib, ignore_errors=True)
+
+
+def _commit(tmp: Path, out: Path, force: bool) -> None:
+    """Rename the finished ``tmp`` to ``out``; an old ``out`` (force) is moved aside only now."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    if not force:
+        raise MergeError(f"--out: {out} appeared during the merge; pass --force to replace it")
+    old = out.parent / f".{out.name}.old-bai-{os.getpid()}"
+    os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def merge(config: "str | os.PathLike | dict | MergeConfig", out: "str | os.PathLike", force: bool = False, *,
+          progress: bool = True) -> list[Path]:
+    """Merge checkpoints as the recipe says and write the result(s) atomically under ``out``.
+
+    ``config``: a YAML path, a dict of the YAML keys, or a ``MergeConfig``. ``force`` replaces an
+    existing ``out`` (only once the new output is complete). Returns the written checkpoint
+    directories: ``[out]``, or ``[out/alpha_0.1, ...]`` for a sweep. Raises ``MergeError`` on bad
+    input, before anything is written.
+    """
+    cfg = load_config(config)
+    out = Path(os.path.expanduser(str(out))).resolve()
+    for src in cfg.inputs():
+        if out == src or out in src.parents or src in out.parents:
+            raise MergeError(f"--out: {out} overlaps the input checkpoint {src}")
+    _clean_leftovers(out)
+    if out.exists() and not force:
+        raise MergeError(f"--out: {out} already exists; pass --force to replace it")
+    p = plan(cfg)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-bai-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        dirs = cfg.out_dirs(tmp)
+        for d in dirs:
+            d.mkdir(parents=True)
+        stream(p, dirs, progress=progress)
+        _write_metadata(p, dirs)
+        _commit(tmp, out, force)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return cfg.out_dirs(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: ``bai merge CONFIG.yaml --out DIR [--force] [--no-progress]``."""
+    ap = argparse.ArgumentParser(prog="bai merge", description="Merge Hugging Face checkpoints from a YAML "
+                                 "recipe (bai, linear, task_arithmetic, ties, dare_linear, dare_ties, slerp).")
+    ap.add_argument("config", help="merge recipe (YAML); see configs/merge/")
+    ap.add_argument("--out", required=True, help="output checkpoint directory (a sweep writes DIR/alpha_<a>)")
+    ap.add_argument("--force", action="store_true", help="replace an existing output once the new one is complete")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    try:
+        dirs = merge(args.config, args.out, force=args.force, progress=not args.no_progress)
+    except MergeError as e:
+        print(f"bai merge: error: {e}", file=sys.stderr)
+        return 2
+    print(f"bai merge: wrote {len(dirs)} checkpoint{'s' * (len(dirs) > 1)} in {time.perf_counter() - t0:.1f}s:")
+    for d in dirs:
+        print(f"  {d}")
+    return 0
+
+
+class _CallableModule(types.ModuleType):
+    """Makes ``bai.merge(config, out)`` work even once this submodule shadows the package attribute."""
+
+    def __call__(self, config, out, force: bool = False, **kwargs) -> list[Path]:
+        return merge(config, out, force, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule
