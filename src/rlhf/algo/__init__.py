@@ -5,12 +5,12 @@ All tensors are response-aligned ``[B, T]`` with ``mask`` 1.0 on response tokens
 """
 
 from rlhf.algo.advantages import adaptive_kl_coef, gae, last_token_index, token_rewards
-from rlhf.algo.kl import KL_KINDS, entropy_from_logits, kl_penalty, logprobs_from_logits
+from rlhf.algo.kl import KL_KINDS, entropy_from_logits, kl_from_log_ratio, kl_penalty, logprobs_from_logits
 from rlhf.algo.losses import aggregate_token_loss, policy_loss, truncated_is_weights, value_loss
 from rlhf.algo.masked import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
-    "KL_KINDS", "adaptive_kl_coef", "aggregate_token_loss", "entropy_from_logits", "gae", "kl_penalty",
-    "last_token_index", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var", "masked_whiten",
-    "policy_loss", "token_rewards", "truncated_is_weights", "value_loss",
+    "KL_KINDS", "adaptive_kl_coef", "aggregate_token_loss", "entropy_from_logits", "gae", "kl_from_log_ratio",
+    "kl_penalty", "last_token_index", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var",
+    "masked_whiten", "policy_loss", "token_rewards", "truncated_is_weights", "value_loss",
 ]

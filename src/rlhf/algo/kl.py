@@ -30,7 +30,14 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, kind: str = "k1") -> 
         raise ValueError(f"kl kind must be one of {KL_KINDS}, got {kind!r}")
     if logp.shape != ref_logp.shape:
         raise ValueError(f"logp {tuple(logp.shape)} and ref_logp {tuple(ref_logp.shape)} differ in shape")
-    x = _float(logp) - _float(ref_logp)
+    return kl_from_log_ratio(_float(logp) - _float(ref_logp), kind)
+
+
+def kl_from_log_ratio(x: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """The estimator ``kind`` of a log-ratio ``x = logp - ref_logp`` (same guards as ``kl_penalty``)."""
+    if kind not in KL_KINDS:
+        raise ValueError(f"kl kind must be one of {KL_KINDS}, got {kind!r}")
+    x = _float(x)
     if kind == "k1":
         return x
     if kind == "k2":

@@ -12,8 +12,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-from rlhf.algo.kl import kl_penalty
-from rlhf.algo.masked import masked_mean, masked_var
+from rlhf.algo.kl import kl_from_log_ratio
 
 
 def bucket_key(i: int, what: str, prefix: str = "reward") -> str:
@@ -49,18 +48,11 @@ def length_bucket_stats(lengths: torch.Tensor, scores: torch.Tensor, width: int 
     return out
 
 
-def _stats(name: str, x: torch.Tensor) -> dict[str, float]:
-    x = x.double()
-    return {f"{name}_mean": x.mean().item(), f"{name}_std": x.std(unbiased=False).item(),
-            f"{name}_min": x.min().item(), f"{name}_max": x.max().item()}
-
-
-def _masked_stats(name: str, x: torch.Tensor, mask: torch.Tensor) -> dict[str, float]:
-    on = mask != 0
-    x = x.double()
-    vals = x[on]
-    return {f"{name}/mean": masked_mean(x, mask).item(), f"{name}/std": masked_var(x, mask, unbiased=False).sqrt().item(),
-            f"{name}/min": vals.min().item(), f"{name}/max": vals.max().item()}
+def _vec_stats(prefix: str, sep: str, x: torch.Tensor) -> dict[str, float]:
+    """mean / std (population) / min / max of a 1-D tensor, accumulated in float64."""
+    mean = x.mean(dtype=torch.float64)
+    return {f"{prefix}{sep}mean": mean.item(), f"{prefix}{sep}std": (x.double() - mean).pow(2).mean().sqrt().item(),
+            f"{prefix}{sep}min": x.min().item(), f"{prefix}{sep}max": x.max().item()}
 
 
 def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.Tensor,
@@ -79,6 +71,9 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
       rollout_logp: the rollout engine's logprobs of the same tokens.
       values, returns, advantages: critic values, GAE returns and (unwhitened) advantages.
       bucket_width, num_buckets: length buckets for ``reward/bucket_XX_*``.
+
+    Token tensors are gathered once to their response tokens (padding content, even NaN, never
+    matters) and reduced with float64 accumulation.
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
@@ -90,53 +85,74 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
                     ("values", values), ("returns", returns), ("advantages", advantages)]:
         if t is not None and t.shape != mask.shape:
             raise ValueError(f"{name} has shape {tuple(t.shape)}, mask has {tuple(mask.shape)}")
-    lengths = (mask != 0).sum(1)
+    on = mask != 0
+    lengths = on.sum(1)
+    n_tok = int(lengths.sum())
+    if n_tok == 0:
+        raise ValueError("mask: the batch holds no response token")
     scores = scores.double()
+    finished = finished.bool()
     out: dict[str, float] = {
         "rollout/num_responses": float(B),
-        "rollout/num_tokens": float(lengths.sum().item()),
+        "rollout/num_tokens": float(n_tok),
         "rollout/clip_ratio": 1.0 - finished.float().mean().item(),
-        "reward/mean": scores.mean().item(),
-        "reward/std": scores.std(unbiased=False).item(),
-        "reward/min": scores.min().item(),
-        "reward/max": scores.max().item(),
     }
-    out.update({f"rollout/length_{k.split('_')[-1]}": v for k, v in _stats("len", lengths).items()})
+    out.update(_vec_stats("rollout/length", "_", lengths))
+    out.update(_vec_stats("reward", "/", scores))
     if bool(finished.any()):
-        out["rollout/terminated_length_mean"] = lengths[finished.bool()].double().mean().item()
+        out["rollout/terminated_length_mean"] = lengths[finished].double().mean().item()
     out.update(length_bucket_stats(lengths, scores, bucket_width, num_buckets))
-    if old_logp is not None:
-        out["rollout/nll"] = masked_mean(-old_logp.double(), mask).item()
-    if old_logp is not None and ref_logp is not None:
-        k3 = kl_penalty(old_logp.double(), ref_logp.double(), "k3")
-        out["kl/to_reference"] = masked_mean(k3, mask).item()
-        out["kl/to_reference_k1"] = masked_mean(kl_penalty(old_logp.double(), ref_logp.double(), "k1"), mask).item()
-        out["kl/to_reference_seq"] = (torch.where(mask != 0, k3, torch.zeros_like(k3)).sum(1)).mean().item()
-    if old_logp is not None and rollout_logp is not None:
+
+    def gather(t: torch.Tensor) -> torch.Tensor:   # response tokens only, row-major, float32 or wider
+        t = t[on]
+        return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+    old = gather(old_logp) if old_logp is not None else None
+    if old is not None:
+        out["rollout/nll"] = -old.mean(dtype=torch.float64).item()
+    if old is not None and ref_logp is not None:
+        x = old - gather(ref_logp)
+        k3 = kl_from_log_ratio(x, "k3")
+        out["kl/to_reference"] = k3.mean(dtype=torch.float64).item()
+        out["kl/to_reference_k1"] = x.mean(dtype=torch.float64).item()
+        rows = torch.repeat_interleave(torch.arange(B, device=mask.device), lengths)
+        seq = torch.zeros(B, dtype=torch.float64, device=mask.device).index_add_(0, rows, k3.double())
+        out["kl/to_reference_seq"] = seq.mean().item()
+    if old is not None and rollout_logp is not None:
         # tokens were sampled from the rollout engine: KL(rollout || trainer) with x = rollout - trainer
-        x = rollout_logp.double() - old_logp.double()
-        out["kl/rollout_vs_trainer"] = masked_mean(kl_penalty(rollout_logp.double(), old_logp.double(), "k3"), mask).item()
-        out["kl/rollout_vs_trainer_k1"] = masked_mean(x, mask).item()
-        out["kl/rollout_vs_trainer_max_abs"] = x.abs()[mask != 0].max().item()
-    if values is not None:
-        out["critic/value_mean"] = masked_mean(values.double(), mask).item()
-    if values is not None and returns is not None:
-        out["critic/explained_var"] = explained_variance(values, returns, mask)
-    if returns is not None:
-        out.update(_masked_stats("return", returns, mask))
+        x = gather(rollout_logp) - old
+        out["kl/rollout_vs_trainer"] = kl_from_log_ratio(x, "k3").mean(dtype=torch.float64).item()
+        out["kl/rollout_vs_trainer_k1"] = x.mean(dtype=torch.float64).item()
+        out["kl/rollout_vs_trainer_max_abs"] = x.abs().max().item()
+    v = gather(values) if values is not None else None
+    ret = gather(returns) if returns is not None else None
+    if v is not None:
+        out["critic/value_mean"] = v.mean(dtype=torch.float64).item()
+    if v is not None and ret is not None:
+        out["critic/explained_var"] = _explained_variance(v, ret)
+    if ret is not None:
+        out.update(_vec_stats("return", "/", ret))
     if advantages is not None:
-        out.update(_masked_stats("advantage", advantages, mask))
+        out.update(_vec_stats("advantage", "/", gather(advantages)))
     return out
+
+
+def _explained_variance(v: torch.Tensor, ret: torch.Tensor) -> float:
+    r = ret.double()
+    var_r = r.var(unbiased=False)
+    if var_r.item() == 0.0:
+        return float("nan")
+    return (1.0 - (r - v.double()).var(unbiased=False) / var_r).item()
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
     """``1 - Var(R - V) / Var(R)`` over response tokens (1: perfect critic, <= 0: no better than a
     constant); NaN when the returns do not vary."""
-    r, v = returns.double(), values.double()
-    var_r = masked_var(r, mask, unbiased=False)
-    if var_r.item() == 0.0:
-        return float("nan")
-    return (1.0 - masked_var(r - v, mask, unbiased=False) / var_r).item()
+    if values.shape != mask.shape or returns.shape != mask.shape:
+        raise ValueError(f"values {tuple(values.shape)}, returns {tuple(returns.shape)} and mask "
+                         f"{tuple(mask.shape)} must share one shape")
+    on = mask != 0
+    return _explained_variance(values[on], returns[on])
 
 
 # PPO-update statistics (from rlhf.algo.policy_loss / value_loss and the trainer) -> metric names
