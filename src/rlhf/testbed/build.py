@@ -1,0 +1,405 @@
+"""`rlhf testbed build`: synthesize the addition data and train the organism's models, cached.
+
+Every model is a tiny Hugging Face Llama (or Qwen2) trained with the project's own general
+trainers on DeepSpeed (``rlhf.sft`` full fine-tuning, ``rlhf.rm`` Bradley-Terry):
+
+- ``base``: from a random init on direct answers (``"a+b="`` -> ``"357"``): the "pretrained" model.
+- ``instruct``: base + SFT on empty traces (``<think></think>357``), small learning rate.
+- ``reasoning``: base + SFT on full column-by-column traces.
+- ``mix``: base + SFT on traces with a fraction (10%) of empty-trace examples: a distilled
+  reasoning model that also has a short mode, the initialization that collapses under PPO.
+- ``rm``: a reward model from the base on short answers only (correct vs wrong instruct answers).
+
+Then every model is evaluated (greedy: gold accuracy, think rate, length), the reward model is
+probed on short and long answers, and linear connectivity is checked along merge sweeps made by
+``bai.merge`` (base-instruct, base-reasoning, instruct-reasoning): accuracy and think rate must not
+dip more than ``max_dip`` below the straight line between the endpoints.
+
+Layout of ``--out`` (default ``runs/testbed``)::
+
+    spec.json            the BuildSpec the cache was built with (a different spec needs --force)
+    tokenizer/           the character tokenizer
+    data/                base/instruct/reasoning/mix.jsonl (SFT), rm_train/rm_eval.jsonl (pairs),
+                         prompts.jsonl (held-out PPO prompts), eval.jsonl
+    models/{base,instruct,reasoning,mix,rm}/
+    build_report.json    evaluations, reward-model probes, connectivity sweeps
+    build_report.md      the same as tables
+
+Each stage is skipped when its output exists, so an interrupted build resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from rlhf.testbed import task
+
+
+@dataclass
+class BuildSpec:
+    """Sizes and learning rates of one organism build."""
+
+    arch: str = "llama"
+    """``llama`` or ``qwen2``"""
+    hidden_size: int = 128
+    """model width (head_dim = hidden_size / num_heads = 32)"""
+    num_layers: int = 4
+    """decoder layers"""
+    num_heads: int = 4
+    """attention heads"""
+    min_digits: int = 1
+    """smallest addend digit count"""
+    max_digits: int = 5
+    """largest addend digit count (15 with ``verify`` gives the long-trace variant)"""
+    verify: bool = False
+    """long-trace variant: reasoning traces also re-derive the first addend by subtraction"""
+    base_examples: int = 96_000
+    """direct-answer examples for base pretraining (one epoch)"""
+    base_lr: float = 2e-3
+    """base pretraining learning rate (from scratch)"""
+    sft_examples: int = 16_000
+    """examples per SFT model (instruct, reasoning, mix)"""
+    sft_lr: float = 3e-4
+    """SFT learning rate; small so the SFT models stay linearly connected to the base"""
+    mix_empty_fraction: float = 0.1
+    """fraction of empty-trace examples in the mix SFT data"""
+    rm_pairs: int = 6_000
+    """reward-model training pairs (short answers only)"""
+    rm_lr: float = 3e-4
+    """reward-model learning rate"""
+    rm_epochs: int = 1
+    """passes over the reward-model pairs"""
+    batch_size: int = 64
+    """examples (pairs for the reward model) per optimizer step"""
+    eval_problems: int = 128
+    """held-out problems for evaluation and merge sweeps"""
+    ppo_prompts: int = 4096
+    """held-out prompts written for PPO"""
+    sweep: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    """interior weights of the first model of each pair along a connectivity sweep"""
+    max_dip: float = 0.2
+    """largest allowed dip below the straight line (accuracy, think rate)"""
+    seed: int = 0
+    """data and initialization seed"""
+
+
+SMALL = dict(hidden_size=64, num_layers=2, num_heads=2, base_examples=3_200, base_lr=3e-3, sft_examples=640,
+             sft_lr=1e-3, rm_pairs=256, eval_problems=16, ppo_prompts=64, sweep=[0.5], max_digits=2)
+"""``--small``: a CI-sized build (2-digit numbers, a 2-layer model, a couple of minutes)."""
+
+MODELS = ("base", "instruct", "reasoning", "mix", "rm")
+
+
+# ----------------------------------------------------------------------------- data
+
+def _wrong_answer(p: task.Problem, rng: random.Random) -> int:
+    """A plausible wrong sum: a dropped carry, an off-by-one or a changed digit."""
+    s = p.answer
+    kind = rng.randrange(3)
+    if kind == 0:
+        no_carry = int("".join(str((int(x) + int(y)) % 10) for x, y in zip(
+            str(p.a).zfill(12), str(p.b).zfill(12))).lstrip("0") or "0")
+        if no_carry != s:
+            return no_carry
+    if kind == 1:
+        return s + rng.choice([-1, 1]) if s > 0 else 1
+    digits = list(str(s))
+    i = rng.randrange(len(digits))
+    digits[i] = str((int(digits[i]) + rng.randint(1, 9)) % 10)
+    wrong = int("".join(digits))
+    return wrong if wrong != s else s + 1
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def synthesize(spec: BuildSpec, out: Path) -> None:
+    """Write ``out/data`` (and ``out/tokenizer``) atomically; the problem sets do not overlap."""
+    tmp = out / ".data.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    rng = random.Random(spec.seed)
+    digits = dict(min_digits=spec.min_digits, max_digits=spec.max_digits)
+    s = spec.seed * 1000
+    held = task.sample_problems(spec.eval_problems + spec.ppo_prompts, s + 1, **digits)
+    held_keys = {(p.a, p.b) for p in held}
+
+    def fresh(n: int, seed: int) -> list[task.Problem]:
+        return [p for p in task.sample_problems(int(n * 1.2) + 16, seed, **digits) if (p.a, p.b) not in held_keys][:n]
+
+    reason = lambda p: task.reasoning_response(p, verify=spec.verify)  # noqa: E731
+    sets = {
+        "base": [(p, task.direct_response(p)) for p in fresh(spec.base_examples, s + 2)],
+        "instruct": [(p, task.instruct_response(p)) for p in fresh(spec.sft_examples, s + 3)],
+        "reasoning": [(p, reason(p)) for p in fresh(spec.sft_examples, s + 4)],
+        "mix": [(p, task.instruct_response(p) if rng.random() < spec.mix_empty_fraction else reason(p))
+                for p in fresh(spec.sft_examples, s + 5)],
+    }
+    for name, rows in sets.items():
+        _write_jsonl(tmp / f"{name}.jsonl", [{"prompt": p.prompt, "response": r} for p, r in rows])
+    pairs = [{"prompt": p.prompt, "chosen": task.instruct_response(p),
+              "rejected": f"{task.THINK_START}{task.THINK_END}{_wrong_answer(p, rng)}"}
+             for p in fresh(spec.rm_pairs + 256, s + 6)]
+    _write_jsonl(tmp / "rm_train.jsonl", pairs[:spec.rm_pairs])
+    _write_jsonl(tmp / "rm_eval.jsonl", pairs[spec.rm_pairs:])
+    _write_jsonl(tmp / "eval.jsonl", [{"prompt": p.prompt, "answer": p.answer} for p in held[:spec.eval_problems]])
+    _write_jsonl(tmp / "prompts.jsonl", [{"prompt": p.prompt, "answer": p.answer} for p in held[spec.eval_problems:]])
+    task.build_tokenizer(tmp / "tokenizer")
+    (tmp / "tokenizer").rename(out / "tokenizer.tmp")
+    shutil.rmtree(out / "tokenizer", ignore_errors=True)
+    (out / "tokenizer.tmp").rename(out / "tokenizer")
+    tmp.rename(out / "data")
+
+
+# ----------------------------------------------------------------------------- training
+
+def _sft(spec: BuildSpec, init: Path, data: Path, out: Path, lr: float, seed: int, warmup: float) -> None:
+    from rlhf import sft
+
+    cfg = sft.SFTConfig(model=str(init), data=str(data), out=str(out), method="full", lr=lr, epochs=1,
+                        batch_size=spec.batch_size, micro_batch_size=spec.batch_size, max_len=1024,
+                        warmup_ratio=warmup, seed=seed, log_every=50, reasoning_start=None)
+    sft.train(cfg)
+
+
+def train_models(spec: BuildSpec, out: Path) -> dict[str, float]:
+    """Train the missing models of ``out/models``; returns seconds per stage trained."""
+    from rlhf import rm, tiny
+
+    models, data = out / "models", out / "data"
+    models.mkdir(exist_ok=True)
+    seconds: dict[str, float] = {}
+    init = models / "init"
+    if not (models / "base").exists():
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+        shutil.rmtree(init, ignore_errors=True)
+        tiny.make_tiny_model(init, arch=spec.arch, tokenizer=tok, seed=spec.seed, hidden_size=spec.hidden_size,
+                             num_layers=spec.num_layers, num_heads=spec.num_heads, max_shard_size="10MB",
+                             max_position_embeddings=512 if spec.verify else 128)
+    stages = [
+        ("base", lambda o: _sft(spec, init, data / "base.jsonl", o, spec.base_lr, spec.seed, 0.03)),
+        ("instruct", lambda o: _sft(spec, models / "base", data / "instruct.jsonl", o, spec.sft_lr, spec.seed + 1, 0.05)),
+        ("reasoning", lambda o: _sft(spec, models / "base", data / "reasoning.jsonl", o, spec.sft_lr, spec.seed + 2, 0.05)),
+        ("mix", lambda o: _sft(spec, models / "base", data / "mix.jsonl", o, spec.sft_lr, spec.seed + 3, 0.05)),
+        ("rm", lambda o: rm.train_reward_model(rm.RMConfig(
+            model=str(models / "base"), data=str(data / "rm_train.jsonl"), eval_data=str(data / "rm_eval.jsonl"),
+            out=str(o), lr=spec.rm_lr, epochs=spec.rm_epochs, batch_size=spec.batch_size,
+            micro_batch_size=spec.batch_size, warmup_steps=5, seed=spec.seed, max_length=1024))),
+    ]
+    for name, run in stages:
+        if (models / name).exists():
+            continue
+        print(f"[testbed] training {name}", file=sys.stderr, flush=True)
+        t = time.time()
+        run(models / name)
+        seconds[name] = round(time.time() - t, 1)
+    shutil.rmtree(init, ignore_errors=True)
+    return seconds
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+def generate(model_dir: str | Path, prompts: list[str], max_new_tokens: int, batch: int = 128) -> list[str]:
+    """Greedy responses (decoded with the reasoning markers kept, EOS and padding dropped)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            enc = tok(texts[i:i + batch], return_tensors="pt", padding=True, add_special_tokens=False)
+            ids = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return out
+
+
+def max_new_tokens(spec: BuildSpec) -> int:
+    """Room for the longest reasoning response of the spec, plus slack."""
+    p = task.Problem(10 ** spec.max_digits - 1, 10 ** spec.max_digits - 1)
+    return len(task.build_tokenizer().encode(task.reasoning_response(p, verify=spec.verify))) + 8
+
+
+def evaluate(model_dir: str | Path, prompts: list[str], spec: BuildSpec) -> dict[str, float]:
+    """Gold accuracy, think rate and mean response length (characters) of greedy responses."""
+    responses = generate(model_dir, prompts, max_new_tokens(spec))
+    m = task.gold_metrics(prompts, responses)
+    m["length_chars"] = sum(len(r) for r in responses) / max(len(responses), 1)
+    return {k: round(v, 4) for k, v in m.items()}
+
+
+def probe_reward_model(rm_dir: Path, problems: list[task.Problem], spec: BuildSpec) -> dict[str, float]:
+    """How the reward model sees short vs long answers, right vs wrong (scores in units of its std)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from rlhf.rm import encode_pair_side, read_stats
+
+    tok = AutoTokenizer.from_pretrained(str(rm_dir))
+    model = AutoModelForSequenceClassification.from_pretrained(str(rm_dir), num_labels=1).eval()
+    stats = read_stats(rm_dir)
+    rng = random.Random(spec.seed + 7)
+
+    def score(pairs: list[tuple[task.Problem, str]]) -> torch.Tensor:
+        seqs = [encode_pair_side(tok, p.prompt, r) for p, r in pairs]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [tok.pad_token_id] * (width - len(s)) for s in seqs])
+        with torch.no_grad():
+            return (model(input_ids=ids, attention_mask=(ids != tok.pad_token_id).long()).logits[:, 0]
+                    - stats["mean"]) / stats["std"]
+
+    wrong = [_wrong_answer(p, rng) for p in problems]
+    trace = [task.reasoning_trace(p.a, p.b, verify=spec.verify) for p in problems]
+    short_ok = score([(p, task.instruct_response(p)) for p in problems])
+    short_bad = score([(p, f"<think></think>{w}") for p, w in zip(problems, wrong)])
+    long_ok = score([(p, task.reasoning_response(p, verify=spec.verify)) for p in problems])
+    long_bad = score([(p, f"<think>{t}</think>{w}") for p, t, w in zip(problems, trace, wrong)])
+    return {k: round(float(v), 4) for k, v in {
+        "pair_accuracy_short": (short_ok > short_bad).float().mean(),
+        "pair_accuracy_long": (long_ok > long_bad).float().mean(),
+        "score_short_correct": short_ok.mean(), "score_long_correct": long_ok.mean(),
+        "long_minus_short_std": (long_ok - short_ok).mean(),
+        "eval_pair_accuracy": stats.get("eval_pair_accuracy") or float("nan"),
+    }.items()}
+
+
+def merge_sweep(a: Path, b: Path, weights_a: list[float], out: Path) -> list[Path]:
+    """``w * a + (1 - w) * b`` for every ``w`` in one pass through the project's merge engine.
+
+    A two-stage BAI recipe with one "SFT" model (weight 1) is exactly this line; its alpha is the
+    weight of ``a`` (the paper's base weight). Returns one checkpoint directory per weight.
+    """
+    import bai
+
+    recipe = {"method": "bai", "base": str(a), "sft_models": [{"path": str(b), "weight": 1.0}],
+              "alphas": list(weights_a)}
+    return bai.merge(recipe, str(out), force=True, progress=False)
+
+
+def connectivity(out: Path, spec: BuildSpec, prompts: list[str], evals: dict[str, dict]) -> list[dict]:
+    """Merge sweeps between the main models; each point with its dip below the straight line."""
+    rows = []
+    for a, b in (("base", "instruct"), ("base", "reasoning"), ("instruct", "reasoning")):
+        dirs = merge_sweep(out / "models" / a, out / "models" / b, spec.sweep, out / ".sweep")
+        for w, d in zip(spec.sweep, dirs):
+            got = evaluate(d, prompts, spec)
+            row = {"pair": f"{a}-{b}", "weight_first": w, **got}
+            for k in ("gold/accuracy", "rollout/think_rate"):
+                line = w * evals[a][k] + (1 - w) * evals[b][k]
+                row[f"dip/{k}"] = round(line - got[k], 4)
+            row["ok"] = max(row["dip/gold/accuracy"], row["dip/rollout/think_rate"]) <= spec.max_dip
+            rows.append(row)
+            print(f"[testbed] merge {a}:{w} + {b}:{1 - w:.2f}  acc {got['gold/accuracy']:.3f}  "
+                  f"think {got['rollout/think_rate']:.3f}  {'ok' if row['ok'] else 'DIP'}", file=sys.stderr, flush=True)
+        shutil.rmtree(out / ".sweep", ignore_errors=True)
+    return rows
+
+
+def _markdown(report: dict) -> str:
+    lines = ["# Testbed build report", "", "| model | gold/accuracy | rollout/think_rate | length (chars) |",
+             "|---|---|---|---|"]
+    for name, m in report["eval"].items():
+        lines.append(f"| {name} | {m['gold/accuracy']:.3f} | {m['rollout/think_rate']:.3f} | {m['length_chars']:.1f} |")
+    lines += ["", "Reward model (scores in std units of its training set):", "",
+              "| " + " | ".join(report["rm"]) + " |", "|" + "---|" * len(report["rm"]),
+              "| " + " | ".join(f"{v:.3f}" for v in report["rm"].values()) + " |"]
+    if report.get("connectivity"):
+        lines += ["", f"Linear connectivity (dip = straight line - merged; ok when <= {report['spec']['max_dip']}):",
+                  "", "| pair | weight of first | accuracy | think rate | dip acc | dip think | ok |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in report["connectivity"]:
+            lines.append(f"| {r['pair']} | {r['weight_first']} | {r['gold/accuracy']:.3f} | {r['rollout/think_rate']:.3f} | "
+                         f"{r['dip/gold/accuracy']:.3f} | {r['dip/rollout/think_rate']:.3f} | {r['ok']} |")
+    else:
+        lines += ["", f"Linear connectivity: not checked ({report.get('connectivity_skipped', 'skipped')})."]
+    return "\n".join(lines) + "\n"
+
+
+def build(out: str | Path, spec: BuildSpec, *, force: bool = False, check_connectivity: bool = True) -> dict:
+    """Build (or complete) the organism in ``out``; returns the report (also written there)."""
+    out = Path(out)
+    want = dataclasses.asdict(spec)
+    if (out / "spec.json").exists():
+        have = json.loads((out / "spec.json").read_text())
+        if have != want:
+            if not force:
+                diff = sorted(k for k in want if have.get(k) != want[k])
+                raise ValueError(f"--out: {out} was built with a different spec ({', '.join(diff)}); "
+                                 "use --force to rebuild it or another --out")
+            shutil.rmtree(out)
+    elif out.exists() and any(out.iterdir()):
+        if not force:
+            raise ValueError(f"--out: {out} exists and is not a testbed build; use --force or another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "spec.json").write_text(json.dumps(want, indent=2) + "\n")
+    t0 = time.time()
+    if not (out / "data").exists():
+        synthesize(spec, out)
+    seconds = train_models(spec, out)
+    prompts = [json.loads(l)["prompt"] for l in (out / "data" / "eval.jsonl").read_text().splitlines()]
+    problems = [task.parse_prompt(p) for p in prompts]
+    evals = {name: evaluate(out / "models" / name, prompts, spec) for name in MODELS[:4]}
+    report = {"spec": want, "train_seconds": seconds, "eval": evals,
+              "rm": probe_reward_model(out / "models" / "rm", problems, spec)}
+    if check_connectivity:
+        try:
+            import bai
+
+            has_merge = hasattr(bai, "merge")
+        except ImportError:
+            has_merge = False
+        if has_merge:
+            report["connectivity"] = connectivity(out, spec, prompts, evals)
+            report["connected"] = all(r["ok"] for r in report["connectivity"])
+        else:
+            report["connectivity_skipped"] = "bai.merge is not available in this version"
+    else:
+        report["connectivity_skipped"] = "--no-connectivity"
+    report["seconds"] = round(time.time() - t0, 1)
+    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (out / "build_report.md").write_text(_markdown(report))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``rlhf testbed build [--out DIR] [--small] [--seed N] [--arch llama|qwen2] [--force]``."""
+    ap = argparse.ArgumentParser(prog="rlhf testbed build", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="runs/testbed", help="cache directory (default: runs/testbed)")
+    ap.add_argument("--small", action="store_true", help="CI-sized build (a couple of minutes)")
+    ap.add_argument("--long", action="store_true", help="long-trace variant (8-15 digits with a verification pass)")
+    ap.add_argument("--seed", type=int, default=0, help="data and initialization seed")
+    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
+    ap.add_argument("--no-connectivity", action="store_true", help="skip the merge sweeps")
+    ap.add_argument("--force", action="store_true", help="rebuild a cache made with a different spec")
+    args = ap.parse_args(argv)
+    kw = dict(SMALL) if args.small else {}
+    if args.long:
+        kw.update(min_digits=8, max_digits=15, verify=True)
+    spec = BuildSpec(arch=args.arch, seed=args.seed, **kw)
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        report = build(args.out, spec, force=args.force, check_connectivity=not args.no_connectivity)
+    except ValueError as e:
+        print(f"rlhf testbed build: {e}", file=sys.stderr)
+        return 2
+    print((Path(args.out) / "build_report.md").read_text())
+    return 0 if report.get("connected", True) else 1
