@@ -85,6 +85,7 @@ def test_report_on_a_live_run_with_a_partial_line(tmp_path):
 def test_run_label_sources(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump({"method": "bai", "alpha": 0.7, "base": "b", "sft_models": []}))
-    assert run_label(tmp_path / "r1", {"model": {"actor": "tiny", "bai_recipe": str(recipe)}}) == "BAI merge (α=0.7, β=0.3)"
+    label = run_label(tmp_path / "r1", {"model": {"actor": "tiny", "bai_recipe": str(recipe)}})
+    assert label == "BAI merge (α=0.7, β=0.3)"
     assert run_label(tmp_path / "r2", {"actor": {"init": "/m/sft", "ratio": 0.2}}) == "sft (α=0.2, β=0.8)"
     assert run_label(tmp_path / "r3", {}) == "r3"

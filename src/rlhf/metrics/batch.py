@@ -167,7 +167,8 @@ CRITIC_STAT_NAMES = {
 }
 
 
-def reduce_update_stats(stats: Iterable[Mapping[str, float | torch.Tensor]], names: Mapping[str, str]) -> dict[str, float]:
+def reduce_update_stats(stats: Iterable[Mapping[str, float | torch.Tensor]],
+                        names: Mapping[str, str]) -> dict[str, float]:
     """Combine the stats dicts of all micro-batches (and DP ranks) of a step into metrics.
 
     Each dict may carry ``tokens`` (its response-token count); means are token-weighted (equal

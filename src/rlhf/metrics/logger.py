@@ -83,8 +83,9 @@ class MetricLogger:
             _truncate_jsonl(self.events_path, resume_step)
             if monitor is not None and not monitor.history:
                 for r in kept:
-                    monitor.update(int(r["step"]), {k: v for k, v in r.items()
-                                                    if k != "step" and v is not None and not k.startswith("stability/")})
+                    inputs = {k: v for k, v in r.items()
+                              if k != "step" and v is not None and not k.startswith("stability/")}
+                    monitor.update(int(r["step"]), inputs)
                 monitor.new_events = []
         else:  # a fresh start (or a restart before the first checkpoint): keep any old files as *.bak
             for path in (self.metrics_path, self.events_path):
