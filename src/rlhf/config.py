@@ -76,6 +76,9 @@ class RewardConfig:
     """Whiten scores within each batch."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the score of truncated responses (no EOS)."""
+    metrics: str | None = None
+    """Gold metrics logged every step beside the reward, ``module:function(prompts, responses, finished)
+    -> dict[str, float]`` on the decoded texts (e.g. ``rlhf.testbed.rewards:gold``: exact accuracy)."""
 
 
 @dataclass

@@ -196,6 +196,9 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     _, returns = gae(rewards, values, mask, p.gamma, p.lam_critic)
     metrics = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=old_logp, ref_logp=ref_logp,
                             rollout_logp=batch["rollout_logp"], values=values, returns=returns, advantages=adv)
+    if cfg.reward.metrics is not None:  # gold metrics beside the reward (e.g. exact accuracy)
+        metrics.update(ray.get(w.reward.gold_metrics.remote([g.prompt_ids for g in gens],
+                                                            [g.response_ids for g in gens], finished.tolist())))
     if step == 0 and metrics["kl/rollout_vs_trainer"] > cfg.trainer.rollout_check_tol:
         raise RuntimeError(
             f"kl/rollout_vs_trainer = {metrics['kl/rollout_vs_trainer']:.3g} at step 0 exceeds "

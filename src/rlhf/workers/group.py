@@ -135,7 +135,7 @@ def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Worker
                                                   p, ppo, cfg.seed, t))
     reference = ReferenceWorker.options(**_options(cfg, pgs, place, "reference", 0)).remote(paths.reference, temp, t)
     reward = RewardWorker.options(**_options(cfg, pgs, place, "reward", 0)).remote(
-        paths.tokenizer, cfg.reward.model, cfg.reward.function, t)
+        paths.tokenizer, cfg.reward.model, cfg.reward.function, t, cfg.reward.metrics)
     rollout = RolloutWorker.options(**_options(cfg, pgs, place, "rollout", 0)).remote(
         cfg.rollout.engine, paths.actor, pad_id, eos_id, t)
     w = Workers(actor=actor, critic=critic, reference=reference, reward=reward, rollout=rollout, groups=pgs)

@@ -217,7 +217,8 @@ class RewardWorker:
     """The frozen reward: a sequence-classification model scored at the last response token, or a
     rule-based ``module:function`` applied to the decoded texts."""
 
-    def __init__(self, tokenizer_path: str, model_path: str | None, function: str | None, threads: int = 1):
+    def __init__(self, tokenizer_path: str, model_path: str | None, function: str | None, threads: int = 1,
+                 metrics: str | None = None):
         from transformers import AutoTokenizer
 
         _threads(threads)
@@ -231,6 +232,10 @@ class RewardWorker:
             from rlhf.rewards import load_reward_function
 
             self.fn = load_reward_function(function)
+        if metrics is not None:
+            from rlhf.rewards import load_reward_function
+
+            self.metrics_fn = load_reward_function(metrics)
 
     @torch.no_grad()
     def score(self, batch: dict, prompts: list[list[int]], responses: list[list[int]],
@@ -243,6 +248,12 @@ class RewardWorker:
         ptxt = self.tok.batch_decode(prompts, skip_special_tokens=False)
         rtxt = self.tok.batch_decode(responses, skip_special_tokens=True)
         return torch.tensor(self.fn(ptxt, rtxt, finished), dtype=torch.float32)
+
+    def gold_metrics(self, prompts: list[list[int]], responses: list[list[int]], finished: list[bool]) -> dict:
+        """``reward.metrics`` on the decoded texts (decoded as for rule-based rewards)."""
+        ptxt = self.tok.batch_decode(prompts, skip_special_tokens=False)
+        rtxt = self.tok.batch_decode(responses, skip_special_tokens=True)
+        return {k: float(v) for k, v in self.metrics_fn(ptxt, rtxt, finished).items()}
 
     def pid(self) -> int:
         return os.getpid()
