@@ -6,7 +6,8 @@ skipped) and its resolved ``config.yaml`` (legend label and detector thresholds)
     reward_buckets.png   reward against step per length bucket, runs overlaid (BAI Figs. 2, 6, 7)
     reward.png           batch reward with the hockey-stick onset / trough / recovery marked
     length.png           mean response length with a +-std band, collapse marked (Figs. 3a, 4)
-    kl.png               KL training-vs-sampling policy, to the reference, rollout-vs-trainer (Figs. 3c, 5)
+    kl.png               KL training-vs-sampling policy, to the reference, rollout-vs-trainer (Figs. 3c, 5),
+                         with the length-collapse and reward-decline onsets marked
     summary.md           per run: final reward, minimum length, collapse and hockey-stick verdicts
 
 into ``--out`` (built in a temporary sibling directory, then renamed into place; an existing
@@ -162,20 +163,20 @@ def _plot_line(ax, st, vals, color, label, cfg: StabilityConfig):
     ax.plot(st, rolling_median(vals, cfg.smooth_window), color=color, lw=1.6, label=label)
 
 
-def _mark(ax, step, color, style, text=None):
+def _mark(ax, step, color, style, text=None, side="right"):
     if step is None:
         return
     ax.axvline(step, color=color, ls=style, lw=1.0, alpha=0.8)
     if text:
         ax.annotate(text, (step, 1.0), xycoords=("data", "axes fraction"), fontsize=7, color=color,
-                    rotation=90, va="top", ha="right")
+                    rotation=90, va="top", ha=side)
 
 
 def _mark_hockey(ax, v, color, annotate=True):
     if v is None or v.onset_step is None:
         return
     _mark(ax, v.onset_step, color, ":", "decline" if annotate else None)
-    _mark(ax, v.trough_step, color, "--", "trough" if annotate else None)
+    _mark(ax, v.trough_step, color, "--", "trough" if annotate else None, side="left")
     _mark(ax, v.recovery_step, color, "-.", "recovered" if annotate else None)
 
 
@@ -272,6 +273,9 @@ def plot_kl(runs: list[Run], path: Path) -> None:
             st, vals = run.series(key)
             if st.size:
                 ax.plot(st, vals, color=c, lw=1.2, label=run.label)
+            first = ax is axes.flat[0]
+            _mark(ax, run.verdicts["length_collapse"].onset_step, c, ":", "collapse" if first else None)
+            _mark(ax, run.verdicts["hockey_stick"].onset_step, c, "--", "decline" if first else None, side="left")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         ax.set_ylabel(key)
