@@ -42,15 +42,14 @@ def bai_sweep(base: Tensor, sfts: Sequence[Tensor], weights: Sequence[float],
               alphas: Sequence[float]) -> Iterator[Tensor]:
     """Yield ``bai(base, sfts, weights, a)`` for every ``a`` in ``alphas``, computing stage 1 once.
 
-    ``S = sum_i w_i sft_i`` and ``D = base - S`` are formed once; each output is ``S + a * D``
-    (= a * base + (1 - a) * S). Yielded tensors share one buffer: use each before the next.
-    ``base`` is overwritten with D (pass a scratch copy if you need it afterwards).
+    ``S = sum_i w_i sft_i`` is formed once; each output is ``lerp(S, base, a)`` =
+    a * base + (1 - a) * S (torch's lerp is exact at both ends: a = 1 returns the base itself).
+    Yielded tensors share one buffer: use each before the next.
     """
     s = linear(sfts, weights)
-    d = base.sub_(s)
     out = torch.empty_like(s)
     for a in alphas:
-        yield torch.add(s, d, alpha=a, out=out)
+        yield torch.lerp(s, base, a, out=out)
 
 
 def task_arithmetic(base: Tensor, xs: Sequence[Tensor], weights: Sequence[float], lam: float = 1.0) -> Tensor:
