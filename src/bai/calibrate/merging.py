@@ -4,9 +4,9 @@ LoRA SFT: M_sft = M + dW, so M_a = M + a dW. Candidates are evaluated by scaling
 by a (peft ``rescale_adapter_scale``, exact for plain LoRA, "wise-ft"); no merged weights are
 materialised. Only the chosen model is written, as a full Hugging Face checkpoint.
 
-Full SFT: candidates are interpolated in memory parameter by parameter (fp32 arithmetic); the
-chosen model is written through ``bai.merge`` (streaming, ``method: linear`` with weights
-[1 - a, a]) when that module is available, otherwise from the in-memory interpolation.
+Full SFT: candidates are interpolated in memory, M + a (M_sft - M) in float32 from copies of M
+and the delta held on the CPU (no checkpoint written per probe); the chosen model is written by
+streaming through ``bai.merge`` (``method: linear`` with weights [1 - a, a]).
 """
 
 from __future__ import annotations
@@ -99,29 +99,15 @@ def _config_dtype(model_path: str) -> str:
     return name if name in ("float32", "bfloat16", "float16") else "float32"
 
 
-def _bai_merge():
-    """``bai.merge.merge(config, out, force=False)`` if the merge module is present, else None."""
-    try:
-        import bai.merge as m
-    except ImportError:
-        return None
-    fn = getattr(m, "merge", None)
-    return fn if callable(fn) else None
-
-
 def write_full_merge(model_path: str, sft_path: str | Path, sft_weight: float, out: Path) -> Path:
-    """Write M_a for a full SFT: through ``bai.merge`` when available, else interpolated in memory."""
-    from transformers import AutoTokenizer
+    """Write M_a for a full SFT by streaming through ``bai.merge`` (``method: linear``, weights [1 - a, a]).
 
-    merge = _bai_merge()
-    recipe = {"method": "linear", "models": [{"path": str(model_path), "weight": 1.0 - float(sft_weight)},
-                                             {"path": str(sft_path), "weight": float(sft_weight)}]}
-    if merge is not None:
-        merge(recipe, str(out), force=False)
-        return out
-    interp = FullInterpolator(model_path, sft_path, "cpu", _config_dtype(model_path))
-    tmp = _tmp_sibling(out)
-    interp.at(sft_weight).save_pretrained(str(tmp), safe_serialization=True)
-    AutoTokenizer.from_pretrained(model_path, local_files_only=True).save_pretrained(str(tmp))
-    tmp.rename(out)
+    The output keeps the original checkpoint's dtype (``bai.merge`` accumulates in float32).
+    """
+    from bai.merge import merge
+
+    recipe = {"method": "linear", "dtype": _config_dtype(model_path),
+              "models": [{"path": str(model_path), "weight": 1.0 - float(sft_weight)},
+                         {"path": str(sft_path), "weight": float(sft_weight)}]}
+    merge(recipe, str(out), force=False)
     return out
