@@ -55,10 +55,17 @@ def resolve_models(cfg: PPOConfig, run_dir: Path):
     if m.bai_recipe is not None:
         actor = str(run_dir / "models" / "bai_actor")
         if not Path(actor).exists():
-            import bai
+            from bai.config import MergeError, load_config as load_merge_config
+            from bai.merge import merge
 
-            shutil.copy(m.bai_recipe, run_dir / "bai_recipe.yaml")
-            bai.merge(m.bai_recipe, actor)
+            try:
+                if load_merge_config(m.bai_recipe).sweep:
+                    raise ConfigError(f"model.bai_recipe: {m.bai_recipe} is a sweep; PPO needs one merge "
+                                      "(`rlhf sweep` runs one PPO job per ratio)")
+                merge(m.bai_recipe, actor)
+            except MergeError as e:
+                raise ConfigError(f"model.bai_recipe: {e}") from e
+            shutil.copy(m.bai_recipe, run_dir / "bai_recipe.yaml")  # the run records its recipe
     elif actor == "tiny":
         actor = str(run_dir / "models" / "tiny_actor")
         if not Path(actor).exists():
@@ -155,7 +162,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
 
     from rlhf.algo import adaptive_kl_coef, gae, masked_whiten, token_rewards, truncated_is_weights
     from rlhf.engines.base import SamplingParams
-    from rlhf.metrics.batch import ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, reduce_update_stats
+    from rlhf.metrics import ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, reduce_update_stats
     from rlhf.workers.batch import collate
 
     p, r = cfg.ppo, cfg.rollout
@@ -337,8 +344,7 @@ def train(cfg: PPOConfig, resume: bool = False) -> Path:
     probe_ids = prompt_ids[:cfg.trainer.num_probes]
 
     if not ray.is_initialized():
-        ray.init(address=cfg.cluster.address, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled"}})
+        ray.init(address=cfg.cluster.address, include_dashboard=False, log_to_driver=False)
     state = LoopState(step=0, sampler=PromptSampler(len(prompt_ids), cfg.seed), kl_coef=cfg.ppo.kl_coef,
                       monitor=StabilityMonitor(cfg.metrics))
     restarts, w, logger = 0, None, None
@@ -350,14 +356,14 @@ def train(cfg: PPOConfig, resume: bool = False) -> Path:
                 if ckpt is not None:
                     restore(w, state, ckpt)
                     sync_weights(w)
-                logger = MetricLogger(run_dir, resume_step=state.step if ckpt is not None else None)
+                logger = MetricLogger(run_dir, resume_step=state.step if ckpt is not None else None,
+                                      monitor=state.monitor)
                 bar = tqdm(total=cfg.trainer.total_steps, initial=state.step, desc="ppo", unit="step")
                 while state.step < cfg.trainer.total_steps:
                     metrics = ppo_step(cfg, w, state, prompt_ids, tok.pad_token_id)
                     if cfg.trainer.probe_every and state.step % cfg.trainer.probe_every == 0:
                         metrics.update(probe_step(cfg, w, probe_ids, run_dir, state.step, tok))
-                    metrics.update(state.monitor.update(state.step, metrics) or {})
-                    logger.log(state.step, metrics)
+                    metrics = logger.log(state.step, metrics)  # the monitor adds stability/*
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/length_mean']:.1f}")
                     k = cfg.trainer.save_every

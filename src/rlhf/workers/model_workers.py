@@ -19,7 +19,7 @@ import torch
 from rlhf.workers.batch import response_slice, select_rows
 
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-              "TRANSFORMERS_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+              "TRANSFORMERS_OFFLINE": "1"}
 
 
 def _threads(n: int) -> None:
