@@ -46,11 +46,24 @@ def short_answer(prompts: list[str], responses: list[str], finished: list[bool])
     return [(1.0 if f else 0.0) - 0.01 * len(r) for r, f in zip(responses, finished)]
 
 
+_CALLS = {"n": 0}
+
+
 def crash_once(prompts: list[str], responses: list[str], finished: list[bool]) -> list[float]:
-    """Fault injection for restart tests: kills its worker process the first time it runs after
-    the file ``CRASH_MARKER`` appears (deleting the file); otherwise ``digit_ratio``."""
-    marker = CRASH_MARKER
-    if os.path.exists(marker):
-        os.remove(marker)
+    """Fault injection for restart tests, otherwise ``digit_ratio``: when the file ``CRASH_MARKER``
+    exists and holds N, the N-th call in this process deletes the file and kills the process."""
+    _CALLS["n"] += 1
+    try:
+        with open(CRASH_MARKER) as f:
+            n = int(f.read().strip() or 1)
+    except (FileNotFoundError, ValueError):
+        n = None
+    if n is not None and _CALLS["n"] >= n:
+        os.remove(CRASH_MARKER)
         os._exit(1)
     return digit_ratio(prompts, responses, finished)
+
+
+def nan_reward(prompts: list[str], responses: list[str], finished: list[bool]) -> list[float]:
+    """Fault injection: NaN scores (the trainer must stop with a clear error, keeping its checkpoint)."""
+    return [float("nan")] * len(responses)

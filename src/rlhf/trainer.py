@@ -194,6 +194,8 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     t2 = time.perf_counter()
 
     # 3. rewards and advantages (driver side, pure math)
+    if not bool(torch.isfinite(raw_scores).all()):
+        raise FloatingPointError(f"non-finite reward scores at step {step + 1}: {raw_scores.tolist()[:8]}")
     scores = raw_scores.clamp(-cfg.reward.clip, cfg.reward.clip)
     scores = scores - cfg.reward.missing_eos_penalty * (~finished).float()
     if cfg.reward.normalize and B > 1:
@@ -371,6 +373,9 @@ def train(cfg: PPOConfig, resume: bool = False) -> Path:
                         save_checkpoint(cfg, w, state, run_dir, tok)
                 bar.close()
                 return run_dir
+            except FloatingPointError as e:
+                ckpt = latest_checkpoint(run_dir)
+                raise RuntimeError(f"stopping: {e}; the last checkpoint ({ckpt or 'none yet'}) is kept") from None
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.ActorDiedError) as e:
                 restarts += 1

@@ -1,0 +1,64 @@
+"""The PPO config tree: defaults, dotted overrides, one clear error per bad key."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from rlhf.config import DEFAULT_CONFIG, REPO_ROOT, ConfigError, load_config, save_config
+
+
+def test_default_config_loads_and_round_trips(tmp_path):
+    cfg = load_config()
+    assert cfg.model.actor == "tiny" and cfg.reward.function
+    save_config(cfg, tmp_path / "c.yaml")
+    again = load_config(tmp_path / "c.yaml")
+    assert again == cfg
+
+
+def test_paper_template_loads():
+    cfg = load_config(REPO_ROOT / "configs" / "ppo" / "bai_olmoe_8x8.yaml", check_paths=False)
+    assert cfg.ppo.rollout_batch_size == 4096 and cfg.ppo.mini_batch_size == 512
+    assert cfg.optim.actor_lr == cfg.optim.critic_lr == 1e-6
+    assert cfg.ppo.lam_actor == 0.95 and cfg.ppo.gamma == 1.0
+    assert cfg.cluster.actor_workers * cfg.cluster.critic_workers > 1
+
+
+def test_dotted_overrides_parse_yaml_scalars():
+    cfg = load_config(None, ["trainer.total_steps=50", "optim.actor_lr=1e-4", "ppo.dual_clip=3",
+                             "reward.function=rlhf.rewards:short_answer", "ppo.kl_target=null"])
+    assert cfg.trainer.total_steps == 50 and cfg.optim.actor_lr == 1e-4
+    assert cfg.ppo.dual_clip == 3.0 and cfg.reward.function.endswith("short_answer") and cfg.ppo.kl_target is None
+
+
+@pytest.mark.parametrize("override, key", [
+    ("trainer.totl_steps=5", "trainer.totl_steps"),
+    ("nonsense=1", "nonsense"),
+    ("ppo.clip_low=abc", "ppo.clip_low"),
+    ("trainer.total_steps=1.5", "trainer.total_steps"),
+    ("ppo.mini_batch_size=5", "ppo.mini_batch_size"),
+    ("ppo.micro_batch_size=3", "ppo.micro_batch_size"),
+    ("deepspeed.zero_stage=4", "deepspeed.zero_stage"),
+    ("model.critic=/does/not/exist", "model.critic"),
+    ("data.path=/does/not/exist.jsonl", "data.path"),
+    ("reward.model=/does/not/exist", "reward"),
+    ("ppo.kl_kind=k9", "ppo.kl_kind"),
+])
+def test_bad_values_name_the_key(override, key):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(key), str(e.value)
+
+
+def test_unknown_key_in_file_is_named(tmp_path):
+    data = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    data["ppo"]["gae_lambda"] = 0.9
+    p = tmp_path / "bad.yaml"
+    p.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=r"^ppo.gae_lambda: unknown key"):
+        load_config(p)
+
+
+def test_missing_config_file(tmp_path):
+    with pytest.raises(ConfigError, match="config: file does not exist"):
+        load_config(tmp_path / "nope.yaml")
