@@ -70,8 +70,8 @@ class VLLMEngineConfig:
     """GPUs per engine (vLLM tensor parallelism). Must be 1 on CPU."""
     dtype: str = "auto"
     """vLLM dtype ("auto" follows the checkpoint; "float32" for exact CPU comparisons)."""
-    max_model_len: int = 4096
-    """Longest prompt + response an engine accepts."""
+    max_model_len: int | None = None
+    """Longest prompt + response an engine accepts (None: the model's own limit)."""
     gpu_memory_utilization: float = 0.5
     """Fraction of each GPU vLLM may take (weights + KV cache); lower it when roles share GPUs."""
     cpu_kv_cache_gb: int = 1
@@ -137,7 +137,10 @@ class VLLMEngineActor:
         )
         if self.tp > 1:
             kwargs["distributed_executor_backend"] = "ray"
-        self.llm = LLM(**kwargs)
+        try:
+            self.llm = LLM(**kwargs)
+        except Exception as e:  # vLLM's pydantic errors do not pickle: pass the message on
+            raise RuntimeError(f"vLLM engine {engine_index} failed to start: {e}") from None
 
     def info(self) -> dict:
         import vllm
@@ -266,3 +269,13 @@ class VLLMRolloutEngine:
         for a in self.actors:
             ray.kill(a)
         self.actors = []
+
+
+def make_engine(model_path: str, **overrides) -> VLLMRolloutEngine:
+    """The factory the trainer's ``RolloutWorker`` calls for ``rollout.engine: vllm``.
+
+    ``overrides`` are ``VLLMEngineConfig`` fields (e.g. ``num_engines``, ``tensor_parallel_size``,
+    ``num_gpus``). Engine actors reserve no CPU by default so they never wait on the CPUs the
+    run's placement groups already hold.
+    """
+    return VLLMRolloutEngine(VLLMEngineConfig(model=str(model_path), **{"num_cpus": 0.0, **overrides}))
