@@ -1,0 +1,111 @@
+"""Placement plans, and the plan realised on a simulated 8 nodes x 8 GPUs Ray cluster."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from rlhf.config import load_config
+from rlhf.placement import (ROLES, PlacementError, RoleGroup, PlacementSpec, create_placement_groups, make_plan,
+                            scheduling, spec_from_dict, spec_from_ppo_config)
+
+SPLIT = PlacementSpec(nodes=8, gpus_per_node=8, vllm_tp=2, zero_stage=3, cpus_per_gpu=1.0, groups=[
+    RoleGroup(["actor", "reference"], 16), RoleGroup(["critic", "reward"], 16), RoleGroup(["rollout"], 32)])
+
+
+def test_colocate_all_paper_layout():
+    plan = make_plan(PlacementSpec(vllm_tp=2))
+    assert plan.nodes_used == 8 and plan.vllm_engines == 32
+    for role in ROLES:
+        slots = plan.of(role)
+        assert len(slots) == 64 and {(s.node, s.gpu) for s in slots} == {(n, g) for n in range(8) for g in range(8)}
+    assert sorted(plan.roles_on(5, 3)) == sorted(ROLES)
+    assert all(abs(s.share - 0.2) < 1e-12 for s in plan.slots)
+    for e in range(32):
+        shards = plan.engine_slots(e)
+        assert len({s.node for s in shards}) == 1 and [s.gpu for s in shards] == [2 * e % 8, 2 * e % 8 + 1]
+    assert "rollout x32 engines (TP 2)" in plan.describe()
+
+
+def test_split_layout_and_errors():
+    plan = make_plan(SPLIT)
+    assert {s.node for s in plan.of("actor")} == {0, 1} and {s.node for s in plan.of("critic")} == {2, 3}
+    assert {s.node for s in plan.of("rollout")} == {4, 5, 6, 7} and plan.vllm_engines == 16
+    assert plan.roles_on(1, 7) == ["actor", "reference"] and plan.of("actor")[0].share == 0.5
+    assert plan.of("rollout")[0].share == 1.0
+    bad = [
+        (dict(groups=[{"roles": ["actor"], "gpus": 8}]), "role 'rollout' is not placed"),
+        (dict(groups=[{"roles": ["actor", "rollout", "actor"], "gpus": 8}]), "already placed"),
+        (dict(groups=[{"roles": ["actor", "rollout"], "gpus": 72}]), "72 GPUs requested"),
+        (dict(groups=[{"roles": ["actor"], "gpus": 3}, {"roles": ["rollout"], "gpus": 4}], vllm_tp=2),
+         "straddle"),
+        (dict(vllm_tp=3), "placement.vllm_tp"),
+        (dict(groups=[{"roles": ["actor", "rollout", "judge"], "gpus": 8}]), "unknown role 'judge'"),
+        (dict(gpu_count=3), "placement.gpu_count: unknown key"),
+    ]
+    for data, msg in bad:
+        with pytest.raises(PlacementError, match=msg):
+            make_plan(spec_from_dict(data))
+
+
+def test_spec_from_trainer_config():
+    cfg = load_config(None, ["cluster.actor_workers=2", "cluster.critic_workers=2", "ppo.micro_batch_size=4"])
+    plan = make_plan(spec_from_ppo_config(cfg))
+    assert plan.world_size("actor") == 2 and plan.vllm_engines == 2 and plan.nodes_used == 1
+    cfg = load_config(None, ["cluster.colocate=false"])
+    plan = make_plan(spec_from_ppo_config(cfg, gpus_per_node=8))
+    assert [plan.of(r)[0].gpu for r in ROLES] == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.slow
+def test_plan_lands_on_simulated_8x8_cluster():
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 8, "num_gpus": 8, "include_dashboard": False})
+    try:
+        for _ in range(7):
+            cluster.add_node(num_cpus=8, num_gpus=8)
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        cluster.wait_for_nodes()
+        assert ray.cluster_resources()["GPU"] == 64
+
+        plan = make_plan(SPLIT)
+        pgs = create_placement_groups(plan)
+        from ray.util.placement_group import placement_group_table
+
+        # every node placement group sits on one node, and they are 8 different nodes
+        pg_node = []
+        for pg in pgs:
+            nodes = set(placement_group_table(pg)["bundles_to_node_id"].values())
+            assert len(nodes) == 1
+            pg_node.append(nodes.pop())
+        assert len(set(pg_node)) == 8
+
+        @ray.remote
+        def probe():
+            return (ray.get_runtime_context().get_node_id(), [int(g) for g in ray.get_gpu_ids()],
+                    os.environ.get("CUDA_VISIBLE_DEVICES"))
+
+        # one probe per GPU, in the bundle of the first slot the plan puts there (waves of one per node)
+        first = {}
+        for s in plan.slots:
+            first.setdefault((s.node, s.gpu), s)
+        for gpu in range(8):
+            wave = [first[(n, gpu)] for n in range(8)]
+            got = ray.get([probe.options(**scheduling(pgs, s, num_cpus=0.5)).remote() for s in wave])
+            for s, (node_id, gpu_ids, visible) in zip(wave, got):
+                assert node_id == pg_node[s.node], s
+                assert gpu_ids == [s.gpu] and visible == str(s.gpu), (s, gpu_ids, visible)
+        # a vLLM engine's TP shards share a node, on consecutive GPU ids
+        for e in range(plan.vllm_engines):
+            shards = plan.engine_slots(e)
+            got = ray.get([probe.options(**scheduling(pgs, s, num_cpus=0.5)).remote() for s in shards])
+            assert len({g[0] for g in got}) == 1 and [g[1][0] for g in got] == [s.gpu for s in shards]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
