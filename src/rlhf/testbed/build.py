@@ -62,17 +62,17 @@ class BuildSpec:
     """largest addend digit count (15 with ``verify`` gives the long-trace variant)"""
     verify: bool = False
     """long-trace variant: reasoning traces also re-derive the first addend by subtraction"""
-    base_examples: int = 96_000
+    base_examples: int = 48_000
     """direct-answer examples for base pretraining (one epoch)"""
-    base_lr: float = 2e-3
+    base_lr: float = 3e-3
     """base pretraining learning rate (from scratch)"""
-    sft_examples: int = 16_000
+    sft_examples: int = 9_600
     """examples per SFT model (instruct, reasoning, mix)"""
-    sft_lr: float = 3e-4
+    sft_lr: float = 5e-4
     """SFT learning rate; small so the SFT models stay linearly connected to the base"""
     mix_empty_fraction: float = 0.1
     """fraction of empty-trace examples in the mix SFT data"""
-    rm_pairs: int = 6_000
+    rm_pairs: int = 4_000
     """reward-model training pairs (short answers only)"""
     rm_lr: float = 3e-4
     """reward-model learning rate"""
@@ -80,11 +80,11 @@ class BuildSpec:
     """passes over the reward-model pairs"""
     batch_size: int = 64
     """examples (pairs for the reward model) per optimizer step"""
-    eval_problems: int = 128
+    eval_problems: int = 64
     """held-out problems for evaluation and merge sweeps"""
     ppo_prompts: int = 4096
     """held-out prompts written for PPO"""
-    sweep: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    sweep: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75])
     """interior weights of the first model of each pair along a connectivity sweep"""
     max_dip: float = 0.2
     """largest allowed dip below the straight line (accuracy, think rate)"""
@@ -390,7 +390,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
     ap.add_argument("--no-connectivity", action="store_true", help="skip the merge sweeps")
     ap.add_argument("--force", action="store_true", help="rebuild a cache made with a different spec")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is usually fastest)")
     args = ap.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     kw = dict(SMALL) if args.small else {}
     if args.long:
         kw.update(min_digits=8, max_digits=15, verify=True)
