@@ -77,3 +77,17 @@ def test_cli_reports_one_clear_error(base, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "search.rho_min" in err and "Traceback" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_shipped_configs_validate(base):
+    from pathlib import Path
+
+    files = sorted(Path(__file__).resolve().parents[2].joinpath("configs", "calibrate").glob("*.yaml"))
+    assert len(files) == 8
+    presets = set()
+    for f in files:
+        raw = {**yaml.safe_load(f.read_text()), **base}
+        cfg = load_config(raw, str(f))
+        presets.add(cfg.sft.preset)
+        assert "{input}" in cfg.prompt_template
+    assert presets - {None} == set(TABLE2_PRESETS)
