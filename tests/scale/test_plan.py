@@ -1,0 +1,107 @@
+"""`rlhf plan`: the paper's MoE on 8 x 8 80 GB GPUs, failure cases, and the tiny CPU run measured."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from rlhf import plan as P
+from rlhf.placement import PlacementError, RoleGroup
+
+PAPER = Path(__file__).resolve().parents[2] / "configs" / "plan" / "paper_moe_8x8.yaml"
+
+
+def test_paper_moe_fits_on_8x8_80gb():
+    inp = P.load_plan_input(PAPER)
+    assert inp.model.total_params_b == 25 and inp.model.active_params_b == 2.5
+    res = P.plan(inp)
+    assert res.fits, res.problems
+    actor = next(m for m in res.per_gpu["node0/gpu0"] if m.role == "actor")
+    # ZeRO-3 over 64 GPUs: AdamW states 12 bytes x 25e9 / 64
+    assert actor.optimizer == pytest.approx(12 * 25e9 / 64)
+    assert actor.grads == pytest.approx(2 * 25e9 / 64)
+    assert res.vllm["engines"] == 32 and res.vllm["concurrency"] >= 1
+    assert max(res.peak_gb.values()) <= res.usable_gb
+    st = res.step_time_s
+    assert st["total"] == pytest.approx(st["decode"] + st["prefill"] + st["train"] + st["sync"])
+    assert 0 < st["train"] < st["total"]
+
+
+def test_paper_moe_does_not_fit_without_sharding():
+    inp = P.load_plan_input(PAPER)
+    inp.placement.zero_stage = 0  # 16 bytes x 25e9 params on every GPU
+    res = P.plan(inp)
+    assert not res.fits and "training phase needs" in res.problems[0]
+    inp = P.load_plan_input(PAPER)
+    inp.placement.vllm_tp = 1  # 50 GB of vLLM weights in 0.6 x 72 GB: no room for KV
+    res = P.plan(inp)
+    assert not res.fits and any("leave no KV cache" in p for p in res.problems)
+
+
+def test_split_placement_and_time_scaling():
+    inp = P.load_plan_input(PAPER)
+    inp.placement.groups = [RoleGroup(["actor", "reference"], 24), RoleGroup(["critic", "reward"], 24),
+                            RoleGroup(["rollout"], 16)]
+    res = P.plan(inp)
+    assert set(res.per_gpu) == {"node0/gpu0", "node3/gpu0", "node6/gpu0"}
+    assert res.vllm["engines"] == 8
+    fast = P.plan(dataclasses.replace(inp, gpu=dataclasses.replace(inp.gpu, bf16_tflops=2 * inp.gpu.bf16_tflops)))
+    assert fast.step_time_s["train"] == pytest.approx(res.step_time_s["train"] / 2)
+    assert res.step_time_s["sync"] > 0.1  # placed apart: weights cross the inter-node link
+
+
+def test_training_state_matches_measured_tiny_run(tiny_llama):
+    """Weights + grads + AdamW states of the tiny CPU actor, measured after one real step."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    params = [p for p in model.parameters()]
+    measured_w = sum(p.numel() * p.element_size() for p in params)
+    measured_g = sum(p.grad.numel() * p.grad.element_size() for p in params)
+    measured_o = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                     if torch.is_tensor(t) and t.dim() > 0)
+    n = sum(p.numel() for p in params)
+    w, g, o = P.training_state_bytes(n, "fp32", zero_stage=0, n=1)
+    assert (w, g, o) == (measured_w, measured_g, measured_o)
+    w2, g2, o2 = P.training_state_bytes(n, "fp32", zero_stage=2, n=2)
+    assert (w2, g2, o2) == (measured_w, measured_g / 2, measured_o / 2)
+
+
+def test_cli(tmp_path, capsys):
+    assert P.main([str(PAPER)]) == 0
+    out = capsys.readouterr().out
+    assert "FITS" in out and "rollout x32 engines" in out and "step time (roofline)" in out
+    data = yaml.safe_load(PAPER.read_text())
+    data["placement"]["zero_stage"] = 0
+    bad = tmp_path / "z0.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    assert P.main([str(bad), "--json"]) == 1
+    assert '"fits": false' in capsys.readouterr().out
+    data["workload"]["micro_batch"] = 2
+    bad.write_text(yaml.safe_dump(data))
+    assert P.main([str(bad)]) == 2
+    assert "workload.micro_batch: unknown key" in capsys.readouterr().err
+    with pytest.raises(PlacementError, match="does not exist"):
+        P.load_plan_input(tmp_path / "missing.yaml")
+
+
+def test_plan_from_trainer_config(tmp_path):
+    ppo = Path(__file__).resolve().parents[2] / "configs" / "ppo" / "tiny_cpu.yaml"
+    f = tmp_path / "tiny_plan.yaml"
+    f.write_text(yaml.safe_dump({
+        "ppo_config": str(ppo), "gpu": {"name": "A100-40GB"},
+        "placement": {"nodes": 1, "gpus_per_node": 1,
+                      "groups": [{"roles": ["actor", "critic", "reference", "reward", "rollout"], "gpus": 1}]},
+        "model": {"total_params_b": 0.0001, "layers": 2, "hidden": 64, "kv_heads": 2, "head_dim": 32, "vocab": 384}}))
+    inp = P.load_plan_input(f)
+    assert inp.workload.rollout_batch_size == 16 and inp.workload.precision == "fp32"
+    assert inp.placement.zero_stage == 0 and inp.workload.response_len_max == 12
+    assert P.plan(inp).fits
