@@ -167,6 +167,10 @@ def validate_config(cfg: SFTConfig, where: str = "sft", *, need_paths: bool = Tr
     for ok, key, msg in checks:
         if not ok:
             raise ValueError(f"{where}.{key}: {msg}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cfg.batch_size % (cfg.micro_batch_size * world):
+        raise ValueError(f"{where}.batch_size: {cfg.batch_size} is not a multiple of micro_batch_size x world size "
+                         f"({cfg.micro_batch_size} x {world})")
     if not need_paths:
         return
     for key in ("model", "data", "out"):
@@ -356,9 +360,6 @@ def add_lora(model, lora: LoraSettings):
 
 def _ds_config(cfg: SFTConfig, world: int) -> dict:
     per_step = cfg.micro_batch_size * world
-    if cfg.batch_size % per_step:
-        raise ValueError(f"sft.batch_size: {cfg.batch_size} is not a multiple of micro_batch_size x world size "
-                         f"({cfg.micro_batch_size} x {world})")
     return {
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
