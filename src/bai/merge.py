@@ -203,54 +203,107 @@ def _nonfinite_error(p: Plan, t: OutTensor, start: int, n: int) -> MergeError | 
     return None
 
 
+def _chunks(p: Plan, elementwise: bool) -> list[tuple[int, OutTensor, int, int]]:
+    """(shard index, tensor, first element, element count) of every chunk, in output order."""
+    out = []
+    for si, shard in enumerate(p.shards):
+        for t in shard:
+            step = CHUNK_ELEMS if elementwise else max(t.numel, 1)
+            out += [(si, t, start, min(step, t.numel - start)) for start in range(0, t.numel, step)]
+    return out
+
+
 def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
-    """Write the weight shards and index of every output directory in one pass over the inputs."""
+    """Write the weight shards and index of every output directory in one pass over the inputs.
+
+    Three stages overlap: a reader thread fills the next chunk's input buffers while the main
+    thread computes the current one and a writer thread appends the previous results to the open
+    shards (preadv, torch kernels and file writes all release the GIL). Compute uses one torch
+    thread: the work is bandwidth-bound, and OpenMP teams on busy shared cores stall badly.
+    Whole-tensor methods (TIES, DARE, SLERP) run without read-ahead to keep one tensor per input.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     combine = _combiner(p.cfg)
     elementwise = p.cfg.method in ELEMENTWISE
+    chunks = _chunks(p, elementwise)
     all_t = [t for s in p.shards for t in s]
-    cap = CHUNK_ELEMS if elementwise else max((t.numel for t in all_t), default=1)
+    cap = max((n for *_, n in chunks), default=1)
     itemsize = max(i.dtype.itemsize for ck in p.ckpts for i in ck.tensors.values())
-    raw = [torch.empty(cap * itemsize, dtype=torch.uint8) for _ in p.ckpts]
+    depth = 2 if elementwise else 1
+    raw = [[torch.empty(cap * itemsize, dtype=torch.uint8) for _ in p.ckpts] for _ in range(depth)]
+    outb = [[torch.empty(cap * itemsize, dtype=torch.uint8) for _ in out_dirs] for _ in range(depth)]
     f32 = [torch.empty(cap, dtype=torch.float32) for _ in p.ckpts]
-    outbuf = torch.empty(cap * itemsize, dtype=torch.uint8)
     names = [f"model-{i + 1:05d}-of-{len(p.shards):05d}.safetensors" for i in range(len(p.shards))]
     slow = float(os.environ.get("BAI_MERGE_SLOWDOWN_S", "0") or 0)
     reader = Reader()
+    sink: dict = {"shard": -1, "writers": []}
+
+    def advance(to: int) -> None:          # writer thread: close shards up to ``to``, open ``to``
+        while sink["shard"] < to:
+            for w in sink["writers"]:
+                w.close()
+            sink["shard"] += 1
+            sink["writers"] = [] if sink["shard"] >= len(p.shards) else [
+                ShardWriter(d / names[sink["shard"]], [(t.name, t.dtype, t.shape) for t in p.shards[sink["shard"]]])
+                for d in out_dirs]
+
+    def write(si: int, outs: list[Tensor]) -> None:
+        advance(si)
+        for w, o in zip(sink["writers"], outs):
+            w.write(o)
+
+    def read(j: int) -> list[Tensor]:
+        _, t, start, n = chunks[j]
+        return [reader.read(ck, src, start, n, b) for ck, src, b in zip(p.ckpts, t.sources, raw[j % depth])]
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     bar = tqdm(total=p.in_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                desc=f"bai merge ({p.cfg.method}, {len(out_dirs)} output{'s' * (len(out_dirs) > 1)})")
     try:
-        for shard, fname in zip(p.shards, names):
-            writers = [ShardWriter(d / fname, [(t.name, t.dtype, t.shape) for t in shard]) for d in out_dirs]
-            for t in shard:
-                step = CHUNK_ELEMS if elementwise else max(t.numel, 1)
-                for start in range(0, t.numel, step):
-                    n = min(step, t.numel - start)
-                    views = [reader.read(ck, src, start, n, b) for ck, src, b in zip(p.ckpts, t.sources, raw)]
-                    if not t.floating:
-                        for w in writers:
-                            w.write(views[0])
-                        continue
+        with ThreadPoolExecutor(1) as rpool, ThreadPoolExecutor(1) as wpool:
+            pending = [None] * depth
+            nxt = rpool.submit(read, 0) if chunks else None
+            for j, (si, t, start, n) in enumerate(chunks):
+                views = nxt.result()
+                if depth > 1 and j + 1 < len(chunks):
+                    nxt = rpool.submit(read, j + 1)
+                if pending[j % depth] is not None:
+                    pending[j % depth].result()          # its output buffers are free again
+                outs = [b[:n * t.dtype.itemsize].view(t.dtype) for b in outb[j % depth]]
+                if not t.floating:
+                    ys: Iterable[Tensor] = [views[0]] * len(outs)
+                else:
                     xs = [v if v.dtype == torch.float32 else f32[i][:n].copy_(v) for i, v in enumerate(views)]
                     if not elementwise:
                         xs = [x.view(t.shape) for x in xs]
                         if not all(bool(torch.isfinite(x.sum())) for x in xs):
                             raise _nonfinite_error(p, t, start, n) or MergeError(
                                 f"tensor {t.name!r}: overflow while checking values")
-                    for k, (w, y) in enumerate(zip(writers, combine(xs, t.name))):
-                        if k == 0 and elementwise and not bool(torch.isfinite(y.sum())):
-                            err = _nonfinite_error(p, t, start, n)
-                            if err is not None:
-                                raise err
-                        o = y if y.dtype == t.dtype else outbuf[:n * t.dtype.itemsize].view(t.dtype).copy_(y.reshape(-1))
-                        w.write(o)
-                    bar.update(sum(n * ck.tensors[src].dtype.itemsize for ck, src in zip(p.ckpts, t.sources)))
-                if slow:
+                    ys = combine(xs, t.name)
+                for k, (o, y) in enumerate(zip(outs, ys)):
+                    if k == 0 and elementwise and t.floating and not bool(torch.isfinite(y.sum())):
+                        err = _nonfinite_error(p, t, start, n)
+                        if err is not None:
+                            raise err
+                    o.copy_(y.reshape(-1))
+                pending[j % depth] = wpool.submit(write, si, outs)
+                if depth == 1 and j + 1 < len(chunks):
+                    nxt = rpool.submit(read, j + 1)
+                bar.update(sum(n * ck.tensors[src].dtype.itemsize for ck, src in zip(p.ckpts, t.sources)))
+                if slow and start + n == t.numel:
                     time.sleep(slow)
-            for w in writers:
-                w.close()
+            for f in pending:
+                if f is not None:
+                    f.result()
+            wpool.submit(advance, len(p.shards)).result()
     finally:
+        for w in sink["writers"]:
+            w._f.close()
+        torch.set_num_threads(threads)
         bar.close()
         reader.close()
     total = sum(t.numel * t.dtype.itemsize for t in all_t)
