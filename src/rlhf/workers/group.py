@@ -16,7 +16,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from rlhf.config import PPOConfig
 from rlhf.engines.deepspeed_engine import EngineSpec
-from rlhf.workers.model_workers import (WORKER_ENV, ActorWorker, CriticWorker, ReferenceWorker, RewardWorker,
+from rlhf.workers.model_workers import (ActorWorker, CriticWorker, ReferenceWorker, RewardWorker,
                                         RolloutWorker)
 
 FROZEN_ROLES = ("reference", "reward", "rollout")
@@ -84,7 +84,6 @@ def _gpu_share(cfg: PPOConfig) -> float:
 def _options(cfg, pgs, place, role, rank):
     gi, bundles = place[role]
     return dict(num_cpus=cfg.cluster.cpus_per_worker, num_gpus=_gpu_share(cfg),
-                runtime_env={"env_vars": dict(WORKER_ENV)},
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pgs[gi], placement_group_bundle_index=bundles[rank]))
 
@@ -98,24 +97,14 @@ def engine_spec(cfg: PPOConfig, lr: float, world: int) -> EngineSpec:
 
 
 def _trainable_group(cls, cfg, pgs, place, role, n, make_args):
-    """Spawn ``n`` ranks of a trainable role sharing one process group (rank 0 picks the port)."""
-    # the port is taken from a short-lived probe on the same bundle as rank 0
-    opts = {**_options(cfg, pgs, place, role, 0), "num_cpus": 0, "num_gpus": 0}
-    probe = PortProbe.options(**opts).remote()
-    addr, port = ray.get(probe.address.remote())
-    ray.kill(probe)
-    return [cls.options(**_options(cfg, pgs, place, role, r)).remote(*make_args(r, n, addr, port))
-            for r in range(n)]
+    """Spawn ``n`` ranks of a trainable role; they rendezvous at a port rank 0 picks on its node."""
+    workers = [cls.options(**_options(cfg, pgs, place, role, r)).remote(*make_args(r, n)) for r in range(n)]
+    return workers
 
 
-@ray.remote
-class PortProbe:
-    """Finds a free TCP port on a node (for a process group's rendezvous)."""
-
-    def address(self):
-        from rlhf.workers.model_workers import free_port
-
-        return free_port()
+def _init_engines(workers: list) -> list:
+    addr, port = ray.get(workers[0].address.remote())
+    return [w.init_engine.remote(addr, port) for w in workers]
 
 
 def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Workers:
@@ -128,18 +117,17 @@ def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Worker
            "value_clip": cfg.ppo.value_clip}
     temp = cfg.rollout.temperature
     actor = _trainable_group(ActorWorker, cfg, pgs, place, "actor", cfg.cluster.actor_workers,
-                             lambda r, n, a, p: (paths.actor, engine_spec(cfg, cfg.optim.actor_lr, n), r, n, a, p,
-                                                 ppo, temp, t))
+                             lambda r, n: (paths.actor, engine_spec(cfg, cfg.optim.actor_lr, n), r, n, ppo, temp, t))
     critic = _trainable_group(CriticWorker, cfg, pgs, place, "critic", cfg.cluster.critic_workers,
-                              lambda r, n, a, p: (paths.critic, engine_spec(cfg, cfg.optim.critic_lr, n), r, n, a,
-                                                  p, ppo, cfg.seed, t))
+                              lambda r, n: (paths.critic, engine_spec(cfg, cfg.optim.critic_lr, n), r, n, ppo,
+                                            cfg.seed, t))
     reference = ReferenceWorker.options(**_options(cfg, pgs, place, "reference", 0)).remote(paths.reference, temp, t)
     reward = RewardWorker.options(**_options(cfg, pgs, place, "reward", 0)).remote(
         paths.tokenizer, cfg.reward.model, cfg.reward.function, t, cfg.reward.metrics)
     rollout = RolloutWorker.options(**_options(cfg, pgs, place, "rollout", 0)).remote(
         cfg.rollout.engine, paths.actor, pad_id, eos_id, t)
     w = Workers(actor=actor, critic=critic, reference=reference, reward=reward, rollout=rollout, groups=pgs)
-    ray.get([x.pid.remote() for x in w.all()])  # surfaces construction errors now
+    ray.get(_init_engines(actor) + _init_engines(critic) + [x.pid.remote() for x in w.all()])  # errors surface now
     return w
 
 

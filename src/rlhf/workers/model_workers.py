@@ -22,8 +22,12 @@ WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HU
               "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _threads(n: int) -> None:
-    torch.set_num_threads(max(1, n))
+def _worker_setup(threads: int) -> None:
+    """Env and torch threads of a worker process (set here, not via a Ray runtime_env, so Ray can
+    reuse its pre-started worker processes)."""
+    for k, v in WORKER_ENV.items():
+        os.environ.setdefault(k, v)
+    torch.set_num_threads(max(1, threads))
 
 
 def _forward_hidden_or_logits(model, batch, **kw):
@@ -90,11 +94,13 @@ class _TrainableBase:
     def address(self) -> tuple[str, int]:
         return free_port()
 
-    def _make_engine(self, model, spec, rank, world, addr, port):
+    def init_engine(self, addr: str, port: int) -> None:
+        """Join the role's process group (rank 0's address) and wrap the model in DeepSpeed."""
         from rlhf.engines.deepspeed_engine import DeepSpeedTrainEngine
 
-        _setup_dist(rank, world, addr, port)
-        self.engine = DeepSpeedTrainEngine(model, spec)
+        _setup_dist(self.rank, self.world, addr, port)
+        self.engine = DeepSpeedTrainEngine(self.model, self.spec)
+        self.model = None
 
     def save_state(self, out_dir: str) -> None:
         self.engine.save_state(out_dir)
@@ -118,13 +124,13 @@ class _TrainableBase:
 class ActorWorker(_TrainableBase):
     """One data-parallel rank of the trainable policy."""
 
-    def __init__(self, model_path: str, spec, rank: int, world: int, addr: str, port: int,
-                 ppo: dict, temperature: float, threads: int = 1):
+    def __init__(self, model_path: str, spec, rank: int, world: int, ppo: dict, temperature: float,
+                 threads: int = 1):
         from transformers import AutoModelForCausalLM
 
-        _threads(threads)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        self._make_engine(model, spec, rank, world, addr, port)
+        _worker_setup(threads)
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
+        self.spec, self.rank, self.world = spec, rank, world
         self.ppo, self.temperature, self.micro = ppo, temperature, spec.micro_batch_size
 
     @torch.no_grad()
@@ -165,14 +171,14 @@ class ActorWorker(_TrainableBase):
 class CriticWorker(_TrainableBase):
     """One data-parallel rank of the trainable value model (a sequence-classification model read per token)."""
 
-    def __init__(self, model_path: str, spec, rank: int, world: int, addr: str, port: int,
-                 ppo: dict, seed: int, threads: int = 1):
+    def __init__(self, model_path: str, spec, rank: int, world: int, ppo: dict, seed: int, threads: int = 1):
         from transformers import AutoModelForSequenceClassification
 
-        _threads(threads)
+        _worker_setup(threads)
         torch.manual_seed(seed)
-        model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1, dtype=torch.float32)
-        self._make_engine(model, spec, rank, world, addr, port)
+        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
+                                                                        dtype=torch.float32)
+        self.spec, self.rank, self.world = spec, rank, world
         self.ppo, self.micro = ppo, spec.micro_batch_size
 
     @torch.no_grad()
@@ -198,7 +204,7 @@ class ReferenceWorker:
     def __init__(self, model_path: str, temperature: float, threads: int = 1):
         from transformers import AutoModelForCausalLM
 
-        _threads(threads)
+        _worker_setup(threads)
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         self.temperature = temperature
 
@@ -221,7 +227,7 @@ class RewardWorker:
                  metrics: str | None = None):
         from transformers import AutoTokenizer
 
-        _threads(threads)
+        _worker_setup(threads)
         self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
         self.model = self.fn = None
         if model_path is not None:
@@ -264,7 +270,7 @@ class RolloutWorker:
     """Holds a ``RolloutEngine`` (transformers generate on CPU; vLLM at scale)."""
 
     def __init__(self, engine: str, model_path: str, pad_id: int, eos_id: int, threads: int = 1):
-        _threads(threads)
+        _worker_setup(threads)
         if engine == "hf":
             from rlhf.engines.hf_rollout import HFRolloutEngine
 
