@@ -21,10 +21,6 @@ import torch
 from rlhf.sft import load_model
 
 
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name)
-
-
 def load_lora(model_path: str, adapter_dir: str | Path, device: str, dtype: str):
     """The original model with the SFT adapter attached (scale 1 = M_sft), in eval mode."""
     from peft import PeftModel

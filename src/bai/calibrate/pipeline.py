@@ -57,6 +57,7 @@ def preflight(cfg: CalibrateConfig):
     data_mod.marker_id(tok, cfg.reasoning.start, "reasoning.start")
     data_mod.marker_id(tok, cfg.reasoning.end, "reasoning.end")
     records = data_mod.sft_records(train, cfg)
+    sft_mod.validate_config(sft_config(cfg, Path(".")), "config.sft", need_paths=False)
     sft_mod.tokenize_example(tok, records[0]["messages"], records[0]["response"], cfg.reasoning.start)
     path = data_mod.decision_path(tok, data_mod.build_messages(cal[0], cfg), cfg)
     if cfg.estimator.prefix_tokens < len(path.ids) and (cfg.estimator.method == "prefix" or cfg.estimator.compare):
