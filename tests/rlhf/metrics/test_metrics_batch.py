@@ -100,3 +100,23 @@ def test_reduce_update_stats_token_weighted():
     assert out["kl/policy_vs_sampling"] == pytest.approx((0.1 * 10 + 0.4 * 30) / 40)
     assert out["actor/ratio_max"] == 1.7
     assert set(out) == {"actor/clipfrac", "kl/policy_vs_sampling", "actor/ratio_max"}
+
+
+def test_every_metric_name_is_in_the_readme_table():
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    section = readme[readme.index("## Metrics"):readme.index("## Reports")]
+    documented = {n for row in re.findall(r"^\| (.*?) \|", section, re.M) for n in re.findall(r"`([^`]+)`", row)}
+    mask = _mask([3, 1], 3)
+    t = torch.zeros(2, 3)
+    names = set(metrics.batch_metrics(mask=mask, scores=torch.zeros(2), finished=torch.ones(2, dtype=torch.bool),
+                                      old_logp=t, ref_logp=t, rollout_logp=t, values=t, returns=t, advantages=t))
+    names |= set(metrics.ACTOR_STAT_NAMES.values()) | set(metrics.CRITIC_STAT_NAMES.values())
+    mon = metrics.StabilityMonitor()
+    for step in range(4):
+        names |= set(mon.update(step, {"rollout/length_mean": 5.0, "reward/mean": 0.0, "reward/std": 1.0,
+                                       "reward/bucket_03_mean": 1.0, "reward/bucket_03_count": 9.0}))
+    missing = sorted({re.sub(r"bucket_\d\d", "bucket_XX", n) for n in names} - documented)
+    assert not missing, f"README '## Metrics' lacks {missing}"
