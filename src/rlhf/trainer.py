@@ -152,8 +152,16 @@ def make_plans(cfg: PPOConfig, step: int, mask: torch.Tensor, world: int) -> lis
     return plans
 
 
-def gather_rows(refs_per_rank: list, ray) -> torch.Tensor:
-    return torch.cat(ray.get(refs_per_rank), dim=0)
+def fetch(refs: list) -> list:
+    """``ray.get`` that raises as soon as any call fails: a dead rank must not leave the driver
+    waiting on its peers, which would sit in a collective until the gloo/nccl timeout."""
+    import ray
+
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(list(refs))
 
 
 def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], pad_id: int) -> dict[str, float]:
@@ -187,10 +195,9 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     ref_ref = w.reference.logprobs.remote(bref)
     score_ref = w.reward.score.remote(bref, [g.prompt_ids for g in gens], [g.response_ids for g in gens],
                                       finished.tolist())
-    lp = ray.get(lp_refs)
+    *lp, ref_logp, raw_scores = fetch(lp_refs + [ref_ref, score_ref])
     old_logp, entropy = torch.cat([x[0] for x in lp]), torch.cat([x[1] for x in lp])
-    values = gather_rows(v_refs, ray)
-    ref_logp, raw_scores = ray.get(ref_ref), ray.get(score_ref)
+    values = torch.cat(fetch(v_refs))
     t2 = time.perf_counter()
 
     # 3. rewards and advantages (driver side, pure math)
@@ -224,8 +231,9 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     a_plans, c_plans = make_plans(cfg, step, mask, len(w.actor)), make_plans(cfg, step, mask, len(w.critic))
     a_refs = [a.train.remote(bref, pl) for a, pl in zip(w.actor, a_plans)] if train_actor else []
     c_refs = [c.train.remote(bref, pl) for c, pl in zip(w.critic, c_plans)]
-    a_stats = [s for rank in ray.get(a_refs) for s in rank]
-    c_stats = [s for rank in ray.get(c_refs) for s in rank]
+    stats = fetch(a_refs + c_refs)
+    a_stats = [s for rank in stats[:len(a_refs)] for s in rank]
+    c_stats = [s for rank in stats[len(a_refs):] for s in rank]
     t3 = time.perf_counter()
 
     # 5. push the new actor weights to the rollout engine
@@ -252,7 +260,7 @@ def sync_weights(w) -> None:
     """Actor (all ranks gather under ZeRO-3; rank 0 returns) -> rollout engine."""
     import ray
 
-    sd = ray.get([a.weights.remote() for a in w.actor])[0]
+    sd = fetch([a.weights.remote() for a in w.actor])[0]
     ray.get(w.rollout.update_weights.remote(sd))
 
 
@@ -287,7 +295,7 @@ def save_checkpoint(cfg: PPOConfig, w, state: LoopState, run_dir: Path, tok) -> 
     tmp = root / f".tmp_step_{state.step:06d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    ray.get([a.save_pretrained.remote(str(tmp / "actor")) for a in w.actor]
+    fetch([a.save_pretrained.remote(str(tmp / "actor")) for a in w.actor]
             + [c.save_pretrained.remote(str(tmp / "critic")) for c in w.critic]
             + [a.save_state.remote(str(tmp / "actor_state")) for a in w.actor]
             + [c.save_state.remote(str(tmp / "critic_state")) for c in w.critic])
@@ -312,7 +320,7 @@ def restore(w, state: LoopState, ckpt: Path) -> None:
     """Load engine states into the workers and the loop state from a checkpoint."""
     import ray
 
-    ray.get([a.load_state.remote(str(ckpt / "actor_state")) for a in w.actor]
+    fetch([a.load_state.remote(str(ckpt / "actor_state")) for a in w.actor]
             + [c.load_state.remote(str(ckpt / "critic_state")) for c in w.critic])
     s = torch.load(ckpt / "trainer_state.pt", weights_only=False)
     state.step, state.kl_coef = s["step"], s["kl_coef"]
@@ -387,7 +395,7 @@ def train(cfg: PPOConfig, resume: bool = False) -> Path:
                 if logger is not None:
                     logger.close()
                     logger = None
-                group.shutdown(w)
+                group.shutdown(w, graceful=False)  # survivors may sit in a collective with the dead rank
                 w = None
                 state = LoopState(step=0, sampler=PromptSampler(len(prompt_ids), cfg.seed), kl_coef=cfg.ppo.kl_coef,
                                   monitor=StabilityMonitor(cfg.metrics))

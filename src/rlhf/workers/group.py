@@ -131,14 +131,15 @@ def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Worker
     return w
 
 
-def shutdown(w: Workers | None) -> None:
-    """Destroy engines (best effort), kill every worker, remove the placement groups."""
+def shutdown(w: Workers | None, graceful: bool = True) -> None:
+    """Destroy engines (when ``graceful``), kill every worker, remove the placement groups."""
     if w is None:
         return
-    try:
-        ray.get([x.destroy.remote() for x in [*w.actor, *w.critic]], timeout=30)
-    except Exception:  # a dead worker cannot destroy its engine; killing it below is enough
-        pass
+    if graceful:
+        try:
+            ray.get([x.destroy.remote() for x in [*w.actor, *w.critic]], timeout=30)
+        except Exception:  # a dead worker cannot destroy its engine; killing it below is enough
+            pass
     for x in w.all():
         try:
             ray.kill(x)

@@ -1,0 +1,50 @@
+"""A Ray worker that dies mid-run makes the trainer restart every worker from the last checkpoint.
+
+Also the multi-rank path: 2 actor and 2 critic ranks under ZeRO-3 (gloo), roles in separate
+placement groups.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from rlhf.config import load_config
+from rlhf.rewards import CRASH_MARKER
+from rlhf.trainer import train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def test_worker_death_restarts_from_checkpoint_zero3(ray_cluster, tmp_path, capfd):
+    run_dir = tmp_path / "run"
+    with open(CRASH_MARKER, "w") as f:
+        f.write("5")  # the reward worker dies on its 5th call (step 5); last checkpoint: step 4
+    try:
+        cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=6", "trainer.save_every=2",
+                                 "trainer.probe_every=0", "reward.function=rlhf.rewards:crash_once",
+                                 "deepspeed.zero_stage=3", "cluster.actor_workers=2", "cluster.critic_workers=2",
+                                 "cluster.colocate=false", "ppo.micro_batch_size=2", "ppo.mini_batch_size=8"])
+        train(cfg)
+    finally:
+        if os.path.exists(CRASH_MARKER):
+            os.remove(CRASH_MARKER)
+            pytest.fail("the reward worker never crashed")
+    assert "restart 1/2 from the last checkpoint" in capfd.readouterr().err
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000006"
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(run_dir / "checkpoints" / "step_000006" / "actor"))
