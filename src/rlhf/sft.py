@@ -25,7 +25,9 @@ output is written to a temporary sibling directory and renamed into place when c
 DeepSpeed runs everywhere (ZeRO stage 0-3; on CPU through gloo in a single process). A torch
 AdamW optimizer is passed to ``deepspeed.initialize`` (no JIT-compiled ops). Launch several
 processes with the ``deepspeed`` or ``torchrun`` launcher for data parallelism; rank and world
-size come from the usual environment variables.
+size come from the usual environment variables, e.g.
+``deepspeed --num_gpus 8 $(which rlhf) sft CONFIG.yaml`` or
+``torchrun --nproc_per_node 8 -m rlhf.cli sft CONFIG.yaml``.
 
 Example config (every key is an ``SFTConfig`` field)::
 
@@ -372,7 +374,7 @@ def _ds_config(cfg: SFTConfig, world: int) -> dict:
     }
 
 
-def _save(model, tokenizer, cfg: SFTConfig, out: Path, meta: dict) -> None:
+def _save(model, tokenizer, out: Path, meta: dict, metrics: list[dict]) -> None:
     """Write the adapter (LoRA) or the full checkpoint to a temporary sibling, then rename."""
     import deepspeed
 
@@ -383,6 +385,7 @@ def _save(model, tokenizer, cfg: SFTConfig, out: Path, meta: dict) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             model.save_pretrained(str(tmp), safe_serialization=True)
             tokenizer.save_pretrained(str(tmp))
+            (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in metrics))
             (tmp / "sft_meta.json").write_text(json.dumps(meta, indent=2))
     if int(os.environ.get("RANK", "0")) == 0:
         if out.exists():
@@ -474,10 +477,7 @@ def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
                 "optimizer_steps": step, "final_loss": final_loss, "seconds": time.time() - t0,
                 "world_size": world}
         engine.eval()
-        _save(engine.module, tokenizer, cfg, out, meta)
-        if rank == 0:
-            with open(out / "metrics.jsonl", "w") as fh:
-                fh.writelines(json.dumps(x) + "\n" for x in metrics_lines)
+        _save(engine.module, tokenizer, out, meta, metrics_lines)
     finally:
         if engine is not None:
             engine.destroy()
@@ -496,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("config", help="YAML file with SFTConfig keys")
     ap.add_argument("--out", help="output directory (overrides the config's `out`)")
     ap.add_argument("--force", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
     try:
         data = yaml.safe_load(Path(args.config).read_text()) or {}
@@ -508,5 +509,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rlhf sft: {e}", file=sys.stderr)
         return 2
     out = train(cfg)
-    print(f"wrote {out}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {out}")
     return 0
