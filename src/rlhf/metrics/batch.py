@@ -49,9 +49,9 @@ def length_bucket_stats(lengths: torch.Tensor, scores: torch.Tensor, width: int 
 
 
 def _vec_stats(prefix: str, sep: str, x: torch.Tensor) -> dict[str, float]:
-    """mean / std (population) / min / max of a 1-D tensor, accumulated in float64."""
-    mean = x.mean(dtype=torch.float64)
-    return {f"{prefix}{sep}mean": mean.item(), f"{prefix}{sep}std": (x.double() - mean).pow(2).mean().sqrt().item(),
+    """mean / std (population) / min / max of a 1-D tensor."""
+    var, mean = torch.var_mean(x if x.is_floating_point() else x.double(), correction=0)
+    return {f"{prefix}{sep}mean": mean.item(), f"{prefix}{sep}std": var.sqrt().item(),
             f"{prefix}{sep}min": x.min().item(), f"{prefix}{sep}max": x.max().item()}
 
 
@@ -73,7 +73,7 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
       bucket_width, num_buckets: length buckets for ``reward/bucket_XX_*``.
 
     Token tensors are gathered once to their response tokens (padding content, even NaN, never
-    matters) and reduced with float64 accumulation.
+    matters) and reduced in their own precision (float32 sums are pairwise, accurate to ~1e-6).
     """
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
@@ -103,31 +103,33 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
         out["rollout/terminated_length_mean"] = lengths[finished].double().mean().item()
     out.update(length_bucket_stats(lengths, scores, bucket_width, num_buckets))
 
+    flat_idx = on.reshape(-1).nonzero().squeeze(1)   # once; index_select is ~7x faster than t[on] each time
+
     def gather(t: torch.Tensor) -> torch.Tensor:   # response tokens only, row-major, float32 or wider
-        t = t[on]
+        t = t.reshape(-1).index_select(0, flat_idx)
         return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
     old = gather(old_logp) if old_logp is not None else None
     if old is not None:
-        out["rollout/nll"] = -old.mean(dtype=torch.float64).item()
+        out["rollout/nll"] = -old.mean().item()
     if old is not None and ref_logp is not None:
         x = old - gather(ref_logp)
         k3 = kl_from_log_ratio(x, "k3")
-        out["kl/to_reference"] = k3.mean(dtype=torch.float64).item()
-        out["kl/to_reference_k1"] = x.mean(dtype=torch.float64).item()
+        out["kl/to_reference"] = k3.mean().item()
+        out["kl/to_reference_k1"] = x.mean().item()
         rows = torch.repeat_interleave(torch.arange(B, device=mask.device), lengths)
-        seq = torch.zeros(B, dtype=torch.float64, device=mask.device).index_add_(0, rows, k3.double())
+        seq = torch.zeros(B, dtype=k3.dtype, device=mask.device).index_add_(0, rows, k3)
         out["kl/to_reference_seq"] = seq.mean().item()
     if old is not None and rollout_logp is not None:
         # tokens were sampled from the rollout engine: KL(rollout || trainer) with x = rollout - trainer
         x = gather(rollout_logp) - old
-        out["kl/rollout_vs_trainer"] = kl_from_log_ratio(x, "k3").mean(dtype=torch.float64).item()
-        out["kl/rollout_vs_trainer_k1"] = x.mean(dtype=torch.float64).item()
+        out["kl/rollout_vs_trainer"] = kl_from_log_ratio(x, "k3").mean().item()
+        out["kl/rollout_vs_trainer_k1"] = x.mean().item()
         out["kl/rollout_vs_trainer_max_abs"] = x.abs().max().item()
     v = gather(values) if values is not None else None
     ret = gather(returns) if returns is not None else None
     if v is not None:
-        out["critic/value_mean"] = v.mean(dtype=torch.float64).item()
+        out["critic/value_mean"] = v.mean().item()
     if v is not None and ret is not None:
         out["critic/explained_var"] = _explained_variance(v, ret)
     if ret is not None:
@@ -138,11 +140,10 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
 
 
 def _explained_variance(v: torch.Tensor, ret: torch.Tensor) -> float:
-    r = ret.double()
-    var_r = r.var(unbiased=False)
+    var_r = ret.var(unbiased=False)
     if var_r.item() == 0.0:
         return float("nan")
-    return (1.0 - (r - v.double()).var(unbiased=False) / var_r).item()
+    return (1.0 - (ret - v).var(unbiased=False) / var_r).item()
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
