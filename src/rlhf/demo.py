@@ -1,9 +1,12 @@
-"""``rlhf demo``: the README's main job on the CPU (interim: the BAI merge part of the pipeline).
+"""``rlhf demo``: the README's main job on the CPU: BAI merge -> PPO on Ray -> report figures.
 
 Builds tiny generated checkpoints (a base model and two fine-tuned relatives standing in for the
 instruction-following and reasoning SFT models), runs the paper's 9-ratio BAI sweep in one
-pass, loads one merged actor initialization with ``AutoModelForCausalLM`` and prints where
-everything is. Nothing is downloaded.
+pass, loads one merged actor initialization with ``AutoModelForCausalLM``, then runs PPO twice
+on one local Ray cluster (DeepSpeed on CPU, the tiny config's rule-based reward): once from the
+reasoning SFT model alone and once from a BAI recipe (alpha = 0.5, merged by the trainer
+itself), and draws the paper's figures for both runs with ``rlhf report``. Prints the
+TensorBoard command and the figure paths. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def build_models(root: Path) -> dict[str, Path]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo", help="demo directory (default: ./runs/demo)")
+    ap.add_argument("--steps", type=int, default=30, help="PPO steps per run (default: 30)")
     args = ap.parse_args(argv)
     root = Path(args.out).resolve()
 
@@ -60,6 +64,46 @@ def main(argv: list[str] | None = None) -> int:
     print(f"[demo] loaded {pick.name} with AutoModelForCausalLM ({n_params:,} params, {model.dtype}) "
           f"and generated {n_new} tokens from a chat prompt")
     print(f"[demo] recipe and input fingerprints: {pick / 'bai_merge.yaml'}")
+    runs = run_ppo(root, models, recipe, args.steps)
+
+    from rlhf.report import write_report
+
+    report = write_report(runs, root / "report", force=True)
+    print(f"[demo] figures: " + ", ".join(str(report / f) for f in
+                                          ("reward_buckets.png", "reward.png", "length.png", "kl.png")))
+    print(f"[demo] summary: {report / 'summary.md'}")
+    print(f"[demo] TensorBoard: tensorboard --logdir {root / 'ppo'}")
     print(f"[demo] done in {time.perf_counter() - t0:.1f}s; merge your own checkpoints with "
-          f"`bai merge configs/merge/bai_sweep.yaml --out DIR`")
+          f"`bai merge configs/merge/bai_sweep.yaml --out DIR`, train with `rlhf train CONFIG.yaml`")
     return 0
+
+
+def run_ppo(root: Path, models: dict[str, Path], recipe: dict, steps: int) -> list[Path]:
+    """Two PPO runs of the tiny CPU config on one Ray cluster: SFT init and BAI (alpha 0.5) init."""
+    import shutil
+
+    import ray
+    import yaml
+
+    from rlhf.config import load_config
+    from rlhf.trainer import train
+
+    one = {k: v for k, v in recipe.items() if k != "alphas"} | {"alpha": 0.5}
+    recipe_path = root / "bai_alpha_0.5.yaml"
+    recipe_path.write_text(yaml.safe_dump(one))
+    inits = {"sft_init": [f"model.actor={models['reasoning_sft']}"],
+             "bai_alpha_0.5": [f"model.bai_recipe={recipe_path}"]}
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    runs = []
+    try:
+        for name, overrides in inits.items():
+            run_dir = root / "ppo" / name
+            shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own output from an earlier demo
+            cfg = load_config(None, overrides + [f"run_dir={run_dir}", f"trainer.total_steps={steps}"])
+            print(f"[demo] PPO from {name} ({steps} steps, Ray + DeepSpeed on CPU): {run_dir}")
+            train(cfg)
+            runs.append(run_dir)
+    finally:
+        ray.shutdown()
+    return runs
