@@ -16,7 +16,7 @@ from rlhf.config import ConfigError, load_config
 from rlhf.trainer import NON_DETERMINISTIC_PREFIXES, train
 
 STEPS = 24
-COMMON = ["trainer.save_every=4", "trainer.probe_every=0"]
+COMMON = ["trainer.save_every=4", "trainer.probe_every=0", "data.num_builtin=64"]  # checkpoints at epoch ends
 
 
 def _records(run_dir):
