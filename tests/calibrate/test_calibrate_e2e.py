@@ -134,8 +134,6 @@ def test_full_finetune_merges_linearly(world, tmp_path):
         assert torch.allclose(out[k], (1 - a) * orig[k] + a * sft[k], atol=1e-6), k
     merging.write_full_merge(raw["model"], tmp_path / "full" / "sft", 0.3, tmp_path / "m03")
     m03 = merging.load_model(tmp_path / "m03").state_dict()
-    interp = merging.FullInterpolator(raw["model"], tmp_path / "full" / "sft", "cpu", "float32")
-    probe = interp.at(0.3).state_dict()
-    for k in orig:  # the streamed checkpoint is the model the search evaluated in memory
+    for k in orig:
         assert torch.allclose(m03[k], 0.7 * orig[k] + 0.3 * sft[k], atol=1e-6), k
-        assert torch.allclose(probe[k], m03[k], atol=1e-6), k
+    assert not any((tmp_path / "full" / ".probes").iterdir())  # probe checkpoints are deleted

@@ -4,9 +4,9 @@ LoRA SFT: M_sft = M + dW, so M_a = M + a dW. Candidates are evaluated by scaling
 by a (peft ``rescale_adapter_scale``, exact for plain LoRA, "wise-ft"); no merged weights are
 materialised. Only the chosen model is written, as a full Hugging Face checkpoint.
 
-Full SFT: candidates are interpolated in memory, M + a (M_sft - M) in float32 from copies of M
-and the delta held on the CPU (no checkpoint written per probe); the chosen model is written by
-streaming through ``bai.merge`` (``method: linear`` with weights [1 - a, a]).
+Full SFT: every candidate, and the chosen model, is streamed through ``bai.merge``
+(``method: linear`` with weights [1 - a, a], float32 arithmetic, the original dtype on disk);
+a candidate lives in a scratch directory only while it is evaluated.
 """
 
 from __future__ import annotations
@@ -38,33 +38,17 @@ def lora_at(model, sft_weight: float):
         yield model
 
 
-class FullInterpolator:
-    """Holds M and M_sft tensors and sets a working model's weights to M_a in place."""
-
-    def __init__(self, model_path: str, sft_path: str | Path, device: str, dtype: str):
-        self.model = load_model(model_path, dtype).to(device).eval()
-        sft = load_model(str(sft_path), "float32")
-        self.orig = {k: v.detach().float().cpu().clone() for k, v in self.model.state_dict().items()}
-        sft_state = sft.state_dict()
-        missing = sorted(set(self.orig) - set(sft_state))
-        if missing:
-            raise ValueError(f"sft checkpoint lacks tensor {missing[0]!r} of the original model")
-        self.delta = {k: sft_state[k].float() - self.orig[k] for k in self.orig}
-        del sft
-
-    @torch.no_grad()
-    def at(self, sft_weight: float):
-        """The working model with weights (1 - a) M + a M_sft = M + a (M_sft - M)."""
-        state = self.model.state_dict()
-        for k, t in state.items():
-            t.copy_((self.orig[k] + float(sft_weight) * self.delta[k]).to(t.dtype))
-        return self.model
-
-
 @contextlib.contextmanager
-def full_at(interp: FullInterpolator, sft_weight: float):
-    """The working model of ``interp`` set to M_a for the duration of the block."""
-    yield interp.at(sft_weight)
+def full_at(model_path: str, sft_path: str | Path, sft_weight: float, work: Path, device: str, dtype: str):
+    """M_a of a full SFT for the duration of the block: streamed through ``bai.merge`` into
+    ``work``, loaded, and deleted afterwards (one model in memory at a time)."""
+    probe = Path(work) / f"probe-{sft_weight:.8f}"
+    shutil.rmtree(probe, ignore_errors=True)
+    write_full_merge(model_path, sft_path, sft_weight, probe)
+    try:
+        yield load_model(probe, dtype).to(device).eval()
+    finally:
+        shutil.rmtree(probe, ignore_errors=True)
 
 
 def _tmp_sibling(out: Path) -> Path:

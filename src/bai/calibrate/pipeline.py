@@ -116,8 +116,7 @@ def make_evaluator(cfg: CalibrateConfig, out: Path, tok, cal: list[dict]):
         model = merging.load_lora(cfg.model, out / "sft", dev, e.dtype)
         at = lambda a: merging.lora_at(model, a)  # noqa: E731
     else:
-        interp = merging.FullInterpolator(cfg.model, out / "sft", dev, e.dtype)
-        at = lambda a: merging.full_at(interp, a)  # noqa: E731
+        at = lambda a: merging.full_at(cfg.model, out / "sft", a, out / ".probes", dev, e.dtype)  # noqa: E731
     prompts, paths = data_mod.calibration_prompts(tok, cal, cfg)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     ws = est.whitespace_token_ids(tok)
