@@ -49,6 +49,17 @@ def critic_values(model, batch: dict) -> torch.Tensor:
     return model.score(response_slice(hidden, batch)).squeeze(-1).float()
 
 
+def reward_model_scores(model, batch: dict) -> torch.Tensor:
+    """Scores ``[B]`` of a sequence-classification reward model, read at the last response token
+    itself (EOS when finished), as the classifier reads its last non-pad token; never at a pad."""
+    from rlhf.algo import last_token_index
+
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = _forward_hidden_or_logits(backbone, batch).last_hidden_state
+    idx = batch["prompt_len"] + last_token_index(batch["mask"])
+    return model.score(hidden[torch.arange(hidden.shape[0]), idx]).squeeze(-1).float()
+
+
 def _setup_dist(rank: int, world: int, addr: str, port: int) -> None:
     os.environ.update({"MASTER_ADDR": addr, "MASTER_PORT": str(port), "RANK": str(rank),
                        "WORLD_SIZE": str(world), "LOCAL_RANK": "0" if not torch.cuda.is_available() else "0"})
@@ -247,10 +258,7 @@ class RewardWorker:
     def score(self, batch: dict, prompts: list[list[int]], responses: list[list[int]],
               finished: list[bool]) -> torch.Tensor:
         if self.model is not None:
-            from rlhf.algo import last_token_index
-
-            values = critic_values(self.model, batch)
-            return values.gather(1, last_token_index(batch["mask"])[:, None]).squeeze(1)
+            return reward_model_scores(self.model, batch)
         ptxt = self.tok.batch_decode(prompts, skip_special_tokens=False)
         rtxt = self.tok.batch_decode(responses, skip_special_tokens=True)
         return torch.tensor(self.fn(ptxt, rtxt, finished), dtype=torch.float32)

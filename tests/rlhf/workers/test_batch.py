@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from rlhf.algo import gae, token_rewards
@@ -72,3 +73,18 @@ def test_select_rows_keeps_scalars():
     sub = select_rows(b, [2, 0])
     assert sub["prompt_len"] == b["prompt_len"] and sub["mask"].tolist() == [b["mask"][2].tolist(),
                                                                               b["mask"][0].tolist()]
+
+
+def test_reward_model_score_is_read_at_eos_like_hf(tiny_llama, tokenizer):
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf.workers.model_workers import reward_model_scores
+
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(tiny_llama), num_labels=1).eval()
+    eos = tokenizer.eos_token_id
+    gens = [Generation([5, 6, 7], [11, 12, eos], [0.0] * 3, True), Generation([5], [13, 14, 15, 16], [0.0] * 4, False)]
+    with torch.no_grad():
+        got = reward_model_scores(rm, collate(gens, tokenizer.pad_token_id))
+        want = [rm(input_ids=torch.tensor([g.prompt_ids + g.response_ids])).logits[0, 0].item() for g in gens]
+    assert got.tolist() == pytest.approx(want, abs=1e-5)
