@@ -28,9 +28,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-from safetensors.torch import save_file
-
 ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 
 
@@ -53,6 +50,9 @@ def llama_shapes(hidden: int, inter: int, layers: int, vocab: int, heads: int, k
 
 def make_checkpoint(out: Path, shapes: dict, seed: int, shard_bytes: int, config: dict) -> int:
     """Random bf16 weights written as safetensors shards with an index; returns the bytes written."""
+    import torch
+    from safetensors.torch import save_file
+
     out.mkdir(parents=True, exist_ok=True)
     gen = torch.Generator().manual_seed(seed)
     shards, cur, size, total = [], {}, 0, 0
@@ -120,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
     ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
     work = Path(args.workdir)
@@ -130,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
               "num_attention_heads": 16, "num_key_value_heads": 8, "vocab_size": args.vocab,
               "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
               "dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
-    size = 0
-    for i, d in enumerate(ins):
-        if not (d / "model.safetensors.index.json").exists():
-            print(f"generating {d} ...", flush=True)
-            make_checkpoint(d, shapes, seed=i, shard_bytes=600_000_000, config=config)
-        size = sum(f.stat().st_size for f in d.glob("*.safetensors"))
+    if args.generate_only:
+        for i, d in enumerate(ins):
+            if not (d / "model.safetensors.index.json").exists():
+                print(f"generating {d} ...", flush=True)
+                make_checkpoint(d, shapes, seed=i, shard_bytes=600_000_000, config=config)
+        return 0
+    # generate in a child so this process stays small: a child's peak RSS (ru_maxrss) starts at
+    # its parent's RSS at fork time
+    subprocess.run([sys.executable, __file__, "--generate-only", *(argv if argv is not None else sys.argv[1:])],
+                   check=True)
+    size = sum(f.stat().st_size for f in ins[0].glob("*.safetensors"))
     print(f"checkpoints: 3 x {size / 1e9:.2f} GB bf16 Llama ({args.layers} layers, hidden {args.hidden})")
     for d in ins:                                              # warm the page cache
         for f in d.glob("*.safetensors"):
@@ -179,8 +185,9 @@ def main(argv: list[str] | None = None) -> int:
     res["mk9"] = (sum(t for t, _ in runs), max(r for _, r in runs))
     fresh(out)
 
+    moved = {"1": 4 * size, "9": 12 * size}      # bytes read + written: 3 inputs + 1 or 9 outputs
     for k, (t, r) in res.items():
-        print(f"{k:6s} {t:8.2f} s   peak RSS {r:6.2f} GB")
+        print(f"{k:6s} {t:8.2f} s   {moved[k[-1]] / t / 1e9:5.2f} GB/s moved   peak RSS {r:6.2f} GB")
     print(f"(a) one BAI merge vs mergekit linear:   {res['mk1'][0] / res['bai1'][0]:.2f}x throughput, "
           f"peak RSS {res['bai1'][1] / res['mk1'][1]:.2f}x mergekit's   (target >= 3x at <= 0.5x)")
     print(f"(b) 9-ratio sweep vs 9 mergekit runs:   {res['mk9'][0] / res['bai9'][0]:.2f}x throughput, "

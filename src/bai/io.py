@@ -209,6 +209,10 @@ class ShardWriter:
             pos += self._f.write(mv[pos:])
         self.written += len(mv)
 
+    def abort(self) -> None:
+        """Close without the completeness check (the merge failed; the file is discarded)."""
+        self._f.close()
+
     def close(self) -> None:
         self._f.close()
         if self.written != self.expected:

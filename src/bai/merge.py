@@ -302,7 +302,7 @@ def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
             wpool.submit(advance, len(p.shards)).result()
     finally:
         for w in sink["writers"]:
-            w._f.close()
+            w.abort()
         torch.set_num_threads(threads)
         bar.close()
         reader.close()
