@@ -137,7 +137,8 @@ def make_evaluator(cfg: CalibrateConfig, out: Path, tok, cal: list[dict]):
                      "estimate_seconds": r.seconds}
             if e.compare:
                 other = estimate(m, "prefix" if e.method == "logit" else "logit")
-                extra.update({f"{other.estimator}_rho": other.rho, f"{other.estimator}_rho_count": other.rho_count,
+                extra.update({f"{other.estimator}_rho": other.rho, f"{other.estimator}_rho_mean": other.rho_mean,
+                              f"{other.estimator}_rho_count": other.rho_count,
                               f"{other.estimator}_seconds": other.seconds})
         print(f"[calibrate] sft_weight={a:.4f} rho={r.rho:.4f} ({r.estimator}, {r.seconds:.2f}s)")
         return r.rho, extra
