@@ -194,10 +194,15 @@ def run(cfg: CalibrateConfig, out: str | Path, force: bool = False) -> dict:
     return report
 
 
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.4f}"
+
+
 def _markdown(r: dict) -> str:
     lines = [
         "# Calibration report", "",
-        f"- alpha* (sft_weight) = **{r['sft_weight']:.4f}**, rho = {r['rho_at_sft_weight']}, rho_min = {r['rho_min']}",
+        f"- alpha* (sft_weight) = **{r['sft_weight']:.4f}**, rho = {_fmt(r['rho_at_sft_weight'])}, "
+        f"rho_min = {r['rho_min']}",
         f"- {r['convention']}",
         f"- search: {r['search']['method']}, {r['search']['probes']} probes ({r['search']['stop_reason']}); "
         f"estimator: {r['estimator']} on {r['calibration_prompts']} prompts",
@@ -226,6 +231,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, yaml.YAMLError) as e:
         print(f"bai calibrate: {e}", file=sys.stderr)
         return 2
-    print(f"alpha* (sft_weight) = {report['sft_weight']:.4f}, rho = {report['rho_at_sft_weight']}; "
+    print(f"alpha* (sft_weight) = {report['sft_weight']:.4f}, rho = {_fmt(report['rho_at_sft_weight'])}; "
           f"model written to {report['paths']['model']}")
     return 0
