@@ -82,7 +82,8 @@ def _find_key(node: Any, names: tuple[str, ...]) -> Any:
 
 def run_label(run_dir: Path, config: dict | None) -> str:
     """``<init> (α=a, β=1-a)`` from the resolved config: the actor's initialization (a path's
-    name, ``tiny``, or ``BAI merge`` when built from a recipe) and the BAI base weight alpha
+    name, ``tiny``, or ``BAI merge`` when built from a recipe or a sweep's ``alpha_<a>``
+    output) and the BAI base weight alpha
     (a config key ``alpha``/``ratio``, an ``alpha_<a>`` actor path of a sweep, or the recipe's
     ``alpha``). Falls back to the run directory's name."""
     import yaml
@@ -105,7 +106,9 @@ def run_label(run_dir: Path, config: dict | None) -> str:
                 except yaml.YAMLError:
                     alpha = None
                 break
-    init = "BAI merge" if recipe else (Path(str(actor).rstrip("/")).name if actor else None)
+    init = Path(str(actor).rstrip("/")).name if actor else None
+    if recipe or (init and re.fullmatch(r"alpha_[0-9.eE+-]+", init)):   # a recipe, or a sweep's merge output
+        init = "BAI merge"
     if init is None and alpha is None:
         return run_dir.name
     label = init or "init"

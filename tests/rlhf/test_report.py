@@ -53,10 +53,10 @@ def test_report_figures_and_summary(runs, tmp_path, capsys):
         img = mpimg.imread(out / name)
         assert img.ndim == 3 and img.shape[0] > 200 and img.shape[1] > 300, name
     summary = (out / "summary.md").read_text()
-    assert "| distill_sft | 79 |" in summary and "| alpha_0.5 (α=0.5, β=0.5) | 79 |" in summary
+    assert "| distill_sft | 79 |" in summary and "| BAI merge (α=0.5, β=0.5) | 79 |" in summary
     sft_row = [ln for ln in summary.splitlines() if ln.startswith("| distill_sft |")][0]
     assert "| collapsed |" in sft_row and "hockey_stick" in sft_row
-    bai_row = [ln for ln in summary.splitlines() if ln.startswith("| alpha_0.5")][0]
+    bai_row = [ln for ln in summary.splitlines() if ln.startswith("| BAI merge")][0]
     assert "| none | no_drop |" in bai_row
     assert "length [10, 20)" in summary and "length >= 30" in summary
     assert not list(tmp_path.glob(".report.*"))          # no temporary sibling left behind
@@ -89,3 +89,4 @@ def test_run_label_sources(tmp_path):
     assert label == "BAI merge (α=0.7, β=0.3)"
     assert run_label(tmp_path / "r2", {"actor": {"init": "/m/sft", "ratio": 0.2}}) == "sft (α=0.2, β=0.8)"
     assert run_label(tmp_path / "r3", {}) == "r3"
+    assert run_label(tmp_path / "r4", {"model": {"actor": "out/models/alpha_0.25/"}}) == "BAI merge (α=0.25, β=0.75)"
