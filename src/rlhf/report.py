@@ -98,8 +98,7 @@ def run_label(run_dir: Path, config: dict | None) -> str:
         m = re.search(r"alpha[_=-]?([0-9]*\.?[0-9]+)", actor)
         alpha = m.group(1) if m else None
     if alpha is None and recipe:
-        for base in (Path.cwd(), run_dir):
-            p = base / recipe
+        for p in (Path(recipe), run_dir / recipe, run_dir / "bai_recipe.yaml"):   # the trainer keeps a copy
             if p.is_file():
                 try:
                     alpha = _find_key(yaml.safe_load(p.read_text()) or {}, ("alpha",))
