@@ -62,11 +62,11 @@ class BuildSpec:
     """largest addend digit count (15 with ``verify`` gives the long-trace variant)"""
     verify: bool = False
     """long-trace variant: reasoning traces also re-derive the first addend by subtraction"""
-    base_examples: int = 48_000
+    base_examples: int = 128_000
     """direct-answer examples for base pretraining (one epoch)"""
     base_lr: float = 3e-3
     """base pretraining learning rate (from scratch)"""
-    sft_examples: int = 9_600
+    sft_examples: int = 16_000
     """examples per SFT model (instruct, reasoning, mix)"""
     sft_lr: float = 5e-4
     """SFT learning rate; small so the SFT models stay linearly connected to the base"""
@@ -78,8 +78,10 @@ class BuildSpec:
     """reward-model learning rate"""
     rm_epochs: int = 1
     """passes over the reward-model pairs"""
-    batch_size: int = 64
-    """examples (pairs for the reward model) per optimizer step"""
+    base_batch_size: int = 64
+    """examples per optimizer step of base pretraining"""
+    batch_size: int = 32
+    """examples (pairs for the reward model) per optimizer step of SFT and reward-model training"""
     eval_problems: int = 64
     """held-out problems for evaluation and merge sweeps"""
     ppo_prompts: int = 4096
@@ -164,11 +166,12 @@ def synthesize(spec: BuildSpec, out: Path) -> None:
 
 # ----------------------------------------------------------------------------- training
 
-def _sft(spec: BuildSpec, init: Path, data: Path, out: Path, lr: float, seed: int, warmup: float) -> None:
+def _sft(spec: BuildSpec, init: Path, data: Path, out: Path, lr: float, seed: int, warmup: float,
+         batch: int) -> None:
     from rlhf import sft
 
     cfg = sft.SFTConfig(model=str(init), data=str(data), out=str(out), method="full", lr=lr, epochs=1,
-                        batch_size=spec.batch_size, micro_batch_size=spec.batch_size, max_len=1024,
+                        batch_size=batch, micro_batch_size=batch, max_len=1024,
                         warmup_ratio=warmup, seed=seed, log_every=50, reasoning_start=None)
     sft.train(cfg)
 
@@ -190,10 +193,10 @@ def train_models(spec: BuildSpec, out: Path) -> dict[str, float]:
                              num_layers=spec.num_layers, num_heads=spec.num_heads, max_shard_size="10MB",
                              max_position_embeddings=512 if spec.verify else 128)
     stages = [
-        ("base", lambda o: _sft(spec, init, data / "base.jsonl", o, spec.base_lr, spec.seed, 0.03)),
-        ("instruct", lambda o: _sft(spec, models / "base", data / "instruct.jsonl", o, spec.sft_lr, spec.seed + 1, 0.05)),
-        ("reasoning", lambda o: _sft(spec, models / "base", data / "reasoning.jsonl", o, spec.sft_lr, spec.seed + 2, 0.05)),
-        ("mix", lambda o: _sft(spec, models / "base", data / "mix.jsonl", o, spec.sft_lr, spec.seed + 3, 0.05)),
+        ("base", lambda o: _sft(spec, init, data / "base.jsonl", o, spec.base_lr, spec.seed, 0.03, spec.base_batch_size)),
+        ("instruct", lambda o: _sft(spec, models / "base", data / "instruct.jsonl", o, spec.sft_lr, spec.seed + 1, 0.05, spec.batch_size)),
+        ("reasoning", lambda o: _sft(spec, models / "base", data / "reasoning.jsonl", o, spec.sft_lr, spec.seed + 2, 0.05, spec.batch_size)),
+        ("mix", lambda o: _sft(spec, models / "base", data / "mix.jsonl", o, spec.sft_lr, spec.seed + 3, 0.05, spec.batch_size)),
         ("rm", lambda o: rm.train_reward_model(rm.RMConfig(
             model=str(models / "base"), data=str(data / "rm_train.jsonl"), eval_data=str(data / "rm_eval.jsonl"),
             out=str(o), lr=spec.rm_lr, epochs=spec.rm_epochs, batch_size=spec.batch_size,
