@@ -190,13 +190,13 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     # 2. score: trainer logprobs (the old policy), reference logprobs, values, reward
     bref = ray.put(batch)
     a_shards, c_shards = split(B, len(w.actor)), split(B, len(w.critic))
-    lp_refs = [a.logprobs.remote(bref, rows) for a, rows in zip(w.actor, a_shards)]
+    lp_refs = [a.logprobs.remote(bref, rows, r.top_k, r.top_p) for a, rows in zip(w.actor, a_shards)]
     v_refs = [c.values.remote(bref, rows) for c, rows in zip(w.critic, c_shards)]
     ref_ref = w.reference.logprobs.remote(bref)
     score_ref = w.reward.score.remote(bref, [g.prompt_ids for g in gens], [g.response_ids for g in gens],
                                       finished.tolist())
     *lp, ref_logp, raw_scores = fetch(lp_refs + [ref_ref, score_ref])
-    old_logp, entropy = torch.cat([x[0] for x in lp]), torch.cat([x[1] for x in lp])
+    old_logp, entropy, filtered_logp = (torch.cat([x[i] for x in lp]) for i in range(3))
     values = torch.cat(fetch(v_refs))
     t2 = time.perf_counter()
 
@@ -212,6 +212,10 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     _, returns = gae(rewards, values, mask, p.gamma, p.lam_critic)
     metrics = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=old_logp, ref_logp=ref_logp,
                             rollout_logp=batch["rollout_logp"], values=values, returns=returns, advantages=adv)
+    if r.top_k or r.top_p < 1.0:  # compare the rollout with the trainer under the same top-k / top-p
+        again = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=filtered_logp,
+                              rollout_logp=batch["rollout_logp"])
+        metrics.update({k: v for k, v in again.items() if k.startswith("kl/rollout_vs_trainer")})
     if cfg.reward.metrics is not None:  # gold metrics beside the reward (e.g. exact accuracy)
         metrics.update(ray.get(w.reward.gold_metrics.remote([g.prompt_ids for g in gens],
                                                             [g.response_ids for g in gens], finished.tolist())))

@@ -41,6 +41,20 @@ def policy_logits(model, batch: dict, temperature: float) -> torch.Tensor:
     return response_slice(logits, batch).float() / temperature
 
 
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampler's top-k then top-p filtering (filtered logits set to -inf), as transformers'
+    warpers apply it after the temperature: the trainer-side twin of the processed rollout logprobs."""
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop[..., -1:] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
 def critic_values(model, batch: dict) -> torch.Tensor:
     """Values ``[B, T]``: V_t is read at the state that predicts response token t (same positions
     as the policy's logits, so the value mask is the response mask, unshifted)."""
@@ -145,14 +159,20 @@ class ActorWorker(_TrainableBase):
         self.ppo, self.temperature, self.micro = ppo, temperature, spec.micro_batch_size
 
     @torch.no_grad()
-    def logprobs(self, batch: dict, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logprobs, entropy) ``[len(rows), T]`` of the taken response tokens."""
+    def logprobs(self, batch: dict, rows: list[int], top_k: int = 0,
+                 top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``[len(rows), T]`` logprobs of the taken response tokens (the PPO old policy), entropy,
+        and the logprobs after the sampler's top-k / top-p filtering (to compare with the rollout's)."""
         from rlhf.algo import entropy_from_logits, logprobs_from_logits
 
         self.engine.train(False)
         sub = select_rows(batch, rows)
         logits = policy_logits(self.engine.module, sub, self.temperature)
-        return logprobs_from_logits(logits, sub["responses"]), entropy_from_logits(logits)
+        logp = logprobs_from_logits(logits, sub["responses"])
+        filtered = logp
+        if top_k or top_p < 1.0:
+            filtered = logprobs_from_logits(filter_logits(logits, top_k, top_p), sub["responses"])
+        return logp, entropy_from_logits(logits), filtered
 
     def train(self, batch: dict, plan: list) -> list[dict[str, float]]:
         from rlhf.algo import entropy_from_logits, logprobs_from_logits, masked_mean, policy_loss

@@ -52,3 +52,20 @@ def test_update_weights_changes_the_policy(tiny_llama, tiny_family, tokenizer):
     eng.update_weights((n, p.detach().clone()) for n, p in other.model.named_parameters())
     for (n, p), (_, q) in zip(eng.model.named_parameters(), other.model.named_parameters()):
         assert torch.equal(p, q), n
+
+
+def test_top_k_top_p_logprobs_match_the_filtered_trainer_distribution(tiny_llama, tokenizer):
+    from rlhf.workers.model_workers import filter_logits
+
+    eng = _engine(tiny_llama, tokenizer)
+    prompts = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in _prompts(tokenizer)]
+    for k, p in ((20, 1.0), (0, 0.8), (50, 0.9)):
+        gens = eng.generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.8, top_k=k, top_p=p, seed=5))
+        batch = collate(gens, tokenizer.pad_token_id)
+        with torch.no_grad():
+            logits = policy_logits(eng.model, batch, 0.8)
+            filtered = logprobs_from_logits(filter_logits(logits, k, p), batch["responses"])
+            plain = logprobs_from_logits(logits, batch["responses"])
+        m = batch["mask"]
+        assert ((filtered - batch["rollout_logp"]).abs() * m).max() < 1e-4, (k, p)
+        assert ((plain - batch["rollout_logp"]).abs() * m).max() > 1e-3  # the trap: unfiltered logprobs differ
