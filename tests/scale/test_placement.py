@@ -92,7 +92,7 @@ def test_plan_lands_on_simulated_8x8_cluster():
                     os.environ.get("CUDA_VISIBLE_DEVICES"))
 
         # one probe per GPU, in the bundle of the first slot the plan puts there (waves of one per node)
-        first = {}
+        first, seen = {}, {}
         for s in plan.slots:
             first.setdefault((s.node, s.gpu), s)
         for gpu in range(8):
@@ -101,11 +101,13 @@ def test_plan_lands_on_simulated_8x8_cluster():
             for s, (node_id, gpu_ids, visible) in zip(wave, got):
                 assert node_id == pg_node[s.node], s
                 assert gpu_ids == [s.gpu] and visible == str(s.gpu), (s, gpu_ids, visible)
-        # a vLLM engine's TP shards share a node, on consecutive GPU ids
+                seen[(s.node, s.gpu)] = (node_id, gpu_ids[0])
+        # every role's slot is one of those bundles; a vLLM engine's TP shards share a physical
+        # node, on consecutive GPU ids
+        assert all((s.node, s.gpu) in seen for s in plan.slots)
         for e in range(plan.vllm_engines):
-            shards = plan.engine_slots(e)
-            got = ray.get([probe.options(**scheduling(pgs, s, num_cpus=0.5)).remote() for s in shards])
-            assert len({g[0] for g in got}) == 1 and [g[1][0] for g in got] == [s.gpu for s in shards]
+            got = [seen[(s.node, s.gpu)] for s in plan.engine_slots(e)]
+            assert len({g[0] for g in got}) == 1 and got[1][1] == got[0][1] + 1
     finally:
         ray.shutdown()
         cluster.shutdown()

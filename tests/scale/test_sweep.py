@@ -19,7 +19,7 @@ def sweep_yaml(tmp_path: Path, family: dict, **extra) -> Path:
     data = {
         "out": str(tmp_path / "sweep"),
         "ppo_config": str(ROOT / "configs" / "ppo" / "tiny_cpu.yaml"),
-        "overrides": ["trainer.total_steps=2", "trainer.save_every=1", "trainer.probe_every=0",
+        "overrides": ["trainer.total_steps=2", "trainer.save_every=2", "trainer.probe_every=0",
                       "ppo.rollout_batch_size=8", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8",
                       "ppo.ppo_epochs=1", "rollout.max_new_tokens=8"],
         "merge": {"method": "bai", "base": str(family["base"]), "dtype": "float32", "alphas": [0.1, 0.5, 0.9],
