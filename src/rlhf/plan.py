@@ -2,7 +2,8 @@
 
 Input: a plan YAML with sections ``gpu``, ``placement`` (``rlhf.placement.PlacementSpec``),
 ``model`` (and optionally ``critic``), ``workload`` and optionally ``ppo_config`` (a ``rlhf
-train`` YAML whose batch sizes, lengths and ZeRO stage fill ``workload`` / ``placement``).
+train`` YAML whose batch sizes, lengths, precision and ZeRO stage fill ``workload`` /
+``placement``; without a ``placement`` section its ``cluster`` section is used, 8 GPUs a node).
 Example: ``configs/plan/paper_moe_8x8.yaml`` (the paper's MoE, 25B total / 2.5B active, 8 x 8
 80 GB GPUs).
 
@@ -53,7 +54,8 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.placement import PlacementError, PlacementPlan, PlacementSpec, make_plan, spec_from_dict
+from rlhf.placement import (PlacementError, PlacementPlan, PlacementSpec, make_plan, spec_from_dict,
+                            spec_from_ppo_config)
 
 GiB = 1024 ** 3
 
@@ -352,6 +354,7 @@ def load_plan_input(path: str | Path) -> PlanInput:
     gpu = _build(GPUSpec, {**(preset or {}), **gpu_data}, "gpu")
     placement_data = dict(data.get("placement") or {})
     workload_data = dict(data.get("workload") or {})
+    placement = None
     if data.get("ppo_config"):
         from rlhf.config import load_config
 
@@ -366,6 +369,8 @@ def load_plan_input(path: str | Path) -> PlanInput:
                         precision="bf16" if cfg.deepspeed.bf16 else "fp32")
         workload_data = {**from_ppo, **workload_data}
         placement_data.setdefault("zero_stage", cfg.deepspeed.zero_stage)
+        if "placement" not in data:  # the trainer's own cluster section, on 8-GPU nodes
+            placement = spec_from_ppo_config(cfg, gpus_per_node=8)
     workload = _build(Workload, workload_data, "workload")
     if workload.precision not in ("bf16", "fp32"):
         raise PlacementError(f"workload.precision: bf16 or fp32, got {workload.precision!r}")
@@ -373,7 +378,9 @@ def load_plan_input(path: str | Path) -> PlanInput:
         raise PlacementError("workload.vllm_gpu_memory_utilization: must be in (0, 1]")
     model = _build(ModelSpec, data["model"], "model")
     critic = _build(ModelSpec, data["critic"], "critic") if data.get("critic") else model
-    return PlanInput(gpu=gpu, placement=spec_from_dict(placement_data), model=model, critic=critic,
+    if placement is None:
+        placement = spec_from_dict(placement_data)
+    return PlanInput(gpu=gpu, placement=placement, model=model, critic=critic,
                      workload=workload)
 
 

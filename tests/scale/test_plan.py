@@ -105,3 +105,22 @@ def test_plan_from_trainer_config(tmp_path):
     assert inp.workload.rollout_batch_size == 16 and inp.workload.precision == "fp32"
     assert inp.placement.zero_stage == 0 and inp.workload.response_len_max == 12
     assert P.plan(inp).fits
+
+
+def test_plan_of_the_paper_ppo_config(tmp_path):
+    """The PPO engineer's 8x8 template, planned as is (its cluster section, 8-GPU nodes)."""
+    ppo = Path(__file__).resolve().parents[2] / "configs" / "ppo" / "bai_olmoe_8x8.yaml"
+    data = yaml.safe_load(PAPER.read_text())
+    data.pop("placement")
+    data["workload"] = {"response_len_mean": 2048, "vllm_gpu_memory_utilization": 0.6}
+    data["ppo_config"] = str(ppo)
+    f = tmp_path / "from_ppo.yaml"
+    f.write_text(yaml.safe_dump(data))
+    inp = P.load_plan_input(f)
+    assert (inp.workload.rollout_batch_size, inp.workload.mini_batch_size) == (4096, 512)
+    assert inp.workload.precision == "bf16" and inp.placement.zero_stage == 3
+    assert inp.workload.response_len_max == 8192
+    res = P.plan(inp)
+    assert res.vllm["engines"] == 32  # colocated on max(actor, critic) = 32 GPUs, TP 1
+    assert not res.fits  # 25B bf16 weights on one GPU per engine leave no KV: the plan says why
+    assert any("leave no KV cache" in p for p in res.problems)
