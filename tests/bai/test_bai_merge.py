@@ -254,3 +254,18 @@ def test_killed_merge_leaves_nothing_and_keeps_old_output(tiny_family, tmp_path)
     bai.merge(cfg, root / "new", progress=False)
     assert sorted(p.name for p in root.iterdir()) == ["new", "old"]
     assert sorted(p.name for p in old.iterdir()) == ["alpha_0.2", "alpha_0.8"]
+
+
+def test_single_file_input_and_float16_output(tiny_family, sd, tmp_path):
+    single = tmp_path / "single"
+    shutil.copytree(tiny_family["sft_b"], single, ignore=shutil.ignore_patterns("model*.safetensors*"))
+    save_file({k: v.contiguous() for k, v in sd["sft_b"].items()}, str(single / "model.safetensors"),
+              metadata={"format": "pt"})
+    recipe = bai_recipe(tiny_family, dtype="float16", sft_models=[
+        {"path": str(tiny_family["sft_a"]), "weight": 0.25}, {"path": str(single), "weight": 0.75}])
+    out = bai.merge(recipe, tmp_path / "o", progress=False)[0]
+    got = state(out)
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    for k, v in got.items():
+        want = 0.3 * sd["base"][k] + 0.7 * (0.25 * sd["sft_a"][k] + 0.75 * sd["sft_b"][k])
+        assert torch.allclose(v, want.half().float(), rtol=2.0 ** -10, atol=1e-6), k
