@@ -84,6 +84,8 @@ class Plan:
     """The recipe."""
     ckpts: list[Checkpoint]
     """Inputs in ``cfg.inputs()`` order (base first when there is one); the first is the reference."""
+    roles: list[str]
+    """Each input's recipe key, for messages and the record: ``base``, ``sft_models[0]``, ..."""
     shards: list[list[OutTensor]]
     """Output tensors grouped into shards of at most ``cfg.shard_size`` bytes."""
     out_config: dict
@@ -160,7 +162,7 @@ def plan(cfg: MergeConfig) -> Plan:
     if want_head and out_config.get("tie_word_embeddings", True):
         out_config["tie_word_embeddings"] = False
     in_bytes = sum(ck.tensors[src].nbytes for t in tensors for ck, src in zip(ckpts, t.sources))
-    return Plan(cfg, ckpts, shards, out_config, in_bytes)
+    return Plan(cfg, ckpts, roles, shards, out_config, in_bytes)
 
 
 def _combiner(cfg: MergeConfig) -> Combine:
@@ -318,9 +320,7 @@ def _write_metadata(p: Plan, out_dirs: list[Path]) -> None:
     import yaml
 
     cfg = p.cfg
-    roles = (["base"] if cfg.base is not None else []) + [
-        f"{'sft_models' if cfg.method == 'bai' else 'models'}[{i}]" for i in range(len(cfg.models))]
-    inputs = [{"role": r, "path": str(ck.path), "fingerprint": fingerprint(ck)} for r, ck in zip(roles, p.ckpts)]
+    inputs = [{"role": r, "path": str(ck.path), "fingerprint": fingerprint(ck)} for r, ck in zip(p.roles, p.ckpts)]
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for i, d in enumerate(out_dirs):
         (d / "config.json").write_text(json.dumps(p.out_config, indent=2, sort_keys=True) + "\n")

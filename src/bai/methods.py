@@ -97,7 +97,7 @@ def ties(base: Tensor, xs: Sequence[Tensor], weights: Sequence[float], density: 
     result ``theta_base + lam * merged``. Trimming is per tensor (as mergekit; the paper trims the
     whole flattened task vector). Differs from peft's ``ties`` (unweighted sign, divides by count).
     """
-    deltas = [(x - base) * magnitude_mask(x - base, density) for x in xs]
+    deltas = [d * magnitude_mask(d, density) for d in (x - base for x in xs)]
     return base + lam * sign_consensus_merge(deltas, weights)
 
 
