@@ -65,5 +65,9 @@ def crash_once(prompts: list[str], responses: list[str], finished: list[bool]) -
 
 
 def nan_reward(prompts: list[str], responses: list[str], finished: list[bool]) -> list[float]:
-    """Fault injection: NaN scores (the trainer must stop with a clear error, keeping its checkpoint)."""
-    return [float("nan")] * len(responses)
+    """Fault injection: ``digit_ratio`` for two calls, then NaN scores (the trainer must stop with a
+    clear error and keep its last checkpoint)."""
+    _CALLS["nan"] = _CALLS.get("nan", 0) + 1
+    if _CALLS["nan"] > 2:
+        return [float("nan")] * len(responses)
+    return digit_ratio(prompts, responses, finished)

@@ -30,6 +30,10 @@ from rlhf.data import PromptSampler, encode_prompts, load_prompts
 NON_DETERMINISTIC_PREFIXES = ("timing/", "perf/")
 
 
+class RunStopped(RuntimeError):
+    """The run stopped on purpose (failed rollout check, non-finite values, too many restarts)."""
+
+
 # ----------------------------------------------------------------------------- run directory
 
 @dataclass
@@ -220,7 +224,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
         metrics.update(ray.get(w.reward.gold_metrics.remote([g.prompt_ids for g in gens],
                                                             [g.response_ids for g in gens], finished.tolist())))
     if step == 0 and metrics["kl/rollout_vs_trainer"] > cfg.trainer.rollout_check_tol:
-        raise RuntimeError(
+        raise RunStopped(
             f"kl/rollout_vs_trainer = {metrics['kl/rollout_vs_trainer']:.3g} at step 0 exceeds "
             f"trainer.rollout_check_tol = {cfg.trainer.rollout_check_tol}: the rollout engine and the trainer "
             "disagree on the same weights (check temperature/top-p handling, dtype, weight loading)")
@@ -387,12 +391,12 @@ def train(cfg: PPOConfig, resume: bool = False) -> Path:
                 return run_dir
             except FloatingPointError as e:
                 ckpt = latest_checkpoint(run_dir)
-                raise RuntimeError(f"stopping: {e}; the last checkpoint ({ckpt or 'none yet'}) is kept") from None
+                raise RunStopped(f"stopping: {e}; the last checkpoint ({ckpt or 'none yet'}) is kept") from None
             except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
                     ray.exceptions.ActorDiedError) as e:
                 restarts += 1
                 if restarts > cfg.trainer.max_restarts:
-                    raise RuntimeError(f"a Ray worker died {restarts} times; giving up "
+                    raise RunStopped(f"a Ray worker died {restarts} times; giving up "
                                        f"(trainer.max_restarts = {cfg.trainer.max_restarts})") from e
                 print(f"[rlhf train] a worker died ({type(e).__name__}); restart {restarts}/"
                       f"{cfg.trainer.max_restarts} from the last checkpoint", file=sys.stderr)
@@ -432,5 +436,8 @@ def cli_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"rlhf train: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"rlhf train: {e}", file=sys.stderr)
+        return 1
     print(f"run directory: {run_dir}\nTensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     return 0

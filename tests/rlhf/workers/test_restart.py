@@ -48,3 +48,15 @@ def test_worker_death_restarts_from_checkpoint_zero3(ray_cluster, tmp_path, capf
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(run_dir / "checkpoints" / "step_000006" / "actor"))
+
+
+def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(ray_cluster, tmp_path):
+    from rlhf.trainer import RunStopped
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=4", "trainer.save_every=2",
+                             "trainer.probe_every=0", "reward.function=rlhf.rewards:nan_reward"])
+    with pytest.raises(RunStopped, match=r"non-finite reward scores at step 3.*step_000002.*is kept"):
+        train(cfg)
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
+    assert (run_dir / "checkpoints" / "step_000002" / "actor" / "model.safetensors").exists()

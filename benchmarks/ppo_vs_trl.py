@@ -1,0 +1,221 @@
+"""Time per PPO step: `rlhf train` (Ray + DeepSpeed, CPU) against TRL 1.12.0's PPOTrainer, one run.
+
+Both sides get the same models, built on the spot (nothing downloaded): a Llama policy (hidden
+512, 8 layers, 8 heads of 64, intermediate 2048, ~34M parameters), a sequence-classification
+reward model of the same shape, and a value model initialised from the reward model (the
+paper's critic init, and TRL's usual setup). The reference is a second copy of the policy.
+
+The work per PPO step is matched:
+
+- 8 prompts (the built-in arithmetic prompts, same chat template and left padding), exactly
+  32 sampled tokens each. To force 32 tokens on both sides without touching either sampler,
+  the tokenizer's EOS is a token the models cannot emit: a special token appended after the
+  384-token model vocabulary (id 384), written as ``eos_token_id`` in the tokenizer, config and
+  generation config. ``generate`` then never stops early on either side (ours runs
+  transformers ``generate`` too), and both report 0 EOS tokens.
+- Scoring: one batch of 8 through the reference, the value model and the reward model on both
+  sides (TRL ``local_rollout_forward_batch_size=8``); ours also re-scores the policy (the PPO
+  old logprobs; TRL takes them from the sampler's scores).
+- 4 PPO epochs x 1 mini-batch of 8 x 1 micro-batch of 8: 4 forward/backward passes and 4
+  AdamW steps for the policy and 4 for the value model per PPO step (TRL:
+  ``per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1``; ours:
+  ``ppo.mini_batch_size=8, ppo.micro_batch_size=8``). float32 everywhere, CPU only, no eval,
+  no sample generations, no checkpoints inside the timed steps.
+
+Ours runs the real loop (``rlhf.trainer.train``: Ray workers, DeepSpeed ZeRO-0 with gloo, the
+``configs/ppo/tiny_cpu.yaml`` defaults plus the overrides printed below); its step time is the
+logged ``timing/step`` of each ``metrics.jsonl`` record. TRL runs in this process with torch
+threads = 2 (the machine's cores); its step time is the time between ``on_step_end`` callbacks.
+Each side runs ``--steps`` steps; the first is a warm-up and the median of the others is
+reported. Prints per-step times, the stage breakdowns and the ratio ours / TRL (target <= 0.7).
+
+    python benchmarks/ppo_vs_trl.py            # --steps 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+BATCH, RESPONSE, EPOCHS, KL_COEF, LR = 8, 32, 4, 0.05, 1e-6
+NEVER_EOS = "<|never|>"
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def build_models(root: Path, hidden: int, layers: int, heads: int) -> dict[str, Path]:
+    """Policy and reward model directories sharing one tokenizer whose EOS the models cannot emit."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from rlhf import tiny
+
+    tok = tiny.train_tokenizer()
+    shape = dict(hidden_size=hidden, num_layers=layers, num_heads=heads, intermediate_size=4 * hidden)
+    policy = tiny.make_tiny_model(root / "policy", tokenizer=tok, seed=0, max_shard_size="2GB", **shape)
+    lm = tiny.make_tiny_model(root / "rm_lm", tokenizer=tok, seed=1, max_shard_size="2GB", **shape)
+    torch.manual_seed(2)  # the score head
+    rm = AutoModelForSequenceClassification.from_pretrained(str(lm), num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id
+    rm.save_pretrained(str(root / "rm"))
+    vocab = rm.config.vocab_size
+    tok.add_special_tokens({"eos_token": NEVER_EOS})
+    assert tok.eos_token_id == vocab, (tok.eos_token_id, vocab)  # outside the model vocabulary: never sampled
+    for d in (policy, root / "rm"):
+        tok.save_pretrained(str(d))
+        for name in ("config.json", "generation_config.json"):
+            f = d / name
+            if f.exists():
+                cfg = json.loads(f.read_text())
+                cfg["eos_token_id"] = tok.eos_token_id
+                f.write_text(json.dumps(cfg, indent=2))
+    n = sum(p.numel() for p in rm.parameters())
+    print(f"models: Llama hidden {hidden}, {layers} layers, {heads} heads, {n / 1e6:.1f}M parameters each "
+          f"(policy, reference, reward, value); EOS id {tok.eos_token_id} >= vocab {vocab}: "
+          f"always {RESPONSE} new tokens")
+    return {"policy": policy, "rm": root / "rm"}
+
+
+def ours(models: dict[str, Path], root: Path, steps: int) -> dict:
+    """`rlhf train` on the benchmark models; per-step timings from its metrics.jsonl."""
+    import ray
+
+    from rlhf.config import load_config
+    from rlhf.trainer import train
+
+    run_dir = root / "ours"
+    overrides = [
+        f"run_dir={run_dir}", f"model.actor={models['policy']}", f"reward.model={models['rm']}",
+        "reward.function=null", f"ppo.rollout_batch_size={BATCH}", f"ppo.mini_batch_size={BATCH}",
+        f"ppo.micro_batch_size={BATCH}", f"ppo.ppo_epochs={EPOCHS}", f"rollout.max_new_tokens={RESPONSE}",
+        f"ppo.kl_coef={KL_COEF}", f"optim.actor_lr={LR}", f"optim.critic_lr={LR}", "optim.warmup_steps=0",
+        f"trainer.total_steps={steps}", "trainer.save_every=0", "trainer.probe_every=0"]
+    print("ours: rlhf train configs/ppo/tiny_cpu.yaml " + " ".join(o.replace(str(root), "$TMP") for o in overrides))
+    cfg = load_config(None, overrides)
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)  # our own cluster, never a peer's
+    try:
+        train(cfg)
+    finally:
+        ray.shutdown()
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    lengths = {r["rollout/length_mean"] for r in recs}
+    assert lengths == {float(RESPONSE)}, f"ours sampled response lengths {lengths}, expected {RESPONSE}"
+    keys = ["timing/generate", "timing/score", "timing/train", "timing/sync"]
+    return {"steps": [r["timing/step"] for r in recs],
+            "stages": {k.split("/")[1]: statistics.median(r[k] for r in recs[1:]) for k in keys}}
+
+
+def trl(models: dict[str, Path], root: Path, steps: int, threads: int) -> dict:
+    """TRL 1.12.0 PPOTrainer configured for the same work; per-step wall times from a callback."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as trl_ppo
+
+    from rlhf.data import builtin_arith, encode_prompts
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    tok = AutoTokenizer.from_pretrained(str(models["policy"]), padding_side="left")
+    tok.padding_side = "left"  # TRL generates after the query: prompts must be left-padded
+    ds = Dataset.from_dict({"input_ids": encode_prompts(builtin_arith(256), tok, max_tokens=64)})
+    stamps: list[float] = []
+    gen_times: list[float] = []
+    logged: list[dict] = []
+    batch_generation = trl_ppo.batch_generation
+
+    def timed_generation(*a, **kw):
+        t = time.perf_counter()
+        out = batch_generation(*a, **kw)
+        gen_times.append(time.perf_counter() - t)
+        assert out[0].shape[1] - a[1].shape[1] == RESPONSE, "TRL did not sample exactly RESPONSE tokens"
+        return out
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            stamps.append(time.perf_counter())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logged.append(dict(logs or {}))
+
+    args = PPOConfig(
+        output_dir=str(root / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
+        num_mini_batches=1, num_ppo_epochs=EPOCHS, response_length=RESPONSE, total_episodes=BATCH * steps,
+        local_rollout_forward_batch_size=BATCH, learning_rate=LR, kl_coef=KL_COEF, stop_token="eos",
+        num_sample_generations=0, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
+        bf16=False, fp16=False, seed=0, logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+    policy = AutoModelForCausalLM.from_pretrained(str(models["policy"]), dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(str(models["policy"]), dtype=torch.float32)
+    rm = AutoModelForSequenceClassification.from_pretrained(str(models["rm"]), num_labels=1, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(str(models["rm"]), num_labels=1, dtype=torch.float32)
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
+                         value_model=value, train_dataset=ds, callbacks=[Clock()])
+    trl_ppo.batch_generation = timed_generation
+    try:
+        start = time.perf_counter()
+        trainer.train()
+    finally:
+        trl_ppo.batch_generation = batch_generation
+        torch.set_num_threads(before)
+    eos = [x["val/num_eos_tokens"] for x in logged if "val/num_eos_tokens" in x]
+    assert eos and not any(eos), f"TRL sampled EOS tokens: {eos}"
+    del trainer, policy, ref, rm, value
+    gc.collect()
+    times = [b - a for a, b in zip([start] + stamps, stamps)]
+    return {"steps": times, "stages": {"generate": statistics.median(gen_times[1:])}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=6, help="PPO steps per side; the first is a warm-up")
+    ap.add_argument("--hidden", type=int, default=512)
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--trl-threads", type=lambda x: [int(v) for v in x.split(",")], default=[1, 2],
+                    help="torch thread counts to run TRL with (comma-separated); the fastest is the peer")
+    a = ap.parse_args()
+    if a.steps < 2:
+        ap.error("--steps: need at least 2 (the first step is a warm-up)")
+    with tempfile.TemporaryDirectory(prefix="ppo_vs_trl_") as d:
+        root = Path(d)
+        models = build_models(root / "models", a.hidden, a.layers, a.heads)
+        trls = {}
+        for k in a.trl_threads:
+            print(f"TRL, {k} torch thread(s): start, {load_average()}", flush=True)
+            trls[k] = trl(models, root / f"trl_{k}", a.steps, k)
+            print(f"TRL, {k} torch thread(s): done, {load_average()}", flush=True)
+        print("ours: start", flush=True)
+        o = ours(models, root, a.steps)
+        print(f"ours: done, {load_average()}", flush=True)
+    n = a.steps - 1
+    med = lambda xs: statistics.median(xs[1:])  # noqa: E731  (the first step is a warm-up)
+    fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
+    print(f"\nbatch {BATCH}, {RESPONSE} new tokens, {EPOCHS} PPO epochs x 1 mini-batch x 1 micro-batch, "
+          f"float32, CPU; per-step times in s (the first is a warm-up), medians of {n}")
+    for k, t in trls.items():
+        print(f"TRL 1.12.0 PPOTrainer, {k} thread(s)  steps: {fmt(t['steps'])}  median {med(t['steps']):.2f} s "
+              f"(generate {t['stages']['generate']:.2f} s)")
+    print(f"rlhf train (Ray + DeepSpeed)      steps: {fmt(o['steps'])}  median {med(o['steps']):.2f} s ("
+          + ", ".join(f"{k} {v:.2f} s" for k, v in o["stages"].items()) + ")")
+    best = min(trls, key=lambda k: med(trls[k]["steps"]))
+    print(f"ratio ours / TRL (fastest: {best} thread(s)) = {med(o['steps']) / med(trls[best]['steps']):.2f} "
+          "(target <= 0.7)")
+
+if __name__ == "__main__":
+    main()
