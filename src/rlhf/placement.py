@@ -236,3 +236,8 @@ def scheduling(pgs: list, slot: Slot, num_cpus: float | None = None) -> dict:
     return dict(num_gpus=slot.share, num_cpus=num_cpus if num_cpus is not None else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pgs[slot.node], placement_group_bundle_index=slot.gpu))
+
+
+def engine_bundles(plan: PlacementPlan, pgs: list) -> list[tuple]:
+    """``(placement_group, first bundle index)`` of every vLLM engine (``VLLMRolloutEngine(bundles=...)``)."""
+    return [(pgs[plan.engine_slots(e)[0].node], plan.engine_slots(e)[0].gpu) for e in range(plan.vllm_engines)]

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from rlhf.config import load_config
-from rlhf.placement import (ROLES, PlacementError, RoleGroup, PlacementSpec, create_placement_groups, make_plan,
-                            scheduling, spec_from_dict, spec_from_ppo_config)
+from rlhf.placement import (ROLES, PlacementError, PlacementSpec, RoleGroup, create_placement_groups, engine_bundles,
+                            make_plan, scheduling, spec_from_dict, spec_from_ppo_config)
 
 SPLIT = PlacementSpec(nodes=8, gpus_per_node=8, vllm_tp=2, zero_stage=3, cpus_per_gpu=1.0, groups=[
     RoleGroup(["actor", "reference"], 16), RoleGroup(["critic", "reward"], 16), RoleGroup(["rollout"], 32)])
@@ -108,6 +108,8 @@ def test_plan_lands_on_simulated_8x8_cluster():
         for e in range(plan.vllm_engines):
             got = [seen[(s.node, s.gpu)] for s in plan.engine_slots(e)]
             assert len({g[0] for g in got}) == 1 and got[1][1] == got[0][1] + 1
+        assert [(pgs.index(pg), b) for pg, b in engine_bundles(plan, pgs)] == \
+            [(4 + e // 4, 2 * (e % 4)) for e in range(16)]
     finally:
         ray.shutdown()
         cluster.shutdown()

@@ -212,6 +212,7 @@ class VLLMRolloutEngine:
             runtime_env["py_executable"] = python
         remote_cls = ray.remote(VLLMEngineActor)
         self.actors = []
+        tp = cfg.tensor_parallel_size
         for i in range(cfg.num_engines):
             opts: dict = dict(num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, runtime_env=runtime_env)
             if bundles is not None:
@@ -219,6 +220,10 @@ class VLLMRolloutEngine:
                 opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group=pg, placement_group_bundle_index=idx,
                     placement_group_capture_child_tasks=True)
+                if tp > 1:  # vLLM's Ray executor puts its TP workers on these bundles of the node's group
+                    env = dict(runtime_env["env_vars"], VLLM_RAY_BUNDLE_INDICES=",".join(
+                        str(b) for b in range(idx, idx + tp)), VLLM_RAY_PER_WORKER_GPUS=str(cfg.num_gpus or 1))
+                    opts.update(num_gpus=0, runtime_env={**runtime_env, "env_vars": env})
             self.actors.append(remote_cls.options(**opts).remote(asdict(cfg), i))
         self.infos = ray.get([a.info.remote() for a in self.actors])
 
