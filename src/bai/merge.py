@@ -233,10 +233,11 @@ def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
     chunks = _chunks(p, elementwise)
     all_t = [t for s in p.shards for t in s]
     cap = max((n for *_, n in chunks), default=1)
-    itemsize = max(i.dtype.itemsize for ck in p.ckpts for i in ck.tensors.values())
+    in_size = max(i.dtype.itemsize for ck in p.ckpts for i in ck.tensors.values())
+    out_size = max((t.dtype.itemsize for t in all_t), default=1)
     depth = 2 if elementwise else 1
-    raw = [[torch.empty(cap * itemsize, dtype=torch.uint8) for _ in p.ckpts] for _ in range(depth)]
-    outb = [[torch.empty(cap * itemsize, dtype=torch.uint8) for _ in out_dirs] for _ in range(depth)]
+    raw = [[torch.empty(cap * in_size, dtype=torch.uint8) for _ in p.ckpts] for _ in range(depth)]
+    outb = [[torch.empty(cap * out_size, dtype=torch.uint8) for _ in out_dirs] for _ in range(depth)]
     f32 = [torch.empty(cap, dtype=torch.float32) for _ in p.ckpts]
     names = [f"model-{i + 1:05d}-of-{len(p.shards):05d}.safetensors" for i in range(len(p.shards))]
     slow = float(os.environ.get("BAI_MERGE_SLOWDOWN_S", "0") or 0)

@@ -269,3 +269,23 @@ def test_single_file_input_and_float16_output(tiny_family, sd, tmp_path):
     for k, v in got.items():
         want = 0.3 * sd["base"][k] + 0.7 * (0.25 * sd["sft_a"][k] + 0.75 * sd["sft_b"][k])
         assert torch.allclose(v, want.half().float(), rtol=2.0 ** -10, atol=1e-6), k
+
+
+@pytest.mark.parametrize("method", ["bai", "ties"])
+def test_bf16_inputs_float32_output(tiny_family, sd, tmp_path, method):
+    ins = {}
+    for role in ("base", "sft_a", "sft_b"):
+        ins[role] = tmp_path / role
+        shutil.copytree(tiny_family[role], ins[role], ignore=shutil.ignore_patterns("model*.safetensors*"))
+        save_file({k: v.bfloat16() for k, v in sd[role].items()}, str(ins[role] / "model.safetensors"),
+                  metadata={"format": "pt"})
+    recipe = {"method": method, "base": str(ins["base"]), "dtype": "float32",
+              "sft_models" if method == "bai" else "models": [{"path": str(ins["sft_a"]), "weight": 0.5},
+                                                              {"path": str(ins["sft_b"]), "weight": 0.5}],
+              **({"alpha": 0.3} if method == "bai" else {"density": 0.5})}
+    got = state(bai.merge(recipe, tmp_path / "o", progress=False)[0])
+    x = {r: {k: v.bfloat16().float() for k, v in sd[r].items()} for r in sd}
+    for k, v in got.items():
+        want = (methods.bai(x["base"][k], [x["sft_a"][k], x["sft_b"][k]], [0.5, 0.5], 0.3) if method == "bai"
+                else methods.ties(x["base"][k], [x["sft_a"][k], x["sft_b"][k]], [0.5, 0.5], 0.5))
+        assert v.dtype == torch.float32 and close(v, want), k
