@@ -368,7 +368,10 @@ def _commit(tmp: Path, out: Path, force: bool) -> None:
     old = out.parent / f".{out.name}.old-bai-{os.getpid()}"
     os.rename(out, old)
     os.rename(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink()
 
 
 def merge(config: "str | os.PathLike | dict | MergeConfig", out: "str | os.PathLike", force: bool = False, *,
