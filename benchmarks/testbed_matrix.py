@@ -46,7 +46,13 @@ def run_one(condition: str, seed: int, steps: int, build: Path, run_dir: Path, e
     env = dict(os.environ, RLHF_TESTBED_RM=str(models / "rm"), DS_ACCELERATOR="cpu", RAY_AUTH_MODE="disabled")
     t = time.time()
     print(f"[matrix] {condition} seed {seed}: {' '.join(cmd[3:])}", flush=True)
-    subprocess.run(cmd, check=True, env=env, cwd=REPO)
+    log = run_dir.parent / f"{run_dir.name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        rc = subprocess.run(cmd, env=env, cwd=REPO, stdout=f, stderr=subprocess.STDOUT).returncode
+    if rc != 0:
+        raise RuntimeError(f"{condition} seed {seed} failed (exit {rc}); see {log}:\n" + log.read_text()[-3000:])
+    print(f"[matrix] {condition} seed {seed}: done in {time.time() - t:.0f}s", flush=True)
     return time.time() - t
 
 
@@ -117,17 +123,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--out", default="runs/testbed_matrix", help="run directories")
     ap.add_argument("--docs", default="docs", help="where the figure and table go")
+    ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each starts its own local Ray)")
     ap.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run")
     args = ap.parse_args(argv)
     build, out = Path(args.build).resolve(), Path(args.out).resolve()
     if not (build / "models" / "rm").exists():
         print(f"testbed_matrix: no build at {build}; run `rlhf testbed build --out {args.build}` first", file=sys.stderr)
         return 2
-    results, wall = [], 0.0
-    for cond in args.conditions:
-        for seed in args.seeds:
-            wall += run_one(cond, seed, args.steps, build, out / f"{cond}_s{seed}", args.overrides)
-            results.append(summarize(cond, seed, out / f"{cond}_s{seed}"))
+    from concurrent.futures import ThreadPoolExecutor
+
+    grid = [(c, s) for c in args.conditions for s in args.seeds]
+    t0 = time.time()
+    with ThreadPoolExecutor(max_workers=max(args.parallel, 1)) as pool:
+        list(pool.map(lambda cs: run_one(cs[0], cs[1], args.steps, build, out / f"{cs[0]}_s{cs[1]}",
+                                         args.overrides), grid))
+    wall = time.time() - t0
+    results = [summarize(c, s, out / f"{c}_s{s}") for c, s in grid]
     docs = Path(args.docs)
     figure(results, docs / "testbed_matrix.png")
     md = table(results)
@@ -138,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd = "python benchmarks/testbed_matrix.py " + " ".join(argv if argv is not None else sys.argv[1:])
     (docs / "testbed_matrix.md").write_text(
         f"# Testbed collapse matrix\n\nCommand: `{cmd}` ({args.steps} PPO steps per run, "
-        f"{wall / 60:.1f} min of runs)\n\n" + md + "\n\n" + "\n".join(lines)
+        f"{wall / 60:.1f} min wall)\n\n" + md + "\n\n" + "\n".join(lines)
         + f"\n\nExpectation (collapse in every rm_mix seed, none with exact reward): {'met' if ok else 'NOT met'}\n"
         "\n![matrix](testbed_matrix.png)\n")
     print(md + "\n" + "\n".join(lines) + f"\nexpectation {'met' if ok else 'NOT met'}")
