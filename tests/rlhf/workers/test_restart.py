@@ -1,7 +1,8 @@
 """A Ray worker that dies mid-run makes the trainer restart every worker from the last checkpoint.
 
-Also the multi-rank path: 2 actor and 2 critic ranks under ZeRO-3 (gloo), roles in separate
-placement groups.
+The same run covers the multi-rank path (2 actor and 2 critic ranks under ZeRO-3 with gloo,
+roles in separate placement groups) and BAI init (the actor comes from a merge recipe that the
+trainer runs first and records in the run directory).
 """
 
 from __future__ import annotations
@@ -27,12 +28,18 @@ def ray_cluster():
     ray.shutdown()
 
 
-def test_worker_death_restarts_from_checkpoint_zero3(ray_cluster, tmp_path, capfd):
+def test_worker_death_restarts_from_checkpoint_zero3_bai_init(ray_cluster, tmp_path, capfd, tiny_family):
+    import yaml
+
     run_dir = tmp_path / "run"
+    recipe = tmp_path / "bai.yaml"
+    recipe.write_text(yaml.safe_dump({"method": "bai", "base": str(tiny_family["base"]), "alpha": 0.5,
+                                      "sft_models": [{"path": str(tiny_family["sft_a"]), "weight": 0.5},
+                                                     {"path": str(tiny_family["sft_b"]), "weight": 0.5}]}))
     with open(CRASH_MARKER, "w") as f:
         f.write("5")  # the reward worker dies on its 5th call (step 5); last checkpoint: step 4
     try:
-        cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=6", "trainer.save_every=2",
+        cfg = load_config(None, [f"run_dir={run_dir}", f"model.bai_recipe={recipe}", "trainer.total_steps=6", "trainer.save_every=2",
                                  "trainer.probe_every=0", "reward.function=rlhf.rewards:crash_once",
                                  "deepspeed.zero_stage=3", "cluster.actor_workers=2", "cluster.critic_workers=2",
                                  "cluster.colocate=false", "ppo.micro_batch_size=2", "ppo.mini_batch_size=8"])
@@ -48,6 +55,9 @@ def test_worker_death_restarts_from_checkpoint_zero3(ray_cluster, tmp_path, capf
     from transformers import AutoModelForCausalLM
 
     AutoModelForCausalLM.from_pretrained(str(run_dir / "checkpoints" / "step_000006" / "actor"))
+    assert yaml.safe_load((run_dir / "bai_recipe.yaml").read_text())["alpha"] == 0.5  # the run records its recipe
+    assert (run_dir / "models" / "bai_actor" / "bai_merge.yaml").exists()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["model"]["bai_recipe"] == str(recipe)
 
 
 def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(ray_cluster, tmp_path):
