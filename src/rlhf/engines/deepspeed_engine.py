@@ -94,11 +94,16 @@ class DeepSpeedTrainEngine:
     def step(self) -> dict[str, float]:
         """Advance one micro-batch; at the accumulation boundary also returns grad_norm and lr."""
         boundary = self.engine.is_gradient_accumulation_boundary()
+        own = None
+        if boundary and self.spec.zero_stage == 0:  # DeepSpeed does not report the norm without ZeRO
+            grads = [p.grad.detach().float().norm() for p in self.module.parameters() if p.grad is not None]
+            own = float(torch.stack(grads).norm()) if grads else 0.0
         self.engine.step()
         if not boundary:
             return {}
         gn = self.engine.get_global_grad_norm()
-        gn = float(gn.item() if torch.is_tensor(gn) else (gn if gn is not None else float("nan")))
+        gn = float(gn.item() if torch.is_tensor(gn) else (gn if gn is not None else (own if own is not None
+                                                                                      else float("nan"))))
         return {"grad_norm": gn, "lr": float(self.scheduler.get_last_lr()[0])}
 
     def train(self, mode: bool = True) -> None:
@@ -143,3 +148,18 @@ class DeepSpeedTrainEngine:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+            _forget_deepspeed_groups()
+
+
+def _forget_deepspeed_groups() -> None:
+    """Drop DeepSpeed's cached process groups so a later engine in this process starts clean."""
+    from deepspeed.utils import groups
+
+    for name in ("_WORLD_GROUP", "_ZERO_PARAM_INTRA_PARALLEL_GROUP", "_DATA_PARALLEL_GROUP",
+                 "_MODEL_PARALLEL_GROUP", "_TENSOR_MODEL_PARALLEL_GROUP"):
+        if hasattr(groups, name):
+            setattr(groups, name, None)
+    for name in ("_EXPERT_PARALLEL_GROUP", "_EXPERT_PARALLEL_GROUP_RANKS", "_EXPERT_DATA_PARALLEL_GROUP",
+                 "_EXPERT_DATA_PARALLEL_GROUP_RANKS", "_ALL_TO_ALL_GROUP"):
+        if isinstance(getattr(groups, name, None), dict):
+            getattr(groups, name).clear()

@@ -21,7 +21,8 @@ class HFRolloutEngine:
     def __init__(self, model_path: str, pad_token_id: int, eos_token_id: int, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(dev)
         self.model.eval()
         self.pad_id, self.eos_id = pad_token_id, eos_token_id
 
@@ -36,13 +37,14 @@ class HFRolloutEngine:
             ids[i, P - len(p):] = torch.tensor(p)
             attn[i, P - len(p):] = 1
         out = self.model.generate(
-            input_ids=ids, attention_mask=attn, do_sample=True, max_new_tokens=params.max_new_tokens,
+            input_ids=ids.to(self.model.device), attention_mask=attn.to(self.model.device), do_sample=True, max_new_tokens=params.max_new_tokens,
             temperature=params.temperature, top_p=params.top_p, top_k=params.top_k or None,
             eos_token_id=self.eos_id, pad_token_id=self.pad_id, output_scores=True,
             return_dict_in_generate=True)
         seq = out.sequences[:, P:]
         logps = torch.stack([torch.log_softmax(s.float(), dim=-1) for s in out.scores], dim=1)  # [B, T, V]
-        taken = logps.gather(-1, seq[:, : logps.shape[1], None]).squeeze(-1)
+        taken = logps.gather(-1, seq[:, : logps.shape[1], None]).squeeze(-1).cpu()
+        seq = seq.cpu()
         gens = []
         for i, p in enumerate(prompts):
             toks = seq[i].tolist()

@@ -44,3 +44,8 @@ def select_rows(batch: dict, rows) -> dict:
     """The sub-batch of the given row indices (tensors indexed, scalars kept)."""
     idx = torch.as_tensor(list(rows), dtype=torch.long)
     return {k: (v.index_select(0, idx) if torch.is_tensor(v) else v) for k, v in batch.items()}
+
+
+def to_device(batch: dict, device) -> dict:
+    """The batch with every tensor on ``device`` (a no-op on CPU)."""
+    return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}

@@ -16,7 +16,7 @@ import socket
 import ray
 import torch
 
-from rlhf.workers.batch import response_slice, select_rows
+from rlhf.workers.batch import response_slice, select_rows, to_device
 
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
               "TRANSFORMERS_OFFLINE": "1"}
@@ -30,7 +30,13 @@ def _worker_setup(threads: int) -> None:
     torch.set_num_threads(max(1, threads))
 
 
+def device() -> torch.device:
+    """This worker's device: its (Ray-assigned) GPU when there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def _forward_hidden_or_logits(model, batch, **kw):
+    batch = to_device(batch, next(model.parameters()).device)
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                  position_ids=batch["position_ids"], use_cache=False, **kw)
 
@@ -70,8 +76,8 @@ def reward_model_scores(model, batch: dict) -> torch.Tensor:
 
     backbone = getattr(model, model.base_model_prefix)
     hidden = _forward_hidden_or_logits(backbone, batch).last_hidden_state
-    idx = batch["prompt_len"] + last_token_index(batch["mask"])
-    return model.score(hidden[torch.arange(hidden.shape[0]), idx]).squeeze(-1).float()
+    idx = (batch["prompt_len"] + last_token_index(batch["mask"])).to(hidden.device)
+    return model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]).squeeze(-1).float().cpu()
 
 
 def _setup_dist(rank: int, world: int, addr: str, port: int) -> None:
@@ -97,7 +103,7 @@ def ppo_update(engine, batch: dict, plan: list, micro: int, loss_fn) -> list[dic
     for epoch in plan:
         for rows, num_tokens in epoch:
             for i in range(0, len(rows), micro):
-                sub = select_rows(batch, rows[i:i + micro])
+                sub = to_device(select_rows(batch, rows[i:i + micro]), engine.module.device)
                 loss, stats = loss_fn(engine, sub, num_tokens)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"non-finite loss {loss.item()} (rank {engine.rank})")
@@ -168,11 +174,12 @@ class ActorWorker(_TrainableBase):
         self.engine.train(False)
         sub = select_rows(batch, rows)
         logits = policy_logits(self.engine.module, sub, self.temperature)
-        logp = logprobs_from_logits(logits, sub["responses"])
+        responses = sub["responses"].to(logits.device)
+        logp = logprobs_from_logits(logits, responses)
         filtered = logp
         if top_k or top_p < 1.0:
-            filtered = logprobs_from_logits(filter_logits(logits, top_k, top_p), sub["responses"])
-        return logp, entropy_from_logits(logits), filtered
+            filtered = logprobs_from_logits(filter_logits(logits, top_k, top_p), responses)
+        return logp.cpu(), entropy_from_logits(logits).cpu(), filtered.cpu()
 
     def train(self, batch: dict, plan: list) -> list[dict[str, float]]:
         from rlhf.algo import entropy_from_logits, logprobs_from_logits, masked_mean, policy_loss
@@ -215,7 +222,7 @@ class CriticWorker(_TrainableBase):
     @torch.no_grad()
     def values(self, batch: dict, rows: list[int]) -> torch.Tensor:
         self.engine.train(False)
-        return critic_values(self.engine.module, select_rows(batch, rows))
+        return critic_values(self.engine.module, select_rows(batch, rows)).cpu()
 
     def train(self, batch: dict, plan: list) -> list[dict[str, float]]:
         from rlhf.algo import value_loss
@@ -236,14 +243,15 @@ class ReferenceWorker:
         from transformers import AutoModelForCausalLM
 
         _worker_setup(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device()).eval()
         self.temperature = temperature
 
     @torch.no_grad()
     def logprobs(self, batch: dict) -> torch.Tensor:
         from rlhf.algo import logprobs_from_logits
 
-        return logprobs_from_logits(policy_logits(self.model, batch, self.temperature), batch["responses"])
+        logits = policy_logits(self.model, batch, self.temperature)
+        return logprobs_from_logits(logits, batch["responses"].to(logits.device)).cpu()
 
     def pid(self) -> int:
         return os.getpid()
@@ -264,7 +272,7 @@ class RewardWorker:
         if model_path is not None:
             from transformers import AutoModelForSequenceClassification
 
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1).eval()
+            self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1).to(device()).eval()
         else:
             from rlhf.rewards import load_reward_function
 

@@ -28,12 +28,13 @@ def _loss(engine, ids):
     return out.loss
 
 
-def test_train_save_load_exact(tiny_llama, tmp_path, dist_env):
+@pytest.mark.parametrize("zero", [0, 1])
+def test_train_save_load_exact(tiny_llama, tmp_path, dist_env, zero):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (4, 12))
-    spec = EngineSpec(lr=1e-2, warmup_steps=2, micro_batch_size=2, grad_accum=2, zero_stage=1)
+    spec = EngineSpec(lr=1e-2, warmup_steps=2, micro_batch_size=2, grad_accum=2, zero_stage=zero)
     eng = DeepSpeedTrainEngine(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), spec)
     try:
         before = {k: v.clone() for k, v in eng.full_state_dict().items()}
