@@ -96,7 +96,9 @@ def figure(results: list[dict], path: Path) -> None:
                     alpha=0.8, label=f"{r['condition']} (seed {r['seed']})" if k == keys[0][0] else None)
             if k == keys[0][0] and r["onset_step"] is not None:
                 ax.axvline(r["onset_step"], color=colors.get(r["condition"], "k"), ls=":", lw=1)
-    for ax, (_, title) in zip(axes, keys):
+    for ax, (k, title) in zip(axes, keys):
+        if k in ("gold/accuracy", "rollout/think_rate"):
+            ax.set_ylim(-0.03, 1.03)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("PPO step")
     axes[0].legend(fontsize=7)
