@@ -70,3 +70,15 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(ray_cluster, tmp_
         train(cfg)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
     assert (run_dir / "checkpoints" / "step_000002" / "actor" / "model.safetensors").exists()
+
+
+def test_failed_rollout_check_at_step_zero_stops_with_a_clear_error(ray_cluster, tmp_path):
+    from rlhf.trainer import RunStopped
+
+    run_dir = tmp_path / "run"
+    # a tolerance below zero fails the check whatever the (tiny) measured mismatch: the failure path
+    cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=2", "trainer.probe_every=0",
+                             "trainer.rollout_check_tol=-1"])
+    with pytest.raises(RunStopped, match=r"kl/rollout_vs_trainer = .* at step 0 exceeds trainer.rollout_check_tol"):
+        train(cfg)
+    assert not (run_dir / "checkpoints").exists()
