@@ -19,17 +19,22 @@ The work per PPO step is matched:
 - 4 PPO epochs x 1 mini-batch of 8 x 1 micro-batch of 8: 4 forward/backward passes and 4
   AdamW steps for the policy and 4 for the value model per PPO step (TRL:
   ``per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1``; ours:
-  ``ppo.mini_batch_size=8, ppo.micro_batch_size=8``). float32 everywhere, CPU only, no eval,
-  no sample generations, no checkpoints inside the timed steps.
+  ``ppo.mini_batch_size=8, ppo.micro_batch_size=8``; TRL sums the two losses into one backward,
+  ours trains the two models in two workers at once). float32 everywhere, CPU only, no eval, no
+  sample generations, no checkpoints inside the timed steps. Ours clips gradient norms (its
+  default; one norm over the gradients per optimizer step), TRL's loop does not.
 
-Ours runs the real loop (``rlhf.trainer.train``: Ray workers, DeepSpeed ZeRO-0 with gloo, the
-``configs/ppo/tiny_cpu.yaml`` defaults plus the overrides printed below); its step time is the
-logged ``timing/step`` of each ``metrics.jsonl`` record. TRL runs in this process with torch
-threads = 2 (the machine's cores); its step time is the time between ``on_step_end`` callbacks.
-Each side runs ``--steps`` steps; the first is a warm-up and the median of the others is
-reported. Prints per-step times, the stage breakdowns and the ratio ours / TRL (target <= 0.7).
+Ours runs the real loop (``rlhf.trainer.train``: Ray workers with 1 torch thread each, DeepSpeed
+ZeRO-0 with gloo, the ``configs/ppo/tiny_cpu.yaml`` defaults plus the overrides printed below);
+its step time is the logged ``timing/step`` of each ``metrics.jsonl`` record. TRL runs in this
+process, once per ``--trl-threads`` torch thread count (default 1 and 2, the machine's cores);
+the faster one is the peer. Its step time is the time between ``on_step_end`` callbacks, and its
+``batch_generation`` is wrapped to time generation. The machine is shared, so its load drifts:
+the sides alternate for ``--rounds`` rounds of ``--steps`` steps each, the first step of every
+run is a warm-up, and the medians pool the remaining steps. Prints per-step times, the stage
+breakdowns, per-round ratios and the pooled ratio ours / TRL (target <= 0.7).
 
-    python benchmarks/ppo_vs_trl.py            # --steps 6
+    python benchmarks/ppo_vs_trl.py            # --steps 3 --rounds 2 --trl-threads 1,2
 """
 
 from __future__ import annotations
@@ -117,7 +122,7 @@ def ours(models: dict[str, Path], root: Path, steps: int) -> dict:
     assert lengths == {float(RESPONSE)}, f"ours sampled response lengths {lengths}, expected {RESPONSE}"
     keys = ["timing/generate", "timing/score", "timing/train", "timing/sync"]
     return {"steps": [r["timing/step"] for r in recs],
-            "stages": {k.split("/")[1]: statistics.median(r[k] for r in recs[1:]) for k in keys}}
+            "stages": {k.split("/")[1]: [r[k] for r in recs] for k in keys}}
 
 
 def trl(models: dict[str, Path], root: Path, steps: int, threads: int) -> dict:
@@ -178,44 +183,51 @@ def trl(models: dict[str, Path], root: Path, steps: int, threads: int) -> dict:
     del trainer, policy, ref, rm, value
     gc.collect()
     times = [b - a for a, b in zip([start] + stamps, stamps)]
-    return {"steps": times, "stages": {"generate": statistics.median(gen_times[1:])}}
+    return {"steps": times, "stages": {"generate": gen_times}}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6, help="PPO steps per side; the first is a warm-up")
+    ap.add_argument("--steps", type=int, default=3, help="PPO steps per run; the first is a warm-up")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=8)
     ap.add_argument("--trl-threads", type=lambda x: [int(v) for v in x.split(",")], default=[1, 2],
                     help="torch thread counts to run TRL with (comma-separated); the fastest is the peer")
+    ap.add_argument("--rounds", type=int, default=2,
+                    help="alternate TRL and ours this many times (the shared machine's load drifts)")
     a = ap.parse_args()
     if a.steps < 2:
-        ap.error("--steps: need at least 2 (the first step is a warm-up)")
+        ap.error("--steps: need at least 2 (the first step of each run is a warm-up)")
+    sides = [f"TRL 1.12.0 PPOTrainer, {k} thread(s)" for k in a.trl_threads] + ["rlhf train (Ray + DeepSpeed)"]
+    runs: dict[str, list[dict]] = {name: [] for name in sides}
     with tempfile.TemporaryDirectory(prefix="ppo_vs_trl_") as d:
         root = Path(d)
         models = build_models(root / "models", a.hidden, a.layers, a.heads)
-        trls = {}
-        for k in a.trl_threads:
-            print(f"TRL, {k} torch thread(s): start, {load_average()}", flush=True)
-            trls[k] = trl(models, root / f"trl_{k}", a.steps, k)
-            print(f"TRL, {k} torch thread(s): done, {load_average()}", flush=True)
-        print("ours: start", flush=True)
-        o = ours(models, root, a.steps)
-        print(f"ours: done, {load_average()}", flush=True)
-    n = a.steps - 1
-    med = lambda xs: statistics.median(xs[1:])  # noqa: E731  (the first step is a warm-up)
+        for rnd in range(a.rounds):
+            for name, k in zip(sides, a.trl_threads + [None]):
+                print(f"round {rnd + 1}/{a.rounds}, {name}: start, {load_average()}", flush=True)
+                work = root / f"round{rnd}_{k or 'ours'}"
+                runs[name].append(trl(models, work, a.steps, k) if k else ours(models, work, a.steps))
+                print(f"round {rnd + 1}/{a.rounds}, {name}: done, {load_average()}", flush=True)
+    pooled = lambda name, key=None: [x for r in runs[name]  # noqa: E731  (each run's first step is a warm-up)
+                                     for x in (r["stages"][key] if key else r["steps"])[1:]]
     fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
-    print(f"\nbatch {BATCH}, {RESPONSE} new tokens, {EPOCHS} PPO epochs x 1 mini-batch x 1 micro-batch, "
-          f"float32, CPU; per-step times in s (the first is a warm-up), medians of {n}")
-    for k, t in trls.items():
-        print(f"TRL 1.12.0 PPOTrainer, {k} thread(s)  steps: {fmt(t['steps'])}  median {med(t['steps']):.2f} s "
-              f"(generate {t['stages']['generate']:.2f} s)")
-    print(f"rlhf train (Ray + DeepSpeed)      steps: {fmt(o['steps'])}  median {med(o['steps']):.2f} s ("
-          + ", ".join(f"{k} {v:.2f} s" for k, v in o["stages"].items()) + ")")
-    best = min(trls, key=lambda k: med(trls[k]["steps"]))
-    print(f"ratio ours / TRL (fastest: {best} thread(s)) = {med(o['steps']) / med(trls[best]['steps']):.2f} "
-          "(target <= 0.7)")
+    med = {name: statistics.median(pooled(name)) for name in sides}
+    print(f"\nbatch {BATCH}, {RESPONSE} new tokens, {EPOCHS} PPO epochs x 1 mini-batch x 1 micro-batch, float32, "
+          f"CPU; {a.rounds} round(s) x {a.steps} steps per side, the first step of each run is a warm-up")
+    for name in sides:
+        print(f"{name}")
+        for rnd, r in enumerate(runs[name]):
+            print(f"  round {rnd + 1} steps (s): {fmt(r['steps'])}")
+        stages = ", ".join(f"{k} {statistics.median(pooled(name, k)):.2f} s" for k in runs[name][0]["stages"])
+        print(f"  median of {len(pooled(name))}: {med[name]:.2f} s/step ({stages})")
+    ours_name, trl_names = sides[-1], sides[:-1]
+    best = min(trl_names, key=med.get)
+    per_round = [statistics.median(o["steps"][1:]) / statistics.median(t["steps"][1:])
+                 for o, t in zip(runs[ours_name], runs[best])]
+    print(f"per-round ratios ours / {best}: {fmt(per_round)}")
+    print(f"ratio ours / TRL (fastest: {best}) = {med[ours_name] / med[best]:.2f} (target <= 0.7)")
 
 if __name__ == "__main__":
     main()
