@@ -35,6 +35,17 @@ def test_small_build_writes_models_data_and_report(small_build):
 
 
 @pytest.mark.slow
+def test_both_reward_adds_normalized_rm_score_and_exact(small_build, monkeypatch):
+    from rlhf.testbed import rewards
+
+    monkeypatch.setenv(rewards.RM_ENV, str(small_build / "models" / "rm"))
+    prompts, responses, finished = ["12+34="] * 2, ["<think></think>46", "<think></think>47"], [True, True]
+    rm = rewards.rm_scores(prompts, responses, finished)
+    both = rewards.rm_plus_exact(prompts, responses, finished)
+    assert both == pytest.approx([rm[0] + 1.0, rm[1]])
+
+
+@pytest.mark.slow
 def test_ppo_runs_on_the_organism_and_logs_gold_metrics(small_build, tmp_path):
     from rlhf.config import load_config
     from rlhf.trainer import train

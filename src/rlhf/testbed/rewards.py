@@ -40,14 +40,12 @@ def gold(prompts: list[str], responses: list[str], finished: list[bool]) -> dict
 
 @lru_cache(maxsize=2)
 def _reward_model(path: str):
-    import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf.rm import read_stats
 
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{RM_ENV}: reward model directory not found: {path} (run `rlhf testbed build`)")
-    torch.set_grad_enabled(False)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1).eval()
     return AutoTokenizer.from_pretrained(path), model, read_stats(path)
 
