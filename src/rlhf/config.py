@@ -113,6 +113,15 @@ class RolloutConfig:
     """Nucleus sampling."""
     top_k: int = 0
     """Top-k sampling (0: off)."""
+    num_engines: int = 1
+    """vLLM engines (``engine: vllm``); prompts are split evenly across them. Must be 1 for ``hf``."""
+    tensor_parallel_size: int = 1
+    """GPUs per vLLM engine (vLLM tensor parallelism; 1 on CPU). Must be 1 for ``hf``."""
+    weight_sync: str = "auto"
+    """How new actor weights reach the rollout engine after each step: ``reload`` (full tensors
+    through Ray's object store, loaded in place: the colocated path), ``broadcast`` (a gloo / NCCL
+    broadcast from actor rank 0 to every vLLM worker: engines placed apart, ``engine: vllm`` only),
+    or ``auto`` (``broadcast`` for vLLM with ``cluster.colocate: false``, else ``reload``)."""
 
 
 @dataclass
@@ -203,6 +212,9 @@ class ClusterConfig:
     """GPUs each trainable worker reserves (0 on CPU)."""
     address: str | None = None
     """Ray address to join (None: start or reuse a local one)."""
+    gpus_per_node: int | None = None
+    """GPUs (placement bundles) per node of the placement plan (``rlhf.placement``); None: every
+    worker on one node (the local CPU case). 8 on an 8 x 8 cluster."""
 
 
 @dataclass
@@ -333,6 +345,33 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
     _check(p.kl_kind in ("k1", "k2", "k3"), "ppo.kl_kind", f"must be k1, k2 or k3, got {p.kl_kind!r}")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _check(cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", f"must be hf or vllm, got {cfg.rollout.engine!r}")
+    r = cfg.rollout
+    _check(r.num_engines >= 1, "rollout.num_engines", f"must be >= 1, got {r.num_engines}")
+    _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
+    if r.engine == "hf":
+        _check(r.num_engines == 1 and r.tensor_parallel_size == 1, "rollout.num_engines",
+               "the hf engine runs one engine without tensor parallelism (num_engines and tensor_parallel_size 1)")
+    _check(r.weight_sync in ("auto", "reload", "broadcast"), "rollout.weight_sync",
+           f"must be auto, reload or broadcast, got {r.weight_sync!r}")
+    _check(r.weight_sync != "broadcast" or r.engine == "vllm", "rollout.weight_sync",
+           "broadcast needs rollout.engine: vllm")
+    _check(r.tensor_parallel_size == 1 or c.gpus_per_worker > 0, "rollout.tensor_parallel_size",
+           "tensor parallelism needs GPUs (cluster.gpus_per_worker > 0)")
+    _check(c.gpus_per_node is None or c.gpus_per_node >= 1, "cluster.gpus_per_node", "must be >= 1")
+    from rlhf.placement import PlacementError, make_plan, spec_from_ppo_config  # no ray at import
+
+    try:
+        make_plan(spec_from_ppo_config(cfg))
+    except PlacementError as e:
+        raise ConfigError(f"cluster: {e}") from None
+    from rlhf.metrics.detectors import StabilityConfig  # pure math; checks the metrics: keys before any work
+
+    try:
+        _build(StabilityConfig, cfg.metrics, "metrics.")  # unknown key / wrong type: ConfigError naming it
+    except ConfigError:
+        raise
+    except ValueError as e:  # StabilityConfig's own range checks name the key already
+        raise ConfigError(str(e)) from None
     _check(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
     _check(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _check(p.dual_clip is None or p.dual_clip > 1, "ppo.dual_clip", "must be > 1")
@@ -352,6 +391,13 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
         for key, path in paths:
             _check(path is None or Path(path).exists(), key, f"path does not exist: {path}")
     return cfg
+
+
+def weight_sync_mode(cfg: PPOConfig) -> str:
+    """``rollout.weight_sync`` with ``auto`` resolved: ``broadcast`` or ``reload``."""
+    if cfg.rollout.weight_sync != "auto":
+        return cfg.rollout.weight_sync
+    return "broadcast" if cfg.rollout.engine == "vllm" and not cfg.cluster.colocate else "reload"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,

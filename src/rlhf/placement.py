@@ -58,6 +58,12 @@ class PlacementSpec:
     """DeepSpeed ZeRO stage of actor / critic (reference / reward shard their weights at stage 3)."""
     cpus_per_gpu: float = 4.0
     """Ray CPUs reserved in each GPU's bundle (shared by the roles on that GPU)."""
+    cpus_per_role: float | None = None
+    """When set, a bundle reserves this many CPUs per role placed on its GPU instead of
+    ``cpus_per_gpu`` (the trainer's ``cluster.cpus_per_worker``)."""
+    gpu: bool = True
+    """Bundles hold a GPU. False: a CPU-only cluster (tests, the CPU demo); the plan is the same,
+    processes reserve CPUs only."""
 
 
 @dataclass(frozen=True)
@@ -195,20 +201,25 @@ def spec_from_dict(data: dict) -> PlacementSpec:
 def spec_from_ppo_config(cfg, gpus_per_node: int | None = None) -> PlacementSpec:
     """The placement the trainer's own config implies (``rlhf.config.PPOConfig``).
 
-    ``cluster.colocate: true`` -> one group of every role over max(actor, critic) workers;
-    ``false`` -> actor, critic on their own GPUs, reference / reward / rollout one GPU each.
+    ``cluster.colocate: true`` -> one group of every role over max(actor, critic, rollout) GPUs;
+    ``false`` -> actor, critic on their own GPUs, reference / reward one GPU each, rollout
+    ``rollout.num_engines x rollout.tensor_parallel_size`` GPUs. The trainer spawns its workers
+    from exactly this plan (``rlhf.workers.group.spawn``): actor / critic rank i on their slot i,
+    reference / reward on their first slot, vLLM engine e on ``engine_bundles(plan, pgs)[e]``.
     """
-    c = cfg.cluster
+    c, r = cfg.cluster, cfg.rollout
+    rollout_gpus = r.num_engines * r.tensor_parallel_size
     if c.colocate:
-        n = max(c.actor_workers, c.critic_workers)
+        n = max(c.actor_workers, c.critic_workers, rollout_gpus)
         groups = [RoleGroup(list(ROLES), n)]
     else:
         groups = [RoleGroup(["actor"], c.actor_workers), RoleGroup(["critic"], c.critic_workers),
-                  RoleGroup(["reference"], 1), RoleGroup(["reward"], 1), RoleGroup(["rollout"], 1)]
+                  RoleGroup(["reference"], 1), RoleGroup(["reward"], 1), RoleGroup(["rollout"], rollout_gpus)]
     total = sum(g.gpus for g in groups)
-    gpn = gpus_per_node or total
-    return PlacementSpec(nodes=-(-total // gpn), gpus_per_node=gpn, groups=groups, vllm_tp=1,
-                         zero_stage=cfg.deepspeed.zero_stage, cpus_per_gpu=c.cpus_per_worker * len(ROLES))
+    gpn = gpus_per_node or c.gpus_per_node or total
+    return PlacementSpec(nodes=-(-total // gpn), gpus_per_node=gpn, groups=groups, vllm_tp=r.tensor_parallel_size,
+                         zero_stage=cfg.deepspeed.zero_stage, cpus_per_gpu=c.cpus_per_worker * len(ROLES),
+                         cpus_per_role=c.cpus_per_worker, gpu=c.gpus_per_worker > 0)
 
 
 # ------------------------------------------------------------------------------ Ray
@@ -218,9 +229,8 @@ def create_placement_groups(plan: PlacementPlan, timeout_s: float = 120.0) -> li
     import ray
     from ray.util.placement_group import placement_group
 
-    bundle = {"GPU": 1.0, "CPU": plan.spec.cpus_per_gpu}
-    pgs = [placement_group([dict(bundle) for _ in range(plan.spec.gpus_per_node)], strategy="STRICT_PACK",
-                           name=f"rlhf-node-{n}") for n in range(plan.nodes_used)]
+    pgs = [placement_group([bundle_resources(plan, n, g) for g in range(plan.spec.gpus_per_node)],
+                           strategy="STRICT_PACK", name=f"rlhf-node-{n}") for n in range(plan.nodes_used)]
     ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=timeout_s)
     if len(ready) != len(pgs):
         raise RuntimeError(f"placement: only {len(ready)} of {len(pgs)} node placement groups became ready in "
@@ -229,11 +239,19 @@ def create_placement_groups(plan: PlacementPlan, timeout_s: float = 120.0) -> li
     return pgs
 
 
-def scheduling(pgs: list, slot: Slot, num_cpus: float | None = None) -> dict:
-    """Ray ``.options(...)`` that put a process in its slot's bundle with its GPU share."""
+def bundle_resources(plan: PlacementPlan, node: int, gpu: int) -> dict:
+    """What the bundle of one GPU reserves: the GPU (unless CPU-only) and its CPUs."""
+    s = plan.spec
+    cpus = s.cpus_per_gpu if s.cpus_per_role is None else s.cpus_per_role * max(len(plan.roles_on(node, gpu)), 1)
+    return {"GPU": 1.0, "CPU": cpus} if s.gpu else {"CPU": cpus}
+
+
+def scheduling(pgs: list, slot: Slot, num_cpus: float | None = None, gpu: bool = True) -> dict:
+    """Ray ``.options(...)`` that put a process in its slot's bundle with its GPU share
+    (``gpu=False``: no GPU, on a CPU-only plan or for a process that holds no model on the GPU)."""
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    return dict(num_gpus=slot.share, num_cpus=num_cpus if num_cpus is not None else 0,
+    return dict(num_gpus=slot.share if gpu else 0.0, num_cpus=num_cpus if num_cpus is not None else 0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     placement_group=pgs[slot.node], placement_group_bundle_index=slot.gpu))
 

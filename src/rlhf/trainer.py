@@ -265,9 +265,14 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
 
 
 def sync_weights(w) -> None:
-    """Actor (all ranks gather under ZeRO-3; rank 0 returns) -> rollout engine."""
+    """Actor -> rollout engine. Broadcast (``w.weight_specs`` set, engines placed apart): every actor
+    rank gathers each parameter in turn and rank 0 broadcasts it to every vLLM worker. Reload
+    (colocated): rank 0 returns the full weights, which reach the engine through Ray's object store."""
     import ray
 
+    if w.weight_specs is not None:
+        fetch([a.broadcast_weights.remote() for a in w.actor] + [w.rollout.receive_weights.remote(w.weight_specs)])
+        return
     sd = fetch([a.weights.remote() for a in w.actor])[0]
     ray.get(w.rollout.update_weights.remote(sd))
 

@@ -43,6 +43,13 @@ def test_dotted_overrides_parse_yaml_scalars():
     ("data.path=/does/not/exist.jsonl", "data.path"),
     ("reward.model=/does/not/exist", "reward"),
     ("ppo.kl_kind=k9", "ppo.kl_kind"),
+    ("metrics.smoth_window=3", "metrics.smoth_window"),
+    ("metrics.smooth_window=abc", "metrics.smooth_window"),
+    ("metrics.smooth_window=0", "metrics.smooth_window"),
+    ("rollout.num_engines=0", "rollout.num_engines"),
+    ("rollout.num_engines=2", "rollout.num_engines"),
+    ("rollout.weight_sync=nccl", "rollout.weight_sync"),
+    ("rollout.weight_sync=broadcast", "rollout.weight_sync"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -62,3 +69,18 @@ def test_unknown_key_in_file_is_named(tmp_path):
 def test_missing_config_file(tmp_path):
     with pytest.raises(ConfigError, match="config: file does not exist"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_rollout_engines_and_weight_sync_mode():
+    from rlhf.config import weight_sync_mode
+    from rlhf.workers.group import vllm_overrides
+
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.num_engines=4", "metrics.drop_z=0.5"])
+    assert vllm_overrides(cfg) == {"num_engines": 4, "tensor_parallel_size": 1, "seed": 0}
+    assert weight_sync_mode(cfg) == "reload"  # colocated: in-process reload
+    assert weight_sync_mode(load_config(None, ["rollout.engine=vllm", "cluster.colocate=false"])) == "broadcast"
+    assert weight_sync_mode(load_config(None, ["cluster.colocate=false"])) == "reload"  # hf: reload only
+    with pytest.raises(ConfigError, match="^rollout.tensor_parallel_size: tensor parallelism needs GPUs"):
+        load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel_size=2"])
+    cfg = load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel_size=2", "cluster.gpus_per_worker=1"])
+    assert vllm_overrides(cfg)["tensor_parallel_size"] == 2

@@ -6,9 +6,15 @@ import os
 
 import pytest
 
-from rlhf.config import load_config
+from rlhf.config import ConfigError, load_config
 from rlhf.placement import (ROLES, PlacementError, PlacementSpec, RoleGroup, create_placement_groups, engine_bundles,
                             make_plan, scheduling, spec_from_dict, spec_from_ppo_config)
+
+# the paper's 8 x 8 layout written as a trainer config: what `rlhf train` itself places
+PAPER_CLUSTER = ["rollout.engine=vllm", "rollout.num_engines=32", "rollout.tensor_parallel_size=2",
+                 "cluster.actor_workers=64", "cluster.critic_workers=64", "cluster.gpus_per_worker=1",
+                 "cluster.gpus_per_node=8", "cluster.cpus_per_worker=0.2", "ppo.rollout_batch_size=256",
+                 "ppo.mini_batch_size=256", "ppo.micro_batch_size=4"]
 
 SPLIT = PlacementSpec(nodes=8, gpus_per_node=8, vllm_tp=2, zero_stage=3, cpus_per_gpu=1.0, groups=[
     RoleGroup(["actor", "reference"], 16), RoleGroup(["critic", "reward"], 16), RoleGroup(["rollout"], 32)])
@@ -56,6 +62,11 @@ def test_spec_from_trainer_config():
     cfg = load_config(None, ["cluster.colocate=false"])
     plan = make_plan(spec_from_ppo_config(cfg, gpus_per_node=8))
     assert [plan.of(r)[0].gpu for r in ROLES] == [0, 1, 2, 3, 4]
+    plan = make_plan(spec_from_ppo_config(load_config(None, PAPER_CLUSTER)))
+    assert plan.nodes_used == 8 and plan.vllm_engines == 32 and plan.spec.vllm_tp == 2 and plan.spec.gpu
+    assert plan.slots == make_plan(PlacementSpec(vllm_tp=2, zero_stage=0)).slots  # = the paper layout above
+    with pytest.raises(ConfigError, match="^cluster: placement.vllm_tp"):  # impossible plans fail at load
+        load_config(None, PAPER_CLUSTER + ["cluster.gpus_per_node=3"])
 
 
 @pytest.mark.slow
@@ -110,6 +121,27 @@ def test_plan_lands_on_simulated_8x8_cluster():
             assert len({g[0] for g in got}) == 1 and got[1][1] == got[0][1] + 1
         assert [(pgs.index(pg), b) for pg, b in engine_bundles(plan, pgs)] == \
             [(4 + e // 4, 2 * (e % 4)) for e in range(16)]
+
+        # the trainer's own placement (rlhf.workers.group: same plan functions, its worker options)
+        from ray.util.placement_group import remove_placement_group
+
+        from rlhf.workers.group import _options, vllm_overrides
+
+        for pg in pgs:
+            remove_placement_group(pg)
+        cfg = load_config(None, PAPER_CLUSTER)
+        plan = make_plan(spec_from_ppo_config(cfg))
+        pgs = create_placement_groups(plan)
+        node_of = [set(placement_group_table(pg)["bundles_to_node_id"].values()).pop() for pg in pgs]
+        wave = [(role, rank) for role, rank in [("actor", 0), ("actor", 13), ("critic", 63), ("reference", 0),
+                                                ("reward", 0), ("rollout", 0)]]
+        got = ray.get([probe.options(**_options(cfg, plan, pgs, role, rank)).remote() for role, rank in wave])
+        for (role, rank), (node_id, gpu_ids, _) in zip(wave, got):
+            s = plan.of(role)[rank]
+            assert node_id == node_of[s.node] and gpu_ids == [s.gpu], (role, rank, s, gpu_ids)
+        vo = vllm_overrides(cfg, plan, pgs)
+        assert vo["num_engines"] == 32 and vo["tensor_parallel_size"] == 2 and vo["num_gpus"] == 0.2
+        assert [(pgs.index(pg), b) for pg, b in vo["bundles"]] == [(e // 4, 2 * (e % 4)) for e in range(32)]
     finally:
         ray.shutdown()
         cluster.shutdown()

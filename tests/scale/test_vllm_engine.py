@@ -150,3 +150,57 @@ def test_weight_sync_changes_outputs(engine, prompts, tiny_family):
     assert [g.response_ids for g in restored] == [g.response_ids for g in before]
     torch.testing.assert_close(torch.cat([torch.tensor(g.logprobs) for g in restored]),
                                torch.cat([torch.tensor(g.logprobs) for g in before]))
+
+
+def test_ppo_step_then_broadcast_from_actor_rank0(engine, prompts, tiny_llama, tokenizer):
+    """The trainer's placed-apart path on this module's engines: a real DeepSpeed actor rank takes a
+    PPO step, then broadcasts from rank 0 (gloo) to every vLLM worker; the engines' logprobs then
+    match the actor's own (``kl/rollout_vs_trainer`` < 1e-3) and no longer match the old weights."""
+    from rlhf.config import load_config
+    from rlhf.metrics import batch_metrics
+    from rlhf.trainer import make_plans
+    from rlhf.workers.batch import collate
+    from rlhf.workers.group import _init_engines, engine_spec
+    from rlhf.workers.model_workers import ActorWorker
+
+    cfg = load_config(None, ["optim.actor_lr=0.01", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
+                             "ppo.micro_batch_size=4"])
+    ppo = {"clip_low": 10.0, "clip_high": 10.0, "dual_clip": None, "value_clip": 0.2}
+    actor = ActorWorker.options(num_cpus=0.5).remote(str(tiny_llama), engine_spec(cfg, 0.01, 1), 0, 1, ppo, 1.0, 1)
+    ray.get(_init_engines([actor]))
+    params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=5)
+
+    def rollout_vs_trainer():
+        gens = engine.generate(prompts, params)
+        batch = collate(gens, tokenizer.pad_token_id)
+        logp = ray.get(actor.logprobs.remote(batch, list(range(len(gens)))))[0]
+        m = batch_metrics(mask=batch["mask"], scores=torch.zeros(len(gens)),
+                          finished=torch.tensor([g.finished for g in gens]), old_logp=logp,
+                          rollout_logp=batch["rollout_logp"])
+        return m["kl/rollout_vs_trainer"], batch, logp, gens
+
+    try:
+        kl0, batch, logp, _ = rollout_vs_trainer()
+        assert kl0 < 1e-3, kl0  # equal weights to start (the engines hold tiny_llama again)
+        # one PPO step: push up the responses' own logprobs
+        batch.update(old_logp=logp, advantages=torch.ones_like(logp) * batch["mask"])
+        ray.get(actor.train.remote(batch, make_plans(cfg, 0, batch["mask"], 1)[0]))
+
+        specs = ray.get(actor.weight_specs.remote())
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        joins = engine.init_weight_sync("127.0.0.1", port, backend="gloo")
+        ray.get([actor.open_weight_sync.remote("127.0.0.1", port, engine.sync_world_size, "gloo")] + joins)
+        recv = engine.receive_weights(specs)
+        sent = ray.get(actor.broadcast_weights.remote())
+        assert ray.get(recv) == [len(specs)] * 2 and sent > 0
+
+        kl1, _, _, gens = rollout_vs_trainer()
+        old = AutoModelForCausalLM.from_pretrained(str(tiny_llama), dtype=torch.float32).eval()
+        stale = k3_mean(processed_logprobs(old, gens, params), gens)
+        print(f"after a PPO step + broadcast: kl/rollout_vs_trainer {kl1:.2e} (vs the old weights {stale:.2e})")
+        assert kl1 < 1e-3 and stale > 100 * max(kl1, 1e-7)
+    finally:
+        ray.get(actor.destroy.remote())
+        ray.kill(actor)

@@ -1,9 +1,11 @@
 """Placement groups and the set of Ray workers one PPO run uses.
 
-``cluster.colocate: true`` puts every role in one placement group whose bundle i hosts actor rank
-i, critic rank i (and, on bundle 0, the reference, reward and rollout workers), each taking a
-fraction of the bundle (OpenRLHF's "colocate all" / veRL's hybrid layout). ``false`` gives each
-role its own placement group, one bundle per rank. Both use the PACK strategy.
+Workers are placed by the placement plan (``rlhf.placement``) built from the config's cluster
+section (``spec_from_ppo_config``), the same plan ``rlhf plan`` prints and the simulated 8 x 8
+cluster test checks: one ``STRICT_PACK`` group per node, one bundle per GPU. ``cluster.colocate:
+true`` puts every role on the same GPUs (bundle i hosts actor rank i, critic rank i; reference,
+reward and the rollout worker sit on bundle 0), each taking its share of the GPU (OpenRLHF's
+"colocate all" / veRL's hybrid layout); ``false`` gives each role its own GPUs.
 """
 
 from __future__ import annotations
@@ -11,16 +13,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
-from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+from ray.util.placement_group import remove_placement_group
 
-from rlhf.config import PPOConfig
+from rlhf.config import PPOConfig, weight_sync_mode
 from rlhf.engines.deepspeed_engine import EngineSpec
+from rlhf.placement import create_placement_groups, engine_bundles, make_plan, scheduling, spec_from_ppo_config
 from rlhf.workers.model_workers import (ActorWorker, CriticWorker, ReferenceWorker, RewardWorker,
                                         RolloutWorker)
-
-FROZEN_ROLES = ("reference", "reward", "rollout")
-
 
 @dataclass
 class ModelPaths:
@@ -46,46 +45,18 @@ class Workers:
     reward: object
     rollout: object
     groups: list = field(default_factory=list)
+    weight_specs: list | None = None
+    """Set when weights reach the rollout engine by broadcast from actor rank 0 (the order the
+    tensors are sent in); None: in-process reload through Ray's object store."""
 
     def all(self) -> list:
         return [*self.actor, *self.critic, self.reference, self.reward, self.rollout]
 
 
-def _bundles(cfg: PPOConfig) -> dict[str, tuple]:
-    """role -> (placement group index, [bundle per rank]) and the groups' bundle specs."""
-    c = cfg.cluster
-    n = max(c.actor_workers, c.critic_workers)
-    if c.colocate:
-        per = {"CPU": c.cpus_per_worker * 2}
-        specs = [[dict(per) for _ in range(n)]]
-        specs[0][0]["CPU"] += c.cpus_per_worker * len(FROZEN_ROLES)
-        if c.gpus_per_worker:
-            for b in specs[0]:
-                b["GPU"] = c.gpus_per_worker
-        place = {"actor": (0, list(range(c.actor_workers))), "critic": (0, list(range(c.critic_workers)))}
-        place.update({r: (0, [0]) for r in FROZEN_ROLES})
-        return {"specs": specs, "place": place}
-    counts = {"actor": c.actor_workers, "critic": c.critic_workers, **{r: 1 for r in FROZEN_ROLES}}
-    specs, place = [], {}
-    for i, (role, k) in enumerate(counts.items()):
-        b = {"CPU": c.cpus_per_worker}
-        if c.gpus_per_worker:
-            b["GPU"] = c.gpus_per_worker
-        specs.append([dict(b) for _ in range(k)])
-        place[role] = (i, list(range(k)))
-    return {"specs": specs, "place": place}
-
-
-def _gpu_share(cfg: PPOConfig) -> float:
-    g = cfg.cluster.gpus_per_worker
-    return g / (2 + len(FROZEN_ROLES)) if cfg.cluster.colocate else g
-
-
-def _options(cfg, pgs, place, role, rank):
-    gi, bundles = place[role]
-    return dict(num_cpus=cfg.cluster.cpus_per_worker, num_gpus=_gpu_share(cfg),
-                scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    placement_group=pgs[gi], placement_group_bundle_index=bundles[rank]))
+def _options(cfg: PPOConfig, plan, pgs, role: str, rank: int, gpu: bool = True) -> dict:
+    """Ray options of one worker: its plan slot's bundle, ``cluster.cpus_per_worker`` CPUs and its
+    GPU share (none on a CPU-only plan)."""
+    return scheduling(pgs, plan.of(role)[rank], num_cpus=cfg.cluster.cpus_per_worker, gpu=gpu and plan.spec.gpu)
 
 
 def engine_spec(cfg: PPOConfig, lr: float, world: int) -> EngineSpec:
@@ -96,10 +67,9 @@ def engine_spec(cfg: PPOConfig, lr: float, world: int) -> EngineSpec:
                       micro_batch_size=p.micro_batch_size, grad_accum=local_mini // p.micro_batch_size)
 
 
-def _trainable_group(cls, cfg, pgs, place, role, n, make_args):
+def _trainable_group(cls, cfg, plan, pgs, role, n, make_args):
     """Spawn ``n`` ranks of a trainable role; they rendezvous at a port rank 0 picks on its node."""
-    workers = [cls.options(**_options(cfg, pgs, place, role, r)).remote(*make_args(r, n)) for r in range(n)]
-    return workers
+    return [cls.options(**_options(cfg, plan, pgs, role, r)).remote(*make_args(r, n)) for r in range(n)]
 
 
 def _init_engines(workers: list) -> list:
@@ -108,27 +78,50 @@ def _init_engines(workers: list) -> list:
 
 
 def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Workers:
-    """Create placement groups and all workers; returns once every worker is constructed."""
-    layout = _bundles(cfg)
-    pgs = [placement_group(spec, strategy="PACK") for spec in layout["specs"]]
-    ray.get([pg.ready() for pg in pgs])
-    place, t = layout["place"], cfg.trainer.threads_per_worker
+    """Create the placement plan's groups and all workers; returns once every worker is constructed."""
+    plan = make_plan(spec_from_ppo_config(cfg))
+    pgs = create_placement_groups(plan)
+    t = cfg.trainer.threads_per_worker
     ppo = {"clip_low": cfg.ppo.clip_low, "clip_high": cfg.ppo.clip_high, "dual_clip": cfg.ppo.dual_clip,
            "value_clip": cfg.ppo.value_clip}
     temp = cfg.rollout.temperature
-    actor = _trainable_group(ActorWorker, cfg, pgs, place, "actor", cfg.cluster.actor_workers,
+    actor = _trainable_group(ActorWorker, cfg, plan, pgs, "actor", cfg.cluster.actor_workers,
                              lambda r, n: (paths.actor, engine_spec(cfg, cfg.optim.actor_lr, n), r, n, ppo, temp, t))
-    critic = _trainable_group(CriticWorker, cfg, pgs, place, "critic", cfg.cluster.critic_workers,
+    critic = _trainable_group(CriticWorker, cfg, plan, pgs, "critic", cfg.cluster.critic_workers,
                               lambda r, n: (paths.critic, engine_spec(cfg, cfg.optim.critic_lr, n), r, n, ppo,
                                             cfg.seed, t))
-    reference = ReferenceWorker.options(**_options(cfg, pgs, place, "reference", 0)).remote(paths.reference, temp, t)
-    reward = RewardWorker.options(**_options(cfg, pgs, place, "reward", 0)).remote(
+    reference = ReferenceWorker.options(**_options(cfg, plan, pgs, "reference", 0)).remote(paths.reference, temp, t)
+    reward = RewardWorker.options(**_options(cfg, plan, pgs, "reward", 0)).remote(
         paths.tokenizer, cfg.reward.model, cfg.reward.function, t, cfg.reward.metrics)
-    rollout = RolloutWorker.options(**_options(cfg, pgs, place, "rollout", 0)).remote(
-        cfg.rollout.engine, paths.actor, pad_id, eos_id, t)
+    vllm = cfg.rollout.engine == "vllm"  # the vLLM engine actors hold the GPU share, not their driver
+    rollout = RolloutWorker.options(**_options(cfg, plan, pgs, "rollout", 0, gpu=not vllm)).remote(
+        cfg.rollout.engine, paths.actor, pad_id, eos_id, t, vllm_overrides(cfg, plan, pgs) if vllm else None)
     w = Workers(actor=actor, critic=critic, reference=reference, reward=reward, rollout=rollout, groups=pgs)
     ray.get(_init_engines(actor) + _init_engines(critic) + [x.pid.remote() for x in w.all()])  # errors surface now
+    if weight_sync_mode(cfg) == "broadcast":
+        w.weight_specs = open_weight_sync(w, "nccl" if cfg.cluster.gpus_per_worker > 0 else "gloo")
     return w
+
+
+def vllm_overrides(cfg: PPOConfig, plan=None, pgs: list | None = None) -> dict:
+    """``VLLMEngineConfig`` fields the trainer config sets (``rollout.engine: vllm``); with the
+    placement plan and its groups, engine e goes to the plan's bundle of engine e with the GPU
+    share of its slot (each TP worker of an engine takes that share of its own GPU)."""
+    r = cfg.rollout
+    out = dict(num_engines=r.num_engines, tensor_parallel_size=r.tensor_parallel_size, seed=cfg.seed)
+    if plan is not None:
+        out["bundles"] = engine_bundles(plan, pgs)[:r.num_engines]
+        out["num_gpus"] = plan.of("rollout")[0].share if plan.spec.gpu else 0.0
+    return out
+
+
+def open_weight_sync(w: Workers, backend: str) -> list:
+    """Build the broadcast group actor rank 0 -> every vLLM worker; returns the weight specs."""
+    addr, port = ray.get(w.actor[0].address.remote())
+    world = ray.get(w.rollout.sync_world_size.remote())
+    ray.get([w.actor[0].open_weight_sync.remote(addr, port, world, backend),
+             w.rollout.init_weight_sync.remote(addr, port, backend)])
+    return ray.get(w.actor[0].weight_specs.remote())
 
 
 def shutdown(w: Workers | None, graceful: bool = True) -> None:

@@ -204,6 +204,33 @@ class ActorWorker(_TrainableBase):
         sd = dict(self.engine.named_full_parameters())
         return sd if self.engine.rank == 0 else None
 
+    def weight_specs(self) -> list:
+        """Name, dtype and full shape of every parameter, in broadcast order (no gathering needed
+        on ZeRO-3: DeepSpeed keeps the full shape in ``ds_shape``)."""
+        from rlhf.engines.vllm_weight_sync import WeightSpec
+
+        return [WeightSpec(n, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
+                for n, p in self.engine.module.named_parameters()]
+
+    def open_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> int:
+        """Rank 0 hosts and joins the broadcast group to the vLLM workers (blocks until all joined)."""
+        from rlhf.engines import vllm_weight_sync as ws
+
+        self._sync_group = ws.open_group(host, port, 0, world_size, backend)
+        return 0
+
+    def broadcast_weights(self) -> int:
+        """Every rank gathers (ZeRO-3) each parameter in turn; rank 0 broadcasts it to the vLLM
+        workers as it comes, so the full model is never held twice. Returns bytes sent (0 off rank 0)."""
+        from rlhf.engines import vllm_weight_sync as ws
+
+        params = self.engine.named_full_parameters()
+        if self.engine.rank != 0:
+            for _ in params:  # join every gather
+                pass
+            return 0
+        return ws.broadcast_weights(self._sync_group, params, device())
+
 
 @ray.remote
 class CriticWorker(_TrainableBase):
@@ -303,9 +330,13 @@ class RewardWorker:
 
 @ray.remote
 class RolloutWorker:
-    """Holds a ``RolloutEngine`` (transformers generate on CPU; vLLM at scale)."""
+    """Holds a ``RolloutEngine`` (transformers generate on CPU; vLLM at scale).
 
-    def __init__(self, engine: str, model_path: str, pad_id: int, eos_id: int, threads: int = 1):
+    ``vllm``: ``VLLMEngineConfig`` overrides for ``engine == "vllm"`` (``num_engines``,
+    ``tensor_parallel_size``, ``num_gpus``, ``bundles`` from the placement plan, ...)."""
+
+    def __init__(self, engine: str, model_path: str, pad_id: int, eos_id: int, threads: int = 1,
+                 vllm: dict | None = None):
         _worker_setup(threads)
         if engine == "hf":
             from rlhf.engines.hf_rollout import HFRolloutEngine
@@ -314,13 +345,25 @@ class RolloutWorker:
         else:
             from rlhf.engines import vllm_engine  # the scale path (its own issue)
 
-            self.engine = vllm_engine.make_engine(model_path)
+            self.engine = vllm_engine.make_engine(model_path, **(vllm or {}))
 
     def generate(self, prompts, params):
         return self.engine.generate(prompts, params)
 
     def update_weights(self, state: dict) -> None:
         self.engine.update_weights(state.items())
+
+    def sync_world_size(self) -> int:
+        """Ranks of the broadcast group: the actor's rank 0 plus every vLLM worker."""
+        return self.engine.sync_world_size
+
+    def init_weight_sync(self, host: str, port: int, backend: str) -> list:
+        """Every vLLM worker joins the broadcast group (blocks until the sender joins too)."""
+        return ray.get(self.engine.init_weight_sync(host, port, backend))
+
+    def receive_weights(self, specs: list) -> list[int]:
+        """Receive one broadcast from the actor's rank 0 on every engine (blocks until done)."""
+        return ray.get(self.engine.receive_weights(specs))
 
     def pid(self) -> int:
         return os.getpid()
