@@ -110,7 +110,8 @@ def ours(models: dict[str, Path], root: Path, steps: int) -> dict:
         f"ppo.micro_batch_size={BATCH}", f"ppo.ppo_epochs={EPOCHS}", f"rollout.max_new_tokens={RESPONSE}",
         f"ppo.kl_coef={KL_COEF}", f"optim.actor_lr={LR}", f"optim.critic_lr={LR}", "optim.warmup_steps=0",
         f"trainer.total_steps={steps}", "trainer.save_every=0", "trainer.probe_every=0"]
-    print("ours: rlhf train configs/ppo/tiny_cpu.yaml " + " ".join(o.replace(str(root), "$TMP") for o in overrides))
+    tmp = str(Path(models["policy"]).parents[1])
+    print("ours: rlhf train configs/ppo/tiny_cpu.yaml " + " ".join(o.replace(tmp, "$TMP") for o in overrides))
     cfg = load_config(None, overrides)
     ray.init(address="local", include_dashboard=False, log_to_driver=False)  # our own cluster, never a peer's
     try:
