@@ -205,11 +205,14 @@ class ClusterConfig:
     critic_workers: int = 1
     """Data-parallel critic ranks."""
     colocate: bool = True
-    """All roles share one placement group (fractional CPUs/GPUs); False: one group per role."""
+    """All roles share the same GPUs (bundles) of the placement plan; False: each role on its own
+    (actor / critic ranks, one GPU each for reference and reward, ``rollout.num_engines x
+    rollout.tensor_parallel_size`` for vLLM)."""
     cpus_per_worker: float = 0.25
-    """CPUs each worker reserves."""
+    """CPUs each worker reserves (a bundle reserves this times the roles placed on it)."""
     gpus_per_worker: float = 0.0
-    """GPUs each trainable worker reserves (0 on CPU)."""
+    """0: a CPU-only run (placement bundles hold CPUs only). > 0: every placement bundle holds one
+    GPU and the roles placed on it share it (1 / roles each, ``rlhf.placement``)."""
     address: str | None = None
     """Ray address to join (None: start or reuse a local one)."""
     gpus_per_node: int | None = None
