@@ -56,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rlhf.typed_config import build
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -129,24 +131,9 @@ class SFTConfig:
 # ----------------------------------------------------------------------------- config
 
 
-def _from_dict(cls, data: dict, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise ValueError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(fields)}")
-    kwargs = {}
-    for name, value in data.items():
-        if name == "lora" and cls is SFTConfig:
-            value = _from_dict(LoraSettings, value or {}, f"{where}.lora")
-        kwargs[name] = value
-    return cls(**kwargs)
-
-
 def load_config(data: dict, where: str = "sft") -> SFTConfig:
     """Build and validate an ``SFTConfig`` from a mapping (errors name the offending key)."""
-    cfg = _from_dict(SFTConfig, data, where)
+    cfg = build(SFTConfig, data, where, unknown="{where}: unknown key(s) {keys}; known keys: {known}")
     validate_config(cfg, where)
     return cfg
 
