@@ -53,6 +53,8 @@ from pathlib import Path
 
 import yaml
 
+from rlhf.typed_config import build
+
 
 @dataclass
 class RMConfig:
@@ -110,14 +112,11 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RMConfig:
 
 def config_from_dict(raw: dict, source: str = "config") -> RMConfig:
     """Validate a mapping into an ``RMConfig``; one clear error naming the key."""
-    fields = {f.name: f for f in dataclasses.fields(RMConfig)}
-    for key in raw:
-        if key not in fields:
-            raise ValueError(f"{source}: unknown key {key!r} (known: {', '.join(fields)})")
+    missing = "{where}: missing required key {key!r}"
+    cfg = build(RMConfig, raw, source, unknown="{where}: unknown key {key!r} (known: {known})", missing=missing)
     for key in ("model", "data", "out"):
-        if not raw.get(key):
-            raise ValueError(f"{source}: missing required key {key!r}")
-    cfg = RMConfig(**raw)
+        if not getattr(cfg, key):
+            raise ValueError(missing.format(where=source, key=key))
     for key in ("max_length", "epochs", "batch_size", "micro_batch_size"):
         if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
             raise ValueError(f"{source}: {key} must be a positive integer, got {getattr(cfg, key)!r}")
@@ -133,7 +132,6 @@ def config_from_dict(raw: dict, source: str = "config") -> RMConfig:
             raise ValueError(f"{source}: {key}: file not found: {value}")
     if Path(cfg.out).exists() and not cfg.force:
         raise ValueError(f"{source}: out: {cfg.out} exists (use --force to replace it)")
-    cfg.lr, cfg.weight_decay, cfg.grad_clip = float(cfg.lr), float(cfg.weight_decay), float(cfg.grad_clip)
     return cfg
 
 
