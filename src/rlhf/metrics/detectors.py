@@ -37,6 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from rlhf.metrics.batch import bucket_key
+from rlhf.typed_config import build
 
 
 @dataclass
@@ -84,13 +85,8 @@ class StabilityConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> "StabilityConfig":
-        """Build from a plain dict; an unknown key raises ValueError naming ``metrics.<key>``."""
-        data = dict(data or {})
-        names = {f.name for f in dataclasses.fields(cls)}
-        for k in data:
-            if k not in names:
-                raise ValueError(f"metrics.{k}: unknown key (known: {', '.join(sorted(names))})")
-        return cls(**data)
+        """Build from a plain dict; an unknown key or a wrong type raises ValueError naming ``metrics.<key>``."""
+        return build(cls, data, "metrics")
 
 
 @dataclass
