@@ -22,6 +22,7 @@ same GPUs, so the plan's GPU assignment does not change.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass, field
 
 ROLES = ("actor", "critic", "reference", "reward", "rollout")
@@ -229,8 +230,9 @@ def create_placement_groups(plan: PlacementPlan, timeout_s: float = 120.0) -> li
     import ray
     from ray.util.placement_group import placement_group
 
+    tag = uuid.uuid4().hex[:8]  # group names are cluster-unique: runs may share a Ray cluster
     pgs = [placement_group([bundle_resources(plan, n, g) for g in range(plan.spec.gpus_per_node)],
-                           strategy="STRICT_PACK", name=f"rlhf-node-{n}") for n in range(plan.nodes_used)]
+                           strategy="STRICT_PACK", name=f"rlhf-{tag}-node-{n}") for n in range(plan.nodes_used)]
     ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=timeout_s)
     if len(ready) != len(pgs):
         raise RuntimeError(f"placement: only {len(ready)} of {len(pgs)} node placement groups became ready in "

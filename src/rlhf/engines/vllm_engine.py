@@ -276,11 +276,12 @@ class VLLMRolloutEngine:
         self.actors = []
 
 
-def make_engine(model_path: str, **overrides) -> VLLMRolloutEngine:
+def make_engine(model_path: str, bundles: list | None = None, **overrides) -> VLLMRolloutEngine:
     """The factory the trainer's ``RolloutWorker`` calls for ``rollout.engine: vllm``.
 
     ``overrides`` are ``VLLMEngineConfig`` fields (e.g. ``num_engines``, ``tensor_parallel_size``,
-    ``num_gpus``). Engine actors reserve no CPU by default so they never wait on the CPUs the
-    run's placement groups already hold.
+    ``num_gpus``); ``bundles`` the engines' placement-plan bundles (``rlhf.placement.engine_bundles``).
+    Engine actors reserve no CPU by default so they never wait on the CPUs the run's placement
+    groups already hold.
     """
-    return VLLMRolloutEngine(VLLMEngineConfig(model=str(model_path), **{"num_cpus": 0.0, **overrides}))
+    return VLLMRolloutEngine(VLLMEngineConfig(model=str(model_path), **{"num_cpus": 0.0, **overrides}), bundles)
