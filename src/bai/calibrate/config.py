@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.sft import LoraSettings
+from rlhf.typed_config import build
 
 # Table 2 of the paper: SFT hyperparameters per (dataset, model, method); batch size is the
 # effective training batch size. The LoRA rank is not given in the paper (our default r=16).
@@ -176,23 +177,6 @@ class CalibrateConfig:
     """Seed for SFT and sampling."""
 
 
-_NESTED = {"reasoning": ReasoningSettings, "sft": SFTSettings, "search": SearchSettings,
-           "estimator": EstimatorSettings, "lora": LoraSettings}
-
-
-def _build(cls, data, where: str):
-    if not isinstance(data, dict):
-        raise ValueError(f"{where}: expected a mapping, got {type(data).__name__}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        raise ValueError(f"{where}.{unknown[0]}: unknown key; known keys: {sorted(names)}")
-    kwargs = {}
-    for k, v in data.items():
-        kwargs[k] = _build(_NESTED[k], v or {}, f"{where}.{k}") if k in _NESTED else v
-    return cls(**kwargs)
-
-
 def load_config(data: dict, where: str = "config") -> CalibrateConfig:
     """Build a ``CalibrateConfig`` from a mapping: presets applied, every value checked.
 
@@ -207,7 +191,7 @@ def load_config(data: dict, where: str = "config") -> CalibrateConfig:
             raise ValueError(f"{where}.sft.preset: unknown preset {preset!r}; known: {sorted(TABLE2_PRESETS)}")
         sft = {**TABLE2_PRESETS[preset], **sft}
     data["sft"] = sft
-    cfg = _build(CalibrateConfig, data, where)
+    cfg = build(CalibrateConfig, data, where)
     cfg.prompt_template = PROMPT_TEMPLATES.get(cfg.prompt_template, cfg.prompt_template)
     validate(cfg, where)
     return cfg
