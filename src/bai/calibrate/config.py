@@ -73,7 +73,11 @@ class ReasoningSettings:
 
 @dataclass
 class SFTSettings:
-    """SFT step (``rlhf.sft``); ``model``, ``data`` and ``out`` are filled in by the pipeline."""
+    """SFT step (``rlhf.sft``); ``model``, ``data`` and ``out`` are filled in by the pipeline.
+
+    Every field but ``preset`` is the ``rlhf.sft.SFTConfig`` field of the same name and is copied
+    by name (``pipeline.sft_config``); this narrower set (and the longer ``max_len`` default for
+    reasoning models) is the calibrate YAML's ``sft:`` section."""
 
     preset: str | None = None
     """A Table 2 preset name (``TABLE2_PRESETS``); keys given here override it."""

@@ -69,12 +69,11 @@ def preflight(cfg: CalibrateConfig):
 def sft_config(cfg: CalibrateConfig, out: Path) -> sft_mod.SFTConfig:
     """The ``rlhf.sft`` config of the SFT step."""
     s = cfg.sft
-    return sft_mod.SFTConfig(
-        model=cfg.model, data=str(out / "sft_train.jsonl"), out=str(out / "sft"), prompt_field="messages",
-        response_field="response", reasoning_start=cfg.reasoning.start, method=s.method, lora=s.lora,
-        epochs=s.epochs, lr=s.lr, batch_size=s.batch_size, micro_batch_size=min(s.micro_batch_size, s.batch_size),
-        max_len=s.max_len, warmup_ratio=s.warmup_ratio, weight_decay=s.weight_decay, zero_stage=s.zero_stage,
-        dtype=s.dtype, gradient_checkpointing=s.gradient_checkpointing, seed=cfg.seed, force=True)
+    kw = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "preset"}  # same-named fields
+    kw.update(model=cfg.model, data=str(out / "sft_train.jsonl"), out=str(out / "sft"), prompt_field="messages",
+              response_field="response", reasoning_start=cfg.reasoning.start,
+              micro_batch_size=min(s.micro_batch_size, s.batch_size), seed=cfg.seed, force=True)
+    return sft_mod.SFTConfig(**kw)
 
 
 def _prepare_out(cfg: CalibrateConfig, out: Path, force: bool) -> None:
