@@ -9,12 +9,12 @@ any work starts. Every field has a default, so a YAML file only names what it ch
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from rlhf.typed_config import build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "ppo" / "tiny_cpu.yaml"
@@ -265,48 +265,6 @@ class PPOConfig:
 
 # ----------------------------------------------------------------------------- building
 
-def _coerce(value, tp, key: str):
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], key)
-    if dataclasses.is_dataclass(tp):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return _build(tp, value, key + ".")
-    if tp is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(typing.get_args(tp)):
-            raise ConfigError(f"{key}: expected a list of {len(typing.get_args(tp))} numbers, got {value!r}")
-        return tuple(_coerce(v, a, key) for v, a in zip(value, typing.get_args(tp)))
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    if tp in (int, str, bool) and type(value) is tp:
-        return value
-    raise ConfigError(f"{key}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
-
-
-def _build(cls, data: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for k in data:
-        if k not in names:
-            raise ConfigError(f"{prefix}{k}: unknown key (known: {', '.join(sorted(names))})")
-    kwargs = {k: _coerce(v, hints[k], prefix + k) for k, v in data.items()}
-    return cls(**kwargs)
-
-
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict, in place."""
     for item in overrides:
@@ -370,7 +328,7 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
     from rlhf.metrics.detectors import StabilityConfig  # pure math; checks the metrics: keys before any work
 
     try:
-        _build(StabilityConfig, cfg.metrics, "metrics.")  # unknown key / wrong type: ConfigError naming it
+        build(StabilityConfig, cfg.metrics, "metrics", ConfigError)  # unknown key / wrong type: ConfigError naming it
     except ConfigError:
         raise
     except ValueError as e:  # StabilityConfig's own range checks name the key already
@@ -413,7 +371,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path} must hold a mapping")
     apply_overrides(data, list(overrides or []))
-    return validate(_build(PPOConfig, data), check_paths=check_paths)
+    return validate(build(PPOConfig, data, "", ConfigError), check_paths=check_paths)
 
 
 def to_dict(cfg: PPOConfig) -> dict:
