@@ -56,6 +56,7 @@ import yaml
 
 from rlhf.placement import (PlacementError, PlacementPlan, PlacementSpec, make_plan, spec_from_dict,
                             spec_from_ppo_config)
+from rlhf.typed_config import build
 
 GiB = 1024 ** 3
 
@@ -324,19 +325,6 @@ def step_time(inp: PlanInput, pp: PlacementPlan, seqs_per_engine: int, concurren
 
 # ------------------------------------------------------------------------------ config
 
-def _build(cls, data: dict, section: str):
-    if not isinstance(data, dict):
-        raise PlacementError(f"{section}: expected a mapping, got {data!r}")
-    known = set(cls.__dataclass_fields__)
-    for k in data:
-        if k not in known:
-            raise PlacementError(f"{section}.{k}: unknown key (known: {', '.join(sorted(known))})")
-    try:
-        return cls(**data)
-    except TypeError as e:
-        raise PlacementError(f"{section}: {e}") from None
-
-
 def load_plan_input(path: str | Path) -> PlanInput:
     """Read and validate a plan YAML (errors name the key)."""
     path = Path(path)
@@ -351,7 +339,7 @@ def load_plan_input(path: str | Path) -> PlanInput:
         raise PlacementError("model: missing (total_params_b, active_params_b, layers, hidden, ...)")
     gpu_data = dict(data.get("gpu") or {})
     preset = GPU_PRESETS.get(gpu_data.get("name", "H100-80GB"))
-    gpu = _build(GPUSpec, {**(preset or {}), **gpu_data}, "gpu")
+    gpu = build(GPUSpec, {**(preset or {}), **gpu_data}, "gpu", PlacementError)
     placement_data = dict(data.get("placement") or {})
     workload_data = dict(data.get("workload") or {})
     placement = None
@@ -371,13 +359,13 @@ def load_plan_input(path: str | Path) -> PlanInput:
         placement_data.setdefault("zero_stage", cfg.deepspeed.zero_stage)
         if "placement" not in data:  # the trainer's own cluster section, on 8-GPU nodes
             placement = spec_from_ppo_config(cfg, gpus_per_node=8)
-    workload = _build(Workload, workload_data, "workload")
+    workload = build(Workload, workload_data, "workload", PlacementError)
     if workload.precision not in ("bf16", "fp32"):
         raise PlacementError(f"workload.precision: bf16 or fp32, got {workload.precision!r}")
     if not 0 < workload.vllm_gpu_memory_utilization <= 1:
         raise PlacementError("workload.vllm_gpu_memory_utilization: must be in (0, 1]")
-    model = _build(ModelSpec, data["model"], "model")
-    critic = _build(ModelSpec, data["critic"], "critic") if data.get("critic") else model
+    model = build(ModelSpec, data["model"], "model", PlacementError)
+    critic = build(ModelSpec, data["critic"], "critic", PlacementError) if data.get("critic") else model
     if placement is None:
         placement = spec_from_dict(placement_data)
     return PlanInput(gpu=gpu, placement=placement, model=model, critic=critic,
