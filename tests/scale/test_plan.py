@@ -120,7 +120,9 @@ def test_plan_of_the_paper_ppo_config(tmp_path):
     assert (inp.workload.rollout_batch_size, inp.workload.mini_batch_size) == (4096, 512)
     assert inp.workload.precision == "bf16" and inp.placement.zero_stage == 3
     assert inp.workload.response_len_max == 8192
+    assert (inp.placement.nodes, inp.placement.gpus_per_node, inp.placement.vllm_tp) == (8, 8, 2)
     res = P.plan(inp)
-    assert res.vllm["engines"] == 32  # colocated on max(actor, critic) = 32 GPUs, TP 1
-    assert not res.fits  # 25B bf16 weights on one GPU per engine leave no KV: the plan says why
-    assert any("leave no KV cache" in p for p in res.problems)
+    assert res.vllm["engines"] == 32 and res.fits, res.problems  # 32 engines x TP 2 on all 64 GPUs
+    inp.placement.vllm_tp = 1  # one GPU per engine: 25B bf16 weights leave no KV; the plan says why
+    res1 = P.plan(inp)
+    assert not res1.fits and any("leave no KV cache" in p for p in res1.problems)
