@@ -220,7 +220,7 @@ def plot_reward_buckets(runs: list[Run], path: Path) -> None:
     fig.supxlabel("step")
     fig.supylabel("reward")
     fig.tight_layout(rect=(0, 0, 1, top))
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")  # a wide legend over a narrow grid stays whole
     plt.close(fig)
 
 
