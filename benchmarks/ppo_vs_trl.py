@@ -14,8 +14,10 @@ The work per PPO step is matched:
   generation config. ``generate`` then never stops early on either side (ours runs
   transformers ``generate`` too), and both report 0 EOS tokens.
 - Scoring: one batch of 8 through the reference, the value model and the reward model on both
-  sides (TRL ``local_rollout_forward_batch_size=8``); ours also re-scores the policy (the PPO
-  old logprobs; TRL takes them from the sampler's scores).
+  sides (TRL ``local_rollout_forward_batch_size=8``). Both take the PPO old logprobs from the
+  sampler (TRL from the sampler's scores; ours with ``ppo.old_logp_source=rollout``, which keeps
+  the policy's scoring forward at step 0 only, for the rollout-vs-trainer check; that step is the
+  warm-up and is not pooled).
 - 4 PPO epochs x 1 mini-batch of 8 x 1 micro-batch of 8: 4 forward/backward passes and 4
   AdamW steps for the policy and 4 for the value model per PPO step (TRL:
   ``per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1``; ours:
@@ -109,7 +111,8 @@ def ours(models: dict[str, Path], root: Path, steps: int) -> dict:
         "reward.function=null", f"ppo.rollout_batch_size={BATCH}", f"ppo.mini_batch_size={BATCH}",
         f"ppo.micro_batch_size={BATCH}", f"ppo.ppo_epochs={EPOCHS}", f"rollout.max_new_tokens={RESPONSE}",
         f"ppo.kl_coef={KL_COEF}", f"optim.actor_lr={LR}", f"optim.critic_lr={LR}", "optim.warmup_steps=0",
-        f"trainer.total_steps={steps}", "trainer.save_every=0", "trainer.probe_every=0"]
+        f"trainer.total_steps={steps}", "trainer.save_every=0", "trainer.probe_every=0",
+        "ppo.old_logp_source=rollout"]
     tmp = str(Path(models["policy"]).parents[1])
     print("ours: rlhf train configs/ppo/tiny_cpu.yaml " + " ".join(o.replace(tmp, "$TMP") for o in overrides))
     cfg = load_config(None, overrides)

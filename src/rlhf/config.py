@@ -166,6 +166,13 @@ class PPOSettings:
     """Steps at the start where only the critic trains."""
     tis_cap: float | None = None
     """Truncated importance sampling cap on exp(trainer - rollout logprob) (None: off)."""
+    old_logp_source: str = "trainer"
+    """Where PPO's old-policy logprobs come from: ``trainer`` (the actor rescores every batch, one
+    extra forward) or ``rollout`` (the rollout engine's sampling logprobs, as TRL does; the actor's
+    scoring forward runs at step 0 only, for the ``kl/rollout_vs_trainer`` check, so
+    ``rollout/entropy`` and ``kl/rollout_vs_trainer*`` are logged at step 0 only; ``actor/entropy``
+    from the training forwards stays every step). ``rollout`` needs no top-k / top-p filtering
+    (the engine's logprobs are then of the filtered distribution) and no ``tis_cap``."""
 
 
 @dataclass
@@ -304,6 +311,14 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
                f"mini_batch_size {p.mini_batch_size} is not a multiple of micro_batch_size {p.micro_batch_size} "
                f"x {key} {w}")
     _check(p.kl_kind in ("k1", "k2", "k3"), "ppo.kl_kind", f"must be k1, k2 or k3, got {p.kl_kind!r}")
+    _check(p.old_logp_source in ("trainer", "rollout"), "ppo.old_logp_source",
+           f"must be trainer or rollout, got {p.old_logp_source!r}")
+    if p.old_logp_source == "rollout":
+        _check(cfg.rollout.top_k == 0 and cfg.rollout.top_p == 1.0, "ppo.old_logp_source",
+               "rollout needs rollout.top_k 0 and rollout.top_p 1.0 (the engine's logprobs are of the filtered "
+               "distribution, the training forward's are not)")
+        _check(p.tis_cap is None, "ppo.old_logp_source",
+               "rollout makes ppo.tis_cap a no-op (old and rollout logprobs are the same); set tis_cap null")
     _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
     _check(cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", f"must be hf or vllm, got {cfg.rollout.engine!r}")
     r = cfg.rollout

@@ -191,16 +191,19 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     finished = torch.tensor([g.finished for g in gens])
     t1 = time.perf_counter()
 
-    # 2. score: trainer logprobs (the old policy), reference logprobs, values, reward
+    # 2. score: trainer logprobs (the old policy; with old_logp_source rollout only at step 0, for the
+    #    rollout-vs-trainer check), reference logprobs, values, reward
     bref = ray.put(batch)
     a_shards, c_shards = split(B, len(w.actor)), split(B, len(w.critic))
-    lp_refs = [a.logprobs.remote(bref, rows, r.top_k, r.top_p) for a, rows in zip(w.actor, a_shards)]
+    rescore = p.old_logp_source == "trainer" or step == 0
+    lp_refs = [a.logprobs.remote(bref, rows, r.top_k, r.top_p) for a, rows in zip(w.actor, a_shards)] if rescore else []
     v_refs = [c.values.remote(bref, rows) for c, rows in zip(w.critic, c_shards)]
     ref_ref = w.reference.logprobs.remote(bref)
     score_ref = w.reward.score.remote(bref, [g.prompt_ids for g in gens], [g.response_ids for g in gens],
                                       finished.tolist())
     *lp, ref_logp, raw_scores = fetch(lp_refs + [ref_ref, score_ref])
-    old_logp, entropy, filtered_logp = (torch.cat([x[i] for x in lp]) for i in range(3))
+    trainer_logp, entropy, filtered_logp = (torch.cat([x[i] for x in lp]) for i in range(3)) if lp else (None,) * 3
+    old_logp = trainer_logp if p.old_logp_source == "trainer" else batch["rollout_logp"]
     values = torch.cat(fetch(v_refs))
     t2 = time.perf_counter()
 
@@ -215,8 +218,8 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     adv, _ = gae(rewards, values, mask, p.gamma, p.lam_actor)
     _, returns = gae(rewards, values, mask, p.gamma, p.lam_critic)
     metrics = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=old_logp, ref_logp=ref_logp,
-                            rollout_logp=batch["rollout_logp"], values=values, returns=returns, advantages=adv)
-    if r.top_k or r.top_p < 1.0:  # compare the rollout with the trainer under the same top-k / top-p
+                            values=values, returns=returns, advantages=adv)
+    if rescore:  # compare the rollout with the trainer under the same top-k / top-p (``filtered_logp``)
         again = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=filtered_logp,
                               rollout_logp=batch["rollout_logp"])
         metrics.update({k: v for k, v in again.items() if k.startswith("kl/rollout_vs_trainer")})
@@ -255,11 +258,13 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     metrics.update(reduce_update_stats(a_stats, ACTOR_STAT_NAMES))
     metrics.update(reduce_update_stats(c_stats, CRITIC_STAT_NAMES))
     metrics.update({
-        "kl/coef": state.kl_coef, "rollout/entropy": float((entropy * mask).sum() / mask.sum()),
+        "kl/coef": state.kl_coef,
         "reward/shaped_mean": float(rewards.sum(1).mean()), "timing/generate": t1 - t0, "timing/score": t2 - t1,
         "timing/train": t3 - t2, "timing/sync": t4 - t3, "timing/step": t4 - t0,
         "perf/tokens_per_s": float(batch["attention_mask"].sum()) / max(t4 - t0, 1e-9),
     })
+    if entropy is not None:
+        metrics["rollout/entropy"] = float((entropy * mask).sum() / mask.sum())
     state.step += 1
     return metrics
 
@@ -267,14 +272,13 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
 def sync_weights(w) -> None:
     """Actor -> rollout engine. Broadcast (``w.weight_specs`` set, engines placed apart): every actor
     rank gathers each parameter in turn and rank 0 broadcasts it to every vLLM worker. Reload
-    (colocated): rank 0 returns the full weights, which reach the engine through Ray's object store."""
-    import ray
-
+    (colocated): rank 0 returns the full weights, which reach the engine through Ray's object store
+    (the ref goes straight to the rollout worker; the driver never holds the weights)."""
     if w.weight_specs is not None:
         fetch([a.broadcast_weights.remote() for a in w.actor] + [w.rollout.receive_weights.remote(w.weight_specs)])
         return
-    sd = fetch([a.weights.remote() for a in w.actor])[0]
-    ray.get(w.rollout.update_weights.remote(sd))
+    refs = [a.weights.remote() for a in w.actor]  # every rank joins the ZeRO-3 gather; rank 0 returns them
+    fetch(refs[1:] + [w.rollout.update_weights.remote(refs[0])])  # the rollout worker resolves the ref itself
 
 
 def probe_step(cfg: PPOConfig, w, probe_ids: list[list[int]], run_dir: Path, step: int, tok) -> dict[str, float]:

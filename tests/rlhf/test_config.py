@@ -50,6 +50,7 @@ def test_dotted_overrides_parse_yaml_scalars():
     ("rollout.num_engines=2", "rollout.num_engines"),
     ("rollout.weight_sync=nccl", "rollout.weight_sync"),
     ("rollout.weight_sync=broadcast", "rollout.weight_sync"),
+    ("ppo.old_logp_source=sampler", "ppo.old_logp_source"),
 ])
 def test_bad_values_name_the_key(override, key):
     with pytest.raises(ConfigError) as e:
@@ -84,3 +85,11 @@ def test_rollout_engines_and_weight_sync_mode():
         load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel_size=2"])
     cfg = load_config(None, ["rollout.engine=vllm", "rollout.tensor_parallel_size=2", "cluster.gpus_per_worker=1"])
     assert vllm_overrides(cfg)["tensor_parallel_size"] == 2
+
+
+def test_old_logp_source_rollout_refuses_filtering_and_tis():
+    assert load_config(None, ["ppo.old_logp_source=rollout"]).ppo.old_logp_source == "rollout"
+    assert load_config(None, []).ppo.old_logp_source == "trainer"
+    for extra in ["rollout.top_k=5", "rollout.top_p=0.9", "ppo.tis_cap=2.0"]:
+        with pytest.raises(ConfigError, match=r"^ppo\.old_logp_source"):
+            load_config(None, ["ppo.old_logp_source=rollout", extra])

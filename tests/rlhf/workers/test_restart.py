@@ -64,10 +64,17 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(ray_cluster, tmp_
     from rlhf.trainer import RunStopped
 
     run_dir = tmp_path / "run"
+    # also the ppo.old_logp_source=rollout path: the actor rescores at step 0 only (the rollout check)
     cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=4", "trainer.save_every=2",
-                             "trainer.probe_every=0", "reward.function=rlhf.rewards:nan_reward"])
+                             "trainer.probe_every=0", "reward.function=rlhf.rewards:nan_reward",
+                             "ppo.old_logp_source=rollout"])
     with pytest.raises(RunStopped, match=r"non-finite reward scores at step 3.*step_000002.*is kept"):
         train(cfg)
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    assert "kl/rollout_vs_trainer" in recs[0] and "rollout/entropy" in recs[0]
+    assert "kl/rollout_vs_trainer" not in recs[1] and "rollout/entropy" not in recs[1]
+    assert all("actor/entropy" in r and "kl/to_reference" in r for r in recs)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
     assert (run_dir / "checkpoints" / "step_000002" / "actor" / "model.safetensors").exists()
 
@@ -78,7 +85,7 @@ def test_failed_rollout_check_at_step_zero_stops_with_a_clear_error(ray_cluster,
     run_dir = tmp_path / "run"
     # a tolerance below zero fails the check whatever the (tiny) measured mismatch: the failure path
     cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=2", "trainer.probe_every=0",
-                             "trainer.rollout_check_tol=-1"])
+                             "trainer.rollout_check_tol=-1", "ppo.old_logp_source=rollout"])  # checked there too
     with pytest.raises(RunStopped, match=r"kl/rollout_vs_trainer = .* at step 0 exceeds trainer.rollout_check_tol"):
         train(cfg)
     assert not (run_dir / "checkpoints").exists()
