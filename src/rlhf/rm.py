@@ -217,7 +217,7 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
     from tqdm import tqdm
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.sft import init_distributed
+    from rlhf.engines.deepspeed_engine import init_distributed
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -225,7 +225,7 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
     train = _encode_all(tokenizer, read_pairs(cfg.data), cfg.max_length, cfg.data)
     evals = _encode_all(tokenizer, read_pairs(cfg.eval_data), cfg.max_length, cfg.eval_data) if cfg.eval_data else []
 
-    started = init_distributed()  # shared with rlhf sft: one-rank gloo group when not launched
+    started = init_distributed()  # shared with rlhf sft and the PPO engines: one-rank group when not launched
     world, rank = dist.get_world_size(), dist.get_rank()
     if cfg.batch_size % (cfg.micro_batch_size * world):
         raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size "

@@ -49,7 +49,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import time
 from dataclasses import dataclass, field
@@ -293,35 +292,6 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-# ----------------------------------------------------------------------------- distributed
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def init_distributed() -> bool:
-    """Initialise torch.distributed for DeepSpeed if needed; True when this call created it.
-
-    A single process without a launcher gets RANK=0, WORLD_SIZE=1 and a free local port;
-    the backend is gloo on CPU and nccl on CUDA.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        return False
-    os.environ.setdefault("RANK", "0")
-    os.environ.setdefault("LOCAL_RANK", "0")
-    os.environ.setdefault("WORLD_SIZE", "1")
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
 # ----------------------------------------------------------------------------- model
 
 
@@ -408,6 +378,8 @@ def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
     examples, dropped = build_examples(tokenizer, records, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    from rlhf.engines.deepspeed_engine import init_distributed
 
     created = init_distributed()
     engine = None

@@ -11,6 +11,7 @@ the global token count), ``step`` only updates at the accumulation boundary.
 from __future__ import annotations
 
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -42,14 +43,31 @@ class EngineSpec:
     """bf16 mixed precision (GPU)."""
 
 
-def init_distributed() -> None:
-    """Join the process group described by the env (gloo on CPU, nccl on GPU), once per process."""
-    import deepspeed
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed() -> bool:
+    """Join the process group the env describes (gloo on CPU, nccl on GPU), once per process.
+
+    Launched ranks (Ray workers, torchrun) bring RANK / WORLD_SIZE / MASTER_*; a single process
+    without a launcher gets RANK=0, WORLD_SIZE=1 and a free local port. Returns True when this
+    call created the group (the caller then destroys it). Shared by the PPO engines, ``rlhf sft``
+    and ``rlhf rm``.
+    """
     import torch.distributed as dist
 
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    if dist.is_initialized():
+        return False
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", "1")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return True
 
 
 class DeepSpeedTrainEngine:
