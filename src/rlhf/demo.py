@@ -1,98 +1,152 @@
-"""``rlhf demo``: the README's main job on the CPU: BAI merge -> PPO on Ray -> report figures.
+"""``rlhf demo``: the README's main job on the CPU: the testbed organism's short version.
 
-Builds tiny generated checkpoints (a base model and two fine-tuned relatives standing in for the
-instruction-following and reasoning SFT models), runs the paper's 9-ratio BAI sweep in one
-pass, loads one merged actor initialization with ``AutoModelForCausalLM``, then runs PPO twice
-on one local Ray cluster (DeepSpeed on CPU, the tiny config's rule-based reward): once from the
-reasoning SFT model alone and once from a BAI recipe (alpha = 0.5, merged by the trainer
-itself), and draws the paper's figures for both runs with ``rlhf report``. Prints the
-TensorBoard command and the figure paths. Nothing is downloaded.
+1. Builds (or reuses) a demo-sized testbed organism with the project's own trainers
+   (``rlhf.testbed.build`` with ``DEMO_SPEC``: base, instruct, reasoning and mix SFT models of a
+   tiny Llama on 1-4 digit addition, and a reward model trained on short answers only), cached
+   under ``OUT/testbed``.
+2. Runs the paper's two-stage BAI merge of the organism's models in one pass (instruct and
+   reasoning merged 50/50, then with the base at alpha = weight of the base, 9 ratios) and
+   evaluates every merged model (greedy: gold accuracy, think rate, length).
+3. Runs PPO twice on one local Ray cluster (DeepSpeed on CPU, ``configs/testbed/rm_mix.yaml``:
+   the reward model trained on short answers, critic initialized from it): from the mix SFT model
+   (the organism's collapse case) and from the BAI merge at ``--alpha`` (merged by the trainer).
+4. Draws the report figures with ``rlhf report`` (length collapse detected and marked) plus
+   ``organism.png`` (length, reward-model score, gold accuracy, think rate), and prints the
+   detector verdict of each run, the figure paths and the TensorBoard command.
+
+Nothing is downloaded. ``OUT/models/{base,instruct_sft,reasoning_sft}`` link to the organism's
+base, instruct and reasoning models (the inputs of the ``configs/merge/`` examples).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
 ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
+REPO = Path(__file__).resolve().parents[2]
+PPO_CONFIG = REPO / "configs" / "testbed" / "rm_mix.yaml"
+
+DEMO_SPEC = dict(max_digits=4, base_examples=64_000, sft_examples=6_400, sft_lr=1e-3, rm_pairs=2_048,
+                 eval_problems=32, ppo_prompts=1_024, sweep=[0.5])
+"""The demo-sized organism (overrides of ``rlhf.testbed.build.BuildSpec``): the default model
+(hidden 128, 4 layers), 1-4 digit numbers (traces of 16-59 tokens), half the default base data and 40% of the SFT data."""
 
 
-def build_models(root: Path) -> dict[str, Path]:
-    """Tiny Llama base plus two perturbed relatives under ``root`` (reused when already there)."""
-    from rlhf import tiny
+def build_organism(root: Path, seed: int = 0) -> tuple[Path, dict]:
+    """The cached demo organism under ``root/testbed`` (rebuilt when the spec changed)."""
+    from rlhf.testbed.build import BuildSpec, build
 
-    paths = {n: root / n for n in ("base", "instruct_sft", "reasoning_sft")}
-    if all((p / "config.json").exists() for p in paths.values()):
-        return paths
-    tok = tiny.train_tokenizer()
-    tiny.make_tiny_model(paths["base"], arch="llama", tokenizer=tok, seed=0)
-    tiny.perturbed_copy(paths["base"], paths["instruct_sft"], seed=1)
-    tiny.perturbed_copy(paths["base"], paths["reasoning_sft"], seed=2)
-    return paths
+    out = root / "testbed"
+    report = build(out, BuildSpec(seed=seed, **DEMO_SPEC), force=True, check_connectivity=False)
+    links = root / "models"
+    links.mkdir(parents=True, exist_ok=True)
+    for name, target in (("base", "base"), ("instruct_sft", "instruct"), ("reasoning_sft", "reasoning")):
+        link = links / name
+        if link.is_symlink() or link.exists():
+            if link.is_symlink() and os.readlink(link) == str(out / "models" / target):
+                continue
+            shutil.rmtree(link) if link.is_dir() and not link.is_symlink() else link.unlink()
+        link.symlink_to(out / "models" / target, target_is_directory=True)
+    return out, report
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo", help="demo directory (default: ./runs/demo)")
     ap.add_argument("--steps", type=int, default=30, help="PPO steps per run (default: 30)")
+    ap.add_argument("--alpha", type=float, default=0.3, help="BAI base weight of the second PPO run (default: 0.3)")
+    ap.add_argument("--seed", type=int, default=0, help="PPO seed (the organism is built with seed 0)")
     args = ap.parse_args(argv)
+    if not 0.0 <= args.alpha <= 1.0:
+        ap.error(f"--alpha: must lie in [0, 1], got {args.alpha}")
+    if args.steps < 1:
+        ap.error(f"--steps: must be at least 1, got {args.steps}")
+    if not PPO_CONFIG.exists():
+        print(f"rlhf demo: {PPO_CONFIG} not found (run the demo from a source checkout)", file=sys.stderr)
+        return 2
     root = Path(args.out).resolve()
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    import torch
+
+    torch.set_num_threads(1)
+
+    t0 = time.perf_counter()
+    cached = (root / "testbed" / "build_report.json").exists()
+    tb, build_report = build_organism(root)
+    ev = build_report["eval"]
+    print(f"[demo] organism {'reused' if cached else 'built'} in {root / 'testbed'} "
+          f"({time.perf_counter() - t0:.0f}s): " + ", ".join(
+              f"{n} acc {m['gold/accuracy']:.2f} think {m['rollout/think_rate']:.2f}" for n, m in ev.items()))
+    rmp = build_report["rm"]
+    print(f"[demo] reward model (short answers only): held-out pair accuracy {rmp['eval_pair_accuracy']:.2f}; "
+          f"correct long answers score {rmp['long_minus_short_std']:+.2f} std vs correct short ones")
 
     import bai
 
-    t0 = time.perf_counter()
-    models = build_models(root / "models")
-    print(f"[demo] tiny checkpoints: {root / 'models'} (base, instruct_sft, reasoning_sft)")
-    recipe = {"method": "bai", "base": str(models["base"]), "alphas": ALPHAS, "dtype": "bfloat16",
-              "sft_models": [{"path": str(models["instruct_sft"]), "weight": 0.5},
-                             {"path": str(models["reasoning_sft"]), "weight": 0.5}]}
-    dirs = bai.merge(recipe, root / "bai_sweep", force=True)
-    print(f"[demo] BAI sweep (alpha = weight of the base) in one pass: {len(dirs)} checkpoints in {root / 'bai_sweep'}")
+    models = tb / "models"
+    recipe = {"method": "bai", "base": str(models / "base"), "alphas": ALPHAS,
+              "sft_models": [{"path": str(models / "instruct"), "weight": 0.5},
+                             {"path": str(models / "reasoning"), "weight": 0.5}]}
+    t = time.perf_counter()
+    dirs = bai.merge(recipe, root / "bai_sweep", force=True, progress=False)
+    sweep = sweep_eval(tb, dirs)
+    print(f"[demo] BAI two-stage merge (instruct+reasoning 50/50, then base at alpha) in one pass: "
+          f"{len(dirs)} checkpoints in {root / 'bai_sweep'} ({time.perf_counter() - t:.0f}s with evaluation)")
+    for a, m in zip(ALPHAS, sweep):
+        print(f"[demo]   alpha {a:.1f}: acc {m['gold/accuracy']:.2f}  think {m['rollout/think_rate']:.2f}  "
+              f"length {m['length_chars']:.0f} chars")
+    (root / "bai_sweep" / "eval.json").write_text(json.dumps(dict(zip(map(str, ALPHAS), sweep)), indent=2) + "\n")
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    runs = run_ppo(root, tb, recipe, args.steps, args.alpha, args.seed)
 
-    pick = root / "bai_sweep" / "alpha_0.5"
-    model = AutoModelForCausalLM.from_pretrained(str(pick))
-    tok = AutoTokenizer.from_pretrained(str(pick))
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is 12 plus 30?"}], tokenize=False,
-                                     add_generation_prompt=True)
-    ids = tok(prompt, return_tensors="pt")
-    gen = model.generate(**ids, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-    n_new = gen.shape[1] - ids["input_ids"].shape[1]
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"[demo] loaded {pick.name} with AutoModelForCausalLM ({n_params:,} params, {model.dtype}) "
-          f"and generated {n_new} tokens from a chat prompt")
-    print(f"[demo] recipe and input fingerprints: {pick / 'bai_merge.yaml'}")
-    runs = run_ppo(root, models, recipe, args.steps)
-
-    from rlhf.report import write_report
+    from rlhf.report import load_run, write_report
 
     report = write_report(runs, root / "report", force=True)
-    print(f"[demo] figures: " + ", ".join(str(report / f) for f in
-                                          ("reward_buckets.png", "reward.png", "length.png", "kl.png")))
+    loaded = [load_run(r) for r in runs]
+    organism_figure(loaded, report / "organism.png")
+    for run in loaded:
+        print("[demo] " + verdict_line(run))
+    print("[demo] figures: " + ", ".join(str(report / f) for f in
+                                          ("organism.png", "length.png", "reward.png", "reward_buckets.png", "kl.png")))
     print(f"[demo] summary: {report / 'summary.md'}")
     print(f"[demo] TensorBoard: tensorboard --logdir {root / 'ppo'}")
-    print(f"[demo] done in {time.perf_counter() - t0:.1f}s; merge your own checkpoints with "
-          f"`bai merge configs/merge/bai_sweep.yaml --out DIR`, train with `rlhf train CONFIG.yaml`")
+    print(f"[demo] done in {time.perf_counter() - t0:.1f}s; the full organism: `rlhf testbed build`, "
+          f"`rlhf train configs/testbed/rm_mix.yaml` (docs/testbed.md)")
     return 0
 
 
-def run_ppo(root: Path, models: dict[str, Path], recipe: dict, steps: int) -> list[Path]:
-    """Two PPO runs of the tiny CPU config on one Ray cluster: SFT init and BAI (alpha 0.5) init."""
-    import shutil
+def sweep_eval(tb: Path, dirs: list[Path]) -> list[dict]:
+    """Greedy gold accuracy, think rate and length of every merged checkpoint."""
+    from rlhf.testbed.build import BuildSpec, evaluate
 
+    spec = BuildSpec(**DEMO_SPEC)
+    prompts = [json.loads(l)["prompt"] for l in (tb / "data" / "eval.jsonl").read_text().splitlines()]
+    return [evaluate(d, prompts, spec) for d in dirs]
+
+
+def run_ppo(root: Path, tb: Path, recipe: dict, steps: int, alpha: float, seed: int) -> list[Path]:
+    """PPO with the reward model on one Ray cluster: from the mix SFT model and from BAI at ``alpha``."""
     import ray
     import yaml
 
     from rlhf.config import load_config
     from rlhf.trainer import train
 
-    one = {k: v for k, v in recipe.items() if k != "alphas"} | {"alpha": 0.5}
-    recipe_path = root / "bai_alpha_0.5.yaml"
+    one = {k: v for k, v in recipe.items() if k != "alphas"} | {"alpha": alpha}
+    recipe_path = root / f"bai_alpha_{alpha}.yaml"
     recipe_path.write_text(yaml.safe_dump(one))
-    inits = {"sft_init": [f"model.actor={models['reasoning_sft']}"],
-             "bai_alpha_0.5": [f"model.bai_recipe={recipe_path}"]}
+    models = tb / "models"
+    common = [f"model.critic={models / 'rm'}", f"reward.model={models / 'rm'}",
+              f"data.path={tb / 'data' / 'prompts.jsonl'}", f"trainer.total_steps={steps}", f"seed={seed}"]
+    inits = {"mix_sft": [f"model.actor={models / 'mix'}"],
+             f"bai_alpha_{alpha}": [f"model.bai_recipe={recipe_path}"]}
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     runs = []
@@ -100,10 +154,59 @@ def run_ppo(root: Path, models: dict[str, Path], recipe: dict, steps: int) -> li
         for name, overrides in inits.items():
             run_dir = root / "ppo" / name
             shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own output from an earlier demo
-            cfg = load_config(None, overrides + [f"run_dir={run_dir}", f"trainer.total_steps={steps}"])
-            print(f"[demo] PPO from {name} ({steps} steps, Ray + DeepSpeed on CPU): {run_dir}")
+            cfg = load_config(PPO_CONFIG, common + overrides + [f"run_dir={run_dir}"])
+            print(f"[demo] PPO from {name} with the reward model ({steps} steps, Ray + DeepSpeed on CPU): {run_dir}",
+                  flush=True)
+            t = time.perf_counter()
             train(cfg)
+            print(f"[demo]   {time.perf_counter() - t:.0f}s", flush=True)
             runs.append(run_dir)
     finally:
         ray.shutdown()
     return runs
+
+
+def _first_last(run, key: str) -> str:
+    vals = [r[key] for r in run.records if r.get(key) is not None]
+    return f"{vals[0]:.2f} -> {vals[-1]:.2f}" if vals else "n/a"
+
+
+def verdict_line(run) -> str:
+    """One run's length-collapse verdict with the curves that explain it."""
+    lc = run.verdicts["length_collapse"]
+    head = (f"{run.path.name}: length collapse DETECTED at step {lc.onset_step}" if lc.verdict != "none"
+            else f"{run.path.name}: no length collapse detected")
+    return (f"{head} (length {_first_last(run, 'rollout/length_mean')} tokens, think rate "
+            f"{_first_last(run, 'rollout/think_rate')}, RM score {_first_last(run, 'reward/mean')}, "
+            f"gold accuracy {_first_last(run, 'gold/accuracy')})")
+
+
+def organism_figure(runs: list, path: Path) -> None:
+    """Length, reward-model score, gold accuracy and think rate against step; collapse onsets dotted."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [("rollout/length_mean", "mean response length (tokens)"), ("reward/mean", "reward-model score"),
+            ("gold/accuracy", "gold accuracy (exact answer)"), ("rollout/think_rate", "non-empty trace rate")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for run, color in zip(runs, ["tab:red", "tab:blue", "tab:green", "tab:purple"]):
+        lc = run.verdicts["length_collapse"]
+        label = run.path.name + (f" (collapse at step {lc.onset_step})" if lc.verdict != "none" else " (no collapse)")
+        for ax, (k, _) in zip(axes, keys):
+            st, vals = run.series(k)
+            ax.plot(st, vals, color=color, label=label if k == keys[0][0] else None)
+            if lc.verdict != "none" and lc.onset_step is not None:
+                ax.axvline(lc.onset_step, color=color, ls=":", lw=1.2)
+    for ax, (k, title) in zip(axes, keys):
+        if k in ("gold/accuracy", "rollout/think_rate"):
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO step")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("rlhf demo: PPO with a reward model trained on short answers (dotted: detected length collapse)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
