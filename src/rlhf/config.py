@@ -200,7 +200,9 @@ class DeepSpeedConfig:
     zero_stage: int = 0
     """ZeRO stage 0-3."""
     bf16: bool = False
-    """bf16 training (GPU)."""
+    """bf16 mixed precision, CPU or GPU: DeepSpeed keeps bf16 weights and activations with fp32
+    master weights and AdamW states; the reference, reward model and rollout engine hold bf16
+    weights too (log-probabilities, values, rewards and losses are computed in fp32)."""
 
 
 @dataclass

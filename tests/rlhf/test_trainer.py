@@ -95,6 +95,24 @@ def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, ray_addres
         assert g == w, (g["step"], {k: (g.get(k), w.get(k)) for k in set(g) | set(w) if g.get(k) != w.get(k)})
 
 
+@pytest.mark.slow
+def test_bf16_mixed_precision_run(ray_address, tmp_path):
+    """deepspeed.bf16: bf16 actor and critic with fp32 masters, bf16 frozen roles and rollout engine;
+    the step-0 rollout-vs-trainer check still holds, the run trains, and checkpoints are bf16."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    run_dir = tmp_path / "bf16"
+    cfg = load_config(None, COMMON + [f"run_dir={run_dir}", "trainer.total_steps=4", "deepspeed.bf16=true"])
+    train(cfg)
+    recs = _records(run_dir)
+    assert [r["step"] for r in recs] == [1, 2, 3, 4]
+    assert recs[0]["kl/rollout_vs_trainer"] < 1e-3
+    assert all(abs(r[k]) < float("inf") for r in recs for k in ("actor/pg_loss", "critic/loss", "actor/grad_norm"))
+    actor = AutoModelForCausalLM.from_pretrained(str(run_dir / "checkpoints" / "step_000004" / "actor"), dtype="auto")
+    assert actor.dtype == torch.bfloat16
+
+
 def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
     from rlhf import tiny
 

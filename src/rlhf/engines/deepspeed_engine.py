@@ -40,7 +40,9 @@ class EngineSpec:
     grad_accum: int = 1
     """Micro-batches per optimizer step on this rank."""
     bf16: bool = False
-    """bf16 mixed precision (GPU)."""
+    """bf16 mixed precision (bf16 weights and activations, fp32 master weights and AdamW states;
+    on CPU too, where bf16 matrix multiplies run several times faster than fp32 on CPUs with
+    AVX512-BF16 / AMX)."""
 
 
 def _free_port() -> int:

@@ -85,17 +85,18 @@ def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Worker
     ppo = {"clip_low": cfg.ppo.clip_low, "clip_high": cfg.ppo.clip_high, "dual_clip": cfg.ppo.dual_clip,
            "value_clip": cfg.ppo.value_clip}
     temp = cfg.rollout.temperature
+    dtype = "bfloat16" if cfg.deepspeed.bf16 else "float32"  # frozen roles match the trainable ones
     actor = _trainable_group(ActorWorker, cfg, plan, pgs, "actor", cfg.cluster.actor_workers,
                              lambda r, n: (paths.actor, engine_spec(cfg, cfg.optim.actor_lr, n), r, n, ppo, temp, t))
     critic = _trainable_group(CriticWorker, cfg, plan, pgs, "critic", cfg.cluster.critic_workers,
                               lambda r, n: (paths.critic, engine_spec(cfg, cfg.optim.critic_lr, n), r, n, ppo,
                                             cfg.seed, t))
-    reference = ReferenceWorker.options(**_options(cfg, plan, pgs, "reference", 0)).remote(paths.reference, temp, t)
+    reference = ReferenceWorker.options(**_options(cfg, plan, pgs, "reference", 0)).remote(paths.reference, temp, t, dtype)
     reward = RewardWorker.options(**_options(cfg, plan, pgs, "reward", 0)).remote(
-        paths.tokenizer, cfg.reward.model, cfg.reward.function, t, cfg.reward.metrics)
+        paths.tokenizer, cfg.reward.model, cfg.reward.function, t, cfg.reward.metrics, dtype)
     vllm = cfg.rollout.engine == "vllm"  # the vLLM engine actors hold the GPU share, not their driver
     rollout = RolloutWorker.options(**_options(cfg, plan, pgs, "rollout", 0, gpu=not vllm)).remote(
-        cfg.rollout.engine, paths.actor, pad_id, eos_id, t, vllm_overrides(cfg, plan, pgs) if vllm else None)
+        cfg.rollout.engine, paths.actor, pad_id, eos_id, t, vllm_overrides(cfg, plan, pgs) if vllm else None, dtype)
     w = Workers(actor=actor, critic=critic, reference=reference, reward=reward, rollout=rollout, groups=pgs)
     ray.get(_init_engines(actor) + _init_engines(critic) + [x.pid.remote() for x in w.all()])  # errors surface now
     if weight_sync_mode(cfg) == "broadcast":
@@ -109,6 +110,8 @@ def vllm_overrides(cfg: PPOConfig, plan=None, pgs: list | None = None) -> dict:
     share of its slot (each TP worker of an engine takes that share of its own GPU)."""
     r = cfg.rollout
     out = dict(num_engines=r.num_engines, tensor_parallel_size=r.tensor_parallel_size, seed=cfg.seed)
+    if cfg.deepspeed.bf16:
+        out["dtype"] = "bfloat16"  # the actor's bf16 weights arrive as they are
     if plan is not None:
         out["bundles"] = engine_bundles(plan, pgs)[:r.num_engines]
         out["num_gpus"] = plan.of("rollout")[0].share if plan.spec.gpu else 0.0

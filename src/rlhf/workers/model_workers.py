@@ -266,11 +266,11 @@ class CriticWorker(_TrainableBase):
 class ReferenceWorker:
     """The frozen reference policy."""
 
-    def __init__(self, model_path: str, temperature: float, threads: int = 1):
+    def __init__(self, model_path: str, temperature: float, threads: int = 1, dtype: str = "float32"):
         from transformers import AutoModelForCausalLM
 
         _worker_setup(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(device()).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device()).eval()
         self.temperature = temperature
 
     @torch.no_grad()
@@ -290,7 +290,7 @@ class RewardWorker:
     rule-based ``module:function`` applied to the decoded texts."""
 
     def __init__(self, tokenizer_path: str, model_path: str | None, function: str | None, threads: int = 1,
-                 metrics: str | None = None):
+                 metrics: str | None = None, dtype: str = "float32"):
         from transformers import AutoTokenizer
 
         _worker_setup(threads)
@@ -299,7 +299,8 @@ class RewardWorker:
         if model_path is not None:
             from transformers import AutoModelForSequenceClassification
 
-            self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1).to(device()).eval()
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model_path, num_labels=1, dtype=getattr(torch, dtype)).to(device()).eval()
         else:
             from rlhf.rewards import load_reward_function
 
@@ -336,12 +337,13 @@ class RolloutWorker:
     ``tensor_parallel_size``, ``num_gpus``, ``bundles`` from the placement plan, ...)."""
 
     def __init__(self, engine: str, model_path: str, pad_id: int, eos_id: int, threads: int = 1,
-                 vllm: dict | None = None):
+                 vllm: dict | None = None, dtype: str = "float32"):
         _worker_setup(threads)
         if engine == "hf":
             from rlhf.engines.hf_rollout import HFRolloutEngine
 
-            self.engine = HFRolloutEngine(model_path, pad_token_id=pad_id, eos_token_id=eos_id)
+            self.engine = HFRolloutEngine(model_path, pad_token_id=pad_id, eos_token_id=eos_id,
+                                          dtype=getattr(torch, dtype))
         else:
             from rlhf.engines import vllm_engine  # the scale path (its own issue)
 

@@ -28,15 +28,20 @@ def _loss(engine, ids):
     return out.loss
 
 
-@pytest.mark.parametrize("zero", [0, 1])
-def test_train_save_load_exact(tiny_llama, tmp_path, dist_env, zero):
+@pytest.mark.parametrize("zero,bf16", [(0, False), (1, False), (0, True)])
+def test_train_save_load_exact(tiny_llama, tmp_path, dist_env, zero, bf16):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (4, 12))
-    spec = EngineSpec(lr=1e-2, warmup_steps=2, micro_batch_size=2, grad_accum=2, zero_stage=zero)
+    spec = EngineSpec(lr=1e-2, warmup_steps=2, micro_batch_size=2, grad_accum=2, zero_stage=zero, bf16=bf16)
     eng = DeepSpeedTrainEngine(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), spec)
     try:
+        dtype = torch.bfloat16 if bf16 else torch.float32
+        assert {p.dtype for p in eng.module.parameters()} == {dtype}
+        if bf16:  # mixed precision: the optimizer steps fp32 master copies of the bf16 weights
+            masters = [p for g in eng.optimizer.fp32_groups for p in g]
+            assert masters and {p.dtype for p in masters} == {torch.float32}
         before = {k: v.clone() for k, v in eng.full_state_dict().items()}
         lrs = []
         for _ in range(2):  # two optimizer steps of two micro-batches each
@@ -62,7 +67,7 @@ def test_train_save_load_exact(tiny_llama, tmp_path, dist_env, zero):
             assert torch.equal(ref[k], again[k]), k
     finally:
         eng.destroy()
-    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"))
+    hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=dtype)
     for k, v in hf.state_dict().items():
         if k in after:
             assert torch.equal(v, after[k]), k
