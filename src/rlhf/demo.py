@@ -2,7 +2,7 @@
 
 1. Builds (or reuses) a demo-sized testbed organism with the project's own trainers
    (``rlhf.testbed.build`` with ``DEMO_SPEC``: base, instruct, reasoning and mix SFT models of a
-   tiny Llama on 1-4 digit addition, and a reward model trained on short answers only), cached
+   tiny Llama on 1-3 digit addition, and a reward model trained on short answers only), cached
    under ``OUT/testbed``.
 2. Runs the paper's two-stage BAI merge of the organism's models in one pass (instruct and
    reasoning merged 50/50, then with the base at alpha = weight of the base, 9 ratios) and
@@ -32,10 +32,14 @@ ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 REPO = Path(__file__).resolve().parents[2]
 PPO_CONFIG = REPO / "configs" / "testbed" / "rm_mix.yaml"
 
-DEMO_SPEC = dict(max_digits=4, base_examples=64_000, sft_examples=6_400, sft_lr=1e-3, rm_pairs=2_048,
-                 eval_problems=32, ppo_prompts=1_024, sweep=[0.5])
+DEMO_SPEC = dict(max_digits=3, base_examples=24_000, sft_examples=3_200, sft_lr=1e-3, rm_pairs=1_024,
+                 mix_empty_fraction=0.2, eval_problems=32, ppo_prompts=1_024, sweep=[0.5])
 """The demo-sized organism (overrides of ``rlhf.testbed.build.BuildSpec``): the default model
-(hidden 128, 4 layers), 1-4 digit numbers (traces of 16-59 tokens), half the default base data and 40% of the SFT data."""
+(hidden 128, 4 layers), 1-3 digit numbers (traces of 16-45 tokens), 24k base and 3.2k SFT examples,
+a mix model with 20% empty traces (a stronger short mode, so the collapse comes within 60 steps).
+About a minute of training on 2 cores. Its reward model scored correct long answers 0.37-0.58 std
+below correct short ones for build seeds 0-3 (the length bias the collapse needs; with 1-4 digits
+and 64k base examples it came out +0.32 std and PPO did not collapse)."""
 
 
 def build_organism(root: Path, seed: int = 0) -> tuple[Path, dict]:
@@ -59,7 +63,7 @@ def build_organism(root: Path, seed: int = 0) -> tuple[Path, dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="runs/demo", help="demo directory (default: ./runs/demo)")
-    ap.add_argument("--steps", type=int, default=30, help="PPO steps per run (default: 30)")
+    ap.add_argument("--steps", type=int, default=60, help="PPO steps per run (default: 60)")
     ap.add_argument("--alpha", type=float, default=0.3, help="BAI base weight of the second PPO run (default: 0.3)")
     ap.add_argument("--seed", type=int, default=0, help="PPO seed (the organism is built with seed 0)")
     args = ap.parse_args(argv)
