@@ -51,12 +51,12 @@ def build_organism(root: Path, seed: int = 0) -> tuple[Path, dict]:
     links = root / "models"
     links.mkdir(parents=True, exist_ok=True)
     for name, target in (("base", "base"), ("instruct_sft", "instruct"), ("reasoning_sft", "reasoning")):
-        link = links / name
+        link, dest = links / name, os.path.join("..", "testbed", "models", target)  # relative: the dir can move
         if link.is_symlink() or link.exists():
-            if link.is_symlink() and os.readlink(link) == str(out / "models" / target):
+            if link.is_symlink() and os.readlink(link) == dest:
                 continue
             shutil.rmtree(link) if link.is_dir() and not link.is_symlink() else link.unlink()
-        link.symlink_to(out / "models" / target, target_is_directory=True)
+        link.symlink_to(dest, target_is_directory=True)
     return out, report
 
 
