@@ -185,17 +185,24 @@ def verdict_line(run) -> str:
             f"gold accuracy {_first_last(run, 'gold/accuracy')})")
 
 
-def organism_figure(runs: list, path: Path) -> None:
-    """Length, reward-model score, gold accuracy and think rate against step; collapse onsets dotted."""
+ORGANISM_PANELS = [("rollout/length_mean", "mean response length (tokens)"), ("reward/mean", "reward-model score"),
+                   ("gold/accuracy", "gold accuracy (exact answer)"), ("rollout/think_rate", "non-empty trace rate")]
+
+
+def organism_figure(runs: list, path: Path, keys: list[tuple[str, str]] | None = None,
+                    title: str = "rlhf demo: PPO with a reward model trained on short answers "
+                                 "(dotted: detected length collapse)") -> None:
+    """Metrics of ``rlhf.report.load_run`` runs against step (default: length, reward-model score,
+    gold accuracy, think rate), one panel per key; detected length-collapse onsets dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    keys = [("rollout/length_mean", "mean response length (tokens)"), ("reward/mean", "reward-model score"),
-            ("gold/accuracy", "gold accuracy (exact answer)"), ("rollout/think_rate", "non-empty trace rate")]
-    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
-    for run, color in zip(runs, ["tab:red", "tab:blue", "tab:green", "tab:purple"]):
+    keys = keys or ORGANISM_PANELS
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
+    axes = axes[0]
+    for run, color in zip(runs, ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown"]):
         lc = run.verdicts["length_collapse"]
         label = run.path.name + (f" (collapse at step {lc.onset_step})" if lc.verdict != "none" else " (no collapse)")
         for ax, (k, _) in zip(axes, keys):
@@ -209,8 +216,7 @@ def organism_figure(runs: list, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("PPO step")
     axes[0].legend(fontsize=8)
-    fig.suptitle("rlhf demo: PPO with a reward model trained on short answers (dotted: detected length collapse)",
-                 fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
