@@ -62,3 +62,29 @@ def test_ppo_runs_on_the_organism_and_logs_gold_metrics(small_build, tmp_path):
     for r in rows:
         assert 0.0 <= r["gold/accuracy"] <= 1.0 and 0.0 <= r["rollout/think_rate"] <= 1.0
         assert "reward/mean" in r and "rollout/length_mean" in r
+
+
+def test_base_pretraining_works_out_hard_problems_and_answers_easy_ones():
+    from rlhf.testbed import task
+
+    spec = build.BuildSpec()
+    rng = __import__("random").Random(0)
+    easy, hard = task.Problem(3, 4), task.Problem(12345, 67890)
+    easy_r = [build._base_response(easy, rng, spec) for _ in range(200)]
+    hard_r = [build._base_response(hard, rng, spec) for _ in range(50)]
+    assert all(not task.has_trace(r) for r in easy_r)  # 1-digit problems are never worked out
+    assert 0.1 < sum(r.startswith("<think></think>") for r in easy_r) / 200 < 0.5
+    assert all(task.has_trace(r) and task.is_correct(hard.prompt, r) for r in hard_r)
+
+
+def test_presets_keep_their_data_and_old_caches_are_accepted(tmp_path):
+    long_spec = build.BuildSpec(**build.LONG)
+    assert long_spec.verify and long_spec.base_trace_fraction == 0.0 and long_spec.rm_init == "base"
+    assert build.BuildSpec(**build.SMALL).base_trace_fraction == 0.0
+    # a cache written before the worked-example fields existed counts as built with the old behaviour
+    small = __import__("dataclasses").asdict(build.BuildSpec(**build.SMALL))
+    old = {k: v for k, v in small.items() if k not in build._BEFORE_FIELD}
+    assert build._spec_diff(old, small) == []
+    assert build._spec_diff(old, __import__("dataclasses").asdict(build.BuildSpec())) != []
+    with pytest.raises(ValueError, match="rm_init"):
+        build.build(tmp_path, build.BuildSpec(**{**build.SMALL, "rm_init": "nope"}))

@@ -62,18 +62,39 @@ class BuildSpec:
     """largest addend digit count (15 with ``verify`` gives the long-trace variant)"""
     verify: bool = False
     """long-trace variant: reasoning traces also re-derive the first addend by subtraction"""
-    base_examples: int = 128_000
+    base_examples: int = 32_000
     """direct-answer examples for base pretraining (one epoch)"""
     base_lr: float = 3e-3
     """base pretraining learning rate (from scratch)"""
-    sft_examples: int = 16_000
+    base_trace_fraction: float = 1.0
+    """worked examples in the base pretraining data, like the worked sums in web text: a problem
+    whose larger number has ``d`` digits is written as a column-by-column trace
+    (``<think>...</think>sum``) with probability ``base_trace_fraction * (d - min_digits) /
+    (max_digits - min_digits)`` (hard problems are worked out, easy ones answered directly). The
+    base then knows the arithmetic and decides per problem whether to work it out, so the SFT
+    stages only shift that decision, which keeps them in the base's basin (linear connectivity)"""
+    base_empty_fraction: float = 0.3
+    """fraction of the base's other (not worked) examples written with an empty trace
+    (``<think></think>sum``, the instruct format) instead of a direct answer"""
+    sft_examples: int = 8_000
     """examples per SFT model (instruct, reasoning, mix)"""
     sft_lr: float = 5e-4
-    """SFT learning rate; small so the SFT models stay linearly connected to the base"""
+    """SFT learning rate of the reasoning and mix models"""
+    instruct_examples: int | None = 2_000
+    """examples for the instruct model (``None``: ``sft_examples``)"""
+    instruct_lr: float | None = 5e-5
+    """instruct learning rate (``None``: ``sft_lr``). The instruct data asks for direct answers
+    the base mostly cannot give (it learned the sums through worked traces), so a full-strength
+    instruct SFT moves far from the base and dominates every merge with it; a short, gentle one
+    only switches the format and stays linearly connected"""
     mix_empty_fraction: float = 0.1
     """fraction of empty-trace examples in the mix SFT data"""
     rm_pairs: int = 4_000
     """reward-model training pairs (short answers only)"""
+    rm_init: str = "short_sft"
+    """model the reward model starts from: ``short_sft`` (its own full-strength SFT of the base on
+    the instruct data, ``sft_examples`` at ``sft_lr``: reward models start from an SFT model, and
+    one that has unlearned traces scores them lower), ``instruct`` or ``base``"""
     rm_lr: float = 3e-4
     """reward-model learning rate"""
     rm_epochs: int = 1
@@ -95,8 +116,21 @@ class BuildSpec:
 
 
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=2, base_examples=3_200, base_lr=3e-3, sft_examples=640,
-             sft_lr=1e-3, rm_pairs=256, eval_problems=16, ppo_prompts=64, sweep=[0.5], max_digits=2)
-"""``--small``: a CI-sized build (2-digit numbers, a 2-layer model, a couple of minutes)."""
+             sft_lr=1e-3, rm_pairs=256, eval_problems=16, ppo_prompts=64, sweep=[0.5], max_digits=2,
+             base_trace_fraction=0.0, base_empty_fraction=0.0, instruct_examples=None, instruct_lr=None,
+             rm_init="base")
+"""``--small``: a CI-sized build (2-digit numbers, a 2-layer model, a couple of minutes; direct-answer
+pretraining as before the worked-example base, so it is not expected to be linearly connected)."""
+
+LONG = dict(min_digits=8, max_digits=15, verify=True, base_examples=128_000, sft_examples=16_000,
+            base_trace_fraction=0.0, base_empty_fraction=0.0, instruct_examples=None, instruct_lr=None,
+            rm_init="base")
+"""``--long``: the long-trace variant (8-15 digit numbers with a verification pass; 200-400-token
+traces), with the direct-answer base and data sizes it was introduced with."""
+
+_BEFORE_FIELD = dict(base_trace_fraction=0.0, base_empty_fraction=0.0, instruct_examples=None, instruct_lr=None,
+                     rm_init="base")
+"""Values of fields that older caches' ``spec.json`` lack: what those builds did."""
 
 MODELS = ("base", "instruct", "reasoning", "mix", "rm")
 
@@ -126,6 +160,17 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
         f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
+def _base_response(p: task.Problem, rng: random.Random, spec: BuildSpec) -> str:
+    """A pretraining example: a worked trace (more likely the more digits), an empty-trace or a direct answer."""
+    d = max(len(str(p.a)), len(str(p.b)))
+    hardness = (d - spec.min_digits) / max(spec.max_digits - spec.min_digits, 1)
+    if rng.random() < spec.base_trace_fraction * hardness:
+        return task.reasoning_response(p, verify=spec.verify)
+    if rng.random() < spec.base_empty_fraction:
+        return task.instruct_response(p)
+    return task.direct_response(p)
+
+
 def synthesize(spec: BuildSpec, out: Path) -> None:
     """Write ``out/data`` (and ``out/tokenizer``) atomically; the problem sets do not overlap."""
     tmp = out / ".data.tmp"
@@ -142,7 +187,7 @@ def synthesize(spec: BuildSpec, out: Path) -> None:
 
     reason = lambda p: task.reasoning_response(p, verify=spec.verify)  # noqa: E731
     sets = {
-        "base": [(p, task.direct_response(p)) for p in fresh(spec.base_examples, s + 2)],
+        "base": [(p, _base_response(p, rng, spec)) for p in fresh(spec.base_examples, s + 2)],
         "instruct": [(p, task.instruct_response(p)) for p in fresh(spec.sft_examples, s + 3)],
         "reasoning": [(p, reason(p)) for p in fresh(spec.sft_examples, s + 4)],
         "mix": [(p, task.instruct_response(p) if rng.random() < spec.mix_empty_fraction else reason(p))
@@ -184,6 +229,11 @@ def train_models(spec: BuildSpec, out: Path) -> dict[str, float]:
     models.mkdir(exist_ok=True)
     seconds: dict[str, float] = {}
     init = models / "init"
+    instruct_data = data / "instruct.jsonl"
+    if spec.instruct_examples is not None and spec.instruct_examples < spec.sft_examples:
+        instruct_data = data / "instruct_head.jsonl"
+        rows = (data / "instruct.jsonl").read_text().splitlines(True)[:spec.instruct_examples]
+        instruct_data.write_text("".join(rows))
     if not (models / "base").exists():
         from transformers import AutoTokenizer
 
@@ -194,16 +244,20 @@ def train_models(spec: BuildSpec, out: Path) -> dict[str, float]:
                              max_position_embeddings=512 if spec.verify else 128)
     stages = [
         ("base", lambda o: _sft(spec, init, data / "base.jsonl", o, spec.base_lr, spec.seed, 0.03, spec.base_batch_size)),
-        ("instruct", lambda o: _sft(spec, models / "base", data / "instruct.jsonl", o, spec.sft_lr, spec.seed + 1, 0.05, spec.batch_size)),
+        ("instruct", lambda o: _sft(spec, models / "base", instruct_data, o,
+                                    spec.sft_lr if spec.instruct_lr is None else spec.instruct_lr, spec.seed + 1, 0.05,
+                                    spec.batch_size)),
         ("reasoning", lambda o: _sft(spec, models / "base", data / "reasoning.jsonl", o, spec.sft_lr, spec.seed + 2, 0.05, spec.batch_size)),
         ("mix", lambda o: _sft(spec, models / "base", data / "mix.jsonl", o, spec.sft_lr, spec.seed + 3, 0.05, spec.batch_size)),
+        ("rm_sft", lambda o: _sft(spec, models / "base", data / "instruct.jsonl", o, spec.sft_lr, spec.seed + 4,
+                                  0.05, spec.batch_size)),
         ("rm", lambda o: rm.train_reward_model(rm.RMConfig(
-            model=str(models / "base"), data=str(data / "rm_train.jsonl"), eval_data=str(data / "rm_eval.jsonl"),
+            model=str(models / ("rm_sft" if spec.rm_init == "short_sft" else spec.rm_init)), data=str(data / "rm_train.jsonl"), eval_data=str(data / "rm_eval.jsonl"),
             out=str(o), lr=spec.rm_lr, epochs=spec.rm_epochs, batch_size=spec.batch_size,
             micro_batch_size=spec.batch_size, warmup_steps=5, seed=spec.seed, max_length=1024))),
     ]
     for name, run in stages:
-        if (models / name).exists():
+        if (models / name).exists() or (name == "rm_sft" and (spec.rm_init != "short_sft" or (models / "rm").exists())):
             continue
         print(f"[testbed] training {name}", file=sys.stderr, flush=True)
         t = time.time()
@@ -317,7 +371,8 @@ def connectivity(out: Path, spec: BuildSpec, prompts: list[str], evals: dict[str
 
 
 def _markdown(report: dict) -> str:
-    lines = ["# Testbed build report", "", "| model | gold/accuracy | rollout/think_rate | length (chars) |",
+    lines = ["# Testbed build report", "", f"Training seconds per stage: {report.get('train_seconds', {})}; "
+             f"whole build call: {report.get('seconds', 0):.0f} s.", "", "| model | gold/accuracy | rollout/think_rate | length (chars) |",
              "|---|---|---|---|"]
     for name, m in report["eval"].items():
         lines.append(f"| {name} | {m['gold/accuracy']:.3f} | {m['rollout/think_rate']:.3f} | {m['length_chars']:.1f} |")
@@ -331,20 +386,29 @@ def _markdown(report: dict) -> str:
         for r in report["connectivity"]:
             lines.append(f"| {r['pair']} | {r['weight_first']} | {r['gold/accuracy']:.3f} | {r['rollout/think_rate']:.3f} | "
                          f"{r['dip/gold/accuracy']:.3f} | {r['dip/rollout/think_rate']:.3f} | {r['ok']} |")
+        lines += ["", "Linear connectivity: " + ("**met** (no dip above the limit)." if report.get("connected")
+                                                 else "**not met** (see the rows with ok = False).")]
     else:
         lines += ["", f"Linear connectivity: not checked ({report.get('connectivity_skipped', 'skipped')})."]
     return "\n".join(lines) + "\n"
 
 
+def _spec_diff(have: dict, want: dict) -> list[str]:
+    """Fields whose cached value differs; a field the cache predates counts as what that build did."""
+    have = {**dataclasses.asdict(BuildSpec()), **_BEFORE_FIELD, **have}
+    return sorted(k for k in want if have.get(k) != want[k])
+
+
 def build(out: str | Path, spec: BuildSpec, *, force: bool = False, check_connectivity: bool = True) -> dict:
     """Build (or complete) the organism in ``out``; returns the report (also written there)."""
     out = Path(out)
+    if spec.rm_init not in ("short_sft", "instruct", "base"):
+        raise ValueError(f"rm_init: expected short_sft, instruct or base, got {spec.rm_init!r}")
     want = dataclasses.asdict(spec)
     if (out / "spec.json").exists():
-        have = json.loads((out / "spec.json").read_text())
-        if have != want:
+        diff = _spec_diff(json.loads((out / "spec.json").read_text()), want)
+        if diff:
             if not force:
-                diff = sorted(k for k in want if have.get(k) != want[k])
                 raise ValueError(f"--out: {out} was built with a different spec ({', '.join(diff)}); "
                                  "use --force to rebuild it or another --out")
             shutil.rmtree(out)
@@ -400,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     kw = dict(SMALL) if args.small else {}
     if args.long:
-        kw.update(min_digits=8, max_digits=15, verify=True)
+        kw.update(LONG)
     spec = BuildSpec(arch=args.arch, seed=args.seed, **kw)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     try:
