@@ -34,12 +34,14 @@ PPO_CONFIG = REPO / "configs" / "testbed" / "rm_mix.yaml"
 
 DEMO_SPEC = dict(max_digits=3, base_examples=24_000, sft_examples=3_200, sft_lr=1e-3, rm_pairs=1_024,
                  mix_empty_fraction=0.2, eval_problems=32, ppo_prompts=1_024, sweep=[0.5])
-"""The demo-sized organism (overrides of ``rlhf.testbed.build.BuildSpec``): the default model
-(hidden 128, 4 layers), 1-3 digit numbers (traces of 16-45 tokens), 24k base and 3.2k SFT examples,
-a mix model with 20% empty traces (a stronger short mode, so the collapse comes within 60 steps).
-About a minute of training on 2 cores. Its reward model scored correct long answers 0.37-0.58 std
-below correct short ones for build seeds 0-3 (the length bias the collapse needs; with 1-4 digits
-and 64k base examples it came out +0.32 std and PPO did not collapse)."""
+"""The demo-sized organism: overrides of ``rlhf.testbed.build.BuildSpec`` (its data recipe, e.g. the
+worked-example base pretraining and the reward model's own short-answer SFT, is the default one):
+the default model (hidden 128, 4 layers), 1-3 digit numbers (traces of 16-45 tokens), 24k base and
+3.2k SFT examples, a mix model with 20% empty traces (a stronger short mode, so the collapse comes
+well within 60 steps). About two minutes of training on 2 cores. Measured with the build of commit
+617e087: base / reasoning / mix greedy accuracy 0.72 / 0.97 / 0.94, the reward model scores correct
+long answers 0.16 std below correct short ones, and PPO from the mix model collapses at step 19
+(gold accuracy 0.70 -> 0.00 while the reward-model score rises)."""
 
 
 def build_organism(root: Path, seed: int = 0) -> tuple[Path, dict]:
