@@ -117,6 +117,58 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def sweep_summary(sweep_out: Path, docs: Path) -> int:
+    """``--sweep DIR``: the detector verdicts of a finished ``rlhf sweep`` (BAI ratio sweep) as a table
+    and a figure (``docs/testbed_bai.md``, ``docs/testbed_bai.png``)."""
+    import re
+
+    results = []
+    for run_dir in sorted((sweep_out / "runs").iterdir()):
+        m = re.fullmatch(r"alpha_([0-9.]+)__seed=(\d+)", run_dir.name)
+        if not m or not (run_dir / "metrics.jsonl").exists():
+            continue
+        results.append(summarize(f"alpha {m.group(1)}", int(m.group(2)), run_dir))
+    if not results:
+        print(f"testbed_matrix: no finished runs under {sweep_out / 'runs'}", file=sys.stderr)
+        return 2
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    alphas = sorted({r["condition"] for r in results})
+    cmap = plt.get_cmap("viridis")
+    keys = [("rollout/length_mean", "mean response length (tokens)"), ("reward/mean", "reward-model score"),
+            ("gold/accuracy", "gold accuracy (exact answer)"), ("rollout/think_rate", "non-empty trace rate")]
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
+    for r in results:
+        color = cmap(alphas.index(r["condition"]) / max(len(alphas) - 1, 1))
+        steps = [row["step"] for row in r["rows"]]
+        for ax, (k, _) in zip(axes, keys):
+            ax.plot(steps, [row.get(k, float("nan")) for row in r["rows"]], color=color, alpha=0.8,
+                    label=r["condition"] if (k == keys[0][0] and r["seed"] == min(x["seed"] for x in results)) else None)
+    for ax, (k, title) in zip(axes, keys):
+        if k in ("gold/accuracy", "rollout/think_rate"):
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO step")
+    axes[0].legend(fontsize=7, title="base weight")
+    fig.suptitle("rlhf testbed: BAI ratio sweep (instruct + reasoning 50/50, then base at alpha), reward model PPO",
+                 fontsize=10)
+    fig.tight_layout()
+    docs.mkdir(parents=True, exist_ok=True)
+    fig.savefig(docs / "testbed_bai.png", dpi=110)
+    fired = {a: sum(r["collapse"] for r in results if r["condition"] == a) for a in alphas}
+    runs = {a: sum(r["condition"] == a for r in results) for a in alphas}
+    lines = [f"- {a}: length collapse detected in {fired[a]}/{runs[a]} seeds" for a in alphas]
+    (docs / "testbed_bai.md").write_text(
+        f"# Testbed BAI ratio sweep\n\nRuns: `{sweep_out}` (`rlhf sweep configs/testbed/bai_sweep.yaml`), summarized "
+        f"with `python benchmarks/testbed_matrix.py --sweep {sweep_out}`\n\n" + table(results) + "\n\n"
+        + "\n".join(lines) + "\n\n![bai sweep](testbed_bai.png)\n")
+    print(table(results) + "\n" + "\n".join(lines))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--build", default="runs/testbed", help="the cached `rlhf testbed build` output")
@@ -127,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--docs", default="docs", help="where the figure and table go")
     ap.add_argument("--parallel", type=int, default=1, help="runs at a time (each starts its own local Ray)")
     ap.add_argument("overrides", nargs="*", help="extra key.sub=value overrides for every run")
+    ap.add_argument("--sweep", help="summarize a finished BAI sweep's output directory instead (no runs)")
     args = ap.parse_args(argv)
+    if args.sweep:
+        return sweep_summary(Path(args.sweep), Path(args.docs))
     build, out = Path(args.build).resolve(), Path(args.out).resolve()
     if not (build / "models" / "rm").exists():
         print(f"testbed_matrix: no build at {build}; run `rlhf testbed build --out {args.build}` first", file=sys.stderr)

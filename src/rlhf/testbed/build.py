@@ -95,6 +95,11 @@ class BuildSpec:
     """model the reward model starts from: ``short_sft`` (its own full-strength SFT of the base on
     the instruct data, ``sft_examples`` at ``sft_lr``: reward models start from an SFT model, and
     one that has unlearned traces scores them lower), ``instruct`` or ``base``"""
+    rm_stutter_fraction: float = 0.4
+    """fraction of the reward model's rejected (wrong) short answers that are the sum with one digit
+    written twice (``1011`` -> ``10111``): still short answers, but wrong ones are then a little
+    longer on average, a length confound the reward model picks up and extrapolates to long
+    reasoning answers (the length bias the organism needs)"""
     rm_lr: float = 3e-4
     """reward-model learning rate"""
     rm_epochs: int = 1
@@ -118,18 +123,18 @@ class BuildSpec:
 SMALL = dict(hidden_size=64, num_layers=2, num_heads=2, base_examples=3_200, base_lr=3e-3, sft_examples=640,
              sft_lr=1e-3, rm_pairs=256, eval_problems=16, ppo_prompts=64, sweep=[0.5], max_digits=2,
              base_trace_fraction=0.0, base_empty_fraction=0.0, instruct_examples=None, instruct_lr=None,
-             rm_init="base")
+             rm_init="base", rm_stutter_fraction=0.0)
 """``--small``: a CI-sized build (2-digit numbers, a 2-layer model, a couple of minutes; direct-answer
 pretraining as before the worked-example base, so it is not expected to be linearly connected)."""
 
 LONG = dict(min_digits=8, max_digits=15, verify=True, base_examples=128_000, sft_examples=16_000,
             base_trace_fraction=0.0, base_empty_fraction=0.0, instruct_examples=None, instruct_lr=None,
-            rm_init="base")
+            rm_init="base", rm_stutter_fraction=0.0)
 """``--long``: the long-trace variant (8-15 digit numbers with a verification pass; 200-400-token
 traces), with the direct-answer base and data sizes it was introduced with."""
 
 _BEFORE_FIELD = dict(base_trace_fraction=0.0, base_empty_fraction=0.0, instruct_examples=None, instruct_lr=None,
-                     rm_init="base")
+                     rm_init="base", rm_stutter_fraction=0.0)
 """Values of fields that older caches' ``spec.json`` lack: what those builds did."""
 
 MODELS = ("base", "instruct", "reasoning", "mix", "rm")
@@ -195,8 +200,14 @@ def synthesize(spec: BuildSpec, out: Path) -> None:
     }
     for name, rows in sets.items():
         _write_jsonl(tmp / f"{name}.jsonl", [{"prompt": p.prompt, "response": r} for p, r in rows])
-    pairs = [{"prompt": p.prompt, "chosen": task.instruct_response(p),
-              "rejected": f"{task.THINK_START}{task.THINK_END}{_wrong_answer(p, rng)}"}
+    def rejected(p: task.Problem) -> str:
+        if spec.rm_stutter_fraction and rng.random() < spec.rm_stutter_fraction:
+            digits = str(p.answer)
+            i = rng.randrange(len(digits))
+            return f"{task.THINK_START}{task.THINK_END}{digits[:i + 1]}{digits[i:]}"
+        return f"{task.THINK_START}{task.THINK_END}{_wrong_answer(p, rng)}"
+
+    pairs = [{"prompt": p.prompt, "chosen": task.instruct_response(p), "rejected": rejected(p)}
              for p in fresh(spec.rm_pairs + 256, s + 6)]
     _write_jsonl(tmp / "rm_train.jsonl", pairs[:spec.rm_pairs])
     _write_jsonl(tmp / "rm_eval.jsonl", pairs[spec.rm_pairs:])
