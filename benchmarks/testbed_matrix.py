@@ -125,7 +125,7 @@ def sweep_summary(sweep_out: Path, docs: Path) -> int:
     results = []
     for run_dir in sorted((sweep_out / "runs").iterdir()):
         m = re.fullmatch(r"alpha_([0-9.]+)__seed=(\d+)", run_dir.name)
-        if not m or not (run_dir / "metrics.jsonl").exists():
+        if not m or not (run_dir / "metrics.jsonl").exists() or not (run_dir / "SWEEP_DONE").exists():
             continue
         results.append(summarize(f"alpha {m.group(1)}", int(m.group(2)), run_dir))
     if not results:
