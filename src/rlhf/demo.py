@@ -204,7 +204,8 @@ def organism_figure(runs: list, path: Path, keys: list[tuple[str, str]] | None =
     keys = keys or ORGANISM_PANELS
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
     axes = axes[0]
-    for run, color in zip(runs, ["tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange", "tab:brown"]):
+    colors = ["tab:red", "tab:blue"] + [plt.get_cmap("tab10")(i) for i in (2, 4, 1, 5, 6, 7, 8, 9)]
+    for run, color in zip(runs, colors * (len(runs) // len(colors) + 1)):
         lc = run.verdicts["length_collapse"]
         label = run.path.name + (f" (collapse at step {lc.onset_step})" if lc.verdict != "none" else " (no collapse)")
         for ax, (k, _) in zip(axes, keys):
@@ -212,10 +213,10 @@ def organism_figure(runs: list, path: Path, keys: list[tuple[str, str]] | None =
             ax.plot(st, vals, color=color, label=label if k == keys[0][0] else None)
             if lc.verdict != "none" and lc.onset_step is not None:
                 ax.axvline(lc.onset_step, color=color, ls=":", lw=1.2)
-    for ax, (k, title) in zip(axes, keys):
+    for ax, (k, panel) in zip(axes, keys):
         if k in ("gold/accuracy", "rollout/think_rate"):
             ax.set_ylim(-0.03, 1.03)
-        ax.set_title(title, fontsize=10)
+        ax.set_title(panel, fontsize=10)
         ax.set_xlabel("PPO step")
     axes[0].legend(fontsize=8)
     fig.suptitle(title, fontsize=10)
