@@ -38,10 +38,11 @@ DEMO_SPEC = dict(max_digits=3, base_examples=24_000, sft_examples=3_200, sft_lr=
 worked-example base pretraining and the reward model's own short-answer SFT, is the default one):
 the default model (hidden 128, 4 layers), 1-3 digit numbers (traces of 16-45 tokens), 24k base and
 3.2k SFT examples, a mix model with 20% empty traces (a stronger short mode, so the collapse comes
-well within 60 steps). About two minutes of training on 2 cores. Measured with the build of commit
-617e087: base / reasoning / mix greedy accuracy 0.72 / 0.97 / 0.94, the reward model scores correct
-long answers 0.16 std below correct short ones, and PPO from the mix model collapses at step 19
-(gold accuracy 0.70 -> 0.00 while the reward-model score rises)."""
+well within 60 steps). Two to four minutes of training on 2 shared cores. Measured with the build
+of commit 5f671ea: base / reasoning / mix greedy accuracy 0.72 / 0.97 / 0.94, the reward model
+scores correct long answers 1.17 std below correct short ones, and PPO from the mix model collapses
+at step 9 (gold accuracy 0.70 -> 0.00 while the reward-model score rises; at 617e087, before the
+stuttered rejected answers: 0.16 std, collapse at step 19)."""
 
 
 def build_organism(root: Path, seed: int = 0) -> tuple[Path, dict]:
