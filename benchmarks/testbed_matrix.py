@@ -85,6 +85,8 @@ def figure(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rlhf.report import finish_step_panels
+
     keys = [("rollout/length_mean", "mean response length (tokens)"), ("reward/mean", "reward (raw score)"),
             ("gold/accuracy", "gold accuracy (exact answer)"), ("rollout/think_rate", "non-empty trace rate")]
     colors = {"rm_mix": "tab:red", "exact_mix": "tab:blue", "both_mix": "tab:green"}
@@ -96,12 +98,7 @@ def figure(results: list[dict], path: Path) -> None:
                     alpha=0.8, label=f"{r['condition']} (seed {r['seed']})" if k == keys[0][0] else None)
             if k == keys[0][0] and r["onset_step"] is not None:
                 ax.axvline(r["onset_step"], color=colors.get(r["condition"], "k"), ls=":", lw=1)
-    for ax, (k, title) in zip(axes, keys):
-        if k in ("gold/accuracy", "rollout/think_rate"):
-            ax.set_ylim(-0.03, 1.03)
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("PPO step")
-    axes[0].legend(fontsize=7)
+    finish_step_panels(axes, keys, fontsize=7)
     fig.suptitle("rlhf testbed: reward model vs exact reward from the mix init (dotted: detected collapse onset)",
                  fontsize=10)
     fig.tight_layout()

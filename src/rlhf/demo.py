@@ -202,6 +202,8 @@ def organism_figure(runs: list, path: Path, keys: list[tuple[str, str]] | None =
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from rlhf.report import finish_step_panels
+
     keys = keys or ORGANISM_PANELS
     fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.8), squeeze=False)
     axes = axes[0]
@@ -214,12 +216,7 @@ def organism_figure(runs: list, path: Path, keys: list[tuple[str, str]] | None =
             ax.plot(st, vals, color=color, label=label if k == keys[0][0] else None)
             if lc.verdict != "none" and lc.onset_step is not None:
                 ax.axvline(lc.onset_step, color=color, ls=":", lw=1.2)
-    for ax, (k, panel) in zip(axes, keys):
-        if k in ("gold/accuracy", "rollout/think_rate"):
-            ax.set_ylim(-0.03, 1.03)
-        ax.set_title(panel, fontsize=10)
-        ax.set_xlabel("PPO step")
-    axes[0].legend(fontsize=8)
+    finish_step_panels(axes, keys)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

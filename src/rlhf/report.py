@@ -189,6 +189,17 @@ def _colors(n: int) -> list:
     return [cmap(i % 10) for i in range(n)]
 
 
+def finish_step_panels(axes, keys: list[tuple[str, str]], fontsize: int = 8) -> None:
+    """Titles, x labels and rate limits of a row of per-step panels (``keys``: metric, title);
+    the legend goes on the first panel. Shared by the organism figures (demo, testbed matrix)."""
+    for ax, (k, title) in zip(axes, keys):
+        if k in ("gold/accuracy", "rollout/think_rate"):
+            ax.set_ylim(-0.03, 1.03)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO step")
+    axes[0].legend(fontsize=fontsize)
+
+
 def plot_reward_buckets(runs: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
 
