@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from rlhf.cli import dispatch
+from bairlhf.cli import dispatch
 
 COMMANDS = {
     "merge": ("bai.merge:main", "merge checkpoints from a YAML recipe (BAI two-stage, linear, TIES, DARE, SLERP...)"),

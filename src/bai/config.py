@@ -21,6 +21,8 @@ slerp              models (exactly two, no weights), t                    (none)
 
 from __future__ import annotations
 
+from bairlhf.errors import UserError
+
 import dataclasses
 import math
 import os
@@ -47,7 +49,7 @@ _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**1
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """Bad merge input; the message names the key, file or tensor at fault."""
 
 

@@ -8,19 +8,21 @@ any work starts. Every field has a default, so a YAML file only names what it ch
 
 from __future__ import annotations
 
+from bairlhf.errors import UserError
+
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
-from rlhf.typed_config import build
+from bairlhf.typed_config import build
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "ppo" / "tiny_cpu.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value is invalid; the message names the dotted key."""
 
 

@@ -22,6 +22,8 @@ same GPUs, so the plan's GPU assignment does not change.
 
 from __future__ import annotations
 
+from bairlhf.errors import UserError
+
 import uuid
 from dataclasses import dataclass, field
 
@@ -29,7 +31,7 @@ ROLES = ("actor", "critic", "reference", "reward", "rollout")
 REQUIRED_ROLES = ("actor", "rollout")
 
 
-class PlacementError(ValueError):
+class PlacementError(UserError):
     """An impossible placement; the message names the key."""
 
 

@@ -56,7 +56,7 @@ import yaml
 
 from rlhf.placement import (PlacementError, PlacementPlan, PlacementSpec, make_plan, spec_from_dict,
                             spec_from_ppo_config)
-from rlhf.typed_config import build
+from bairlhf.typed_config import build
 
 GiB = 1024 ** 3
 

@@ -53,7 +53,7 @@ from pathlib import Path
 
 import yaml
 
-from rlhf.typed_config import build
+from bairlhf.typed_config import build
 
 
 @dataclass

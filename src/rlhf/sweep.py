@@ -23,6 +23,8 @@ The paper's convention holds: ``alpha`` is the weight of the pretrained base mod
 
 from __future__ import annotations
 
+from bairlhf.errors import UserError
+
 import argparse
 import itertools
 import math
@@ -38,7 +40,7 @@ DONE = "SWEEP_DONE"
 SWEEP_KEYS = {"out", "ppo_config", "overrides", "merge", "axes", "launcher", "ray_address", "max_concurrent"}
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """Bad sweep input; the message names the key."""
 
 

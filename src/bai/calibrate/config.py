@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from rlhf.sft import LoraSettings
-from rlhf.typed_config import build
+from bairlhf.typed_config import build
 
 # Table 2 of the paper: SFT hyperparameters per (dataset, model, method); batch size is the
 # effective training batch size. The LoRA rank is not given in the paper (our default r=16).

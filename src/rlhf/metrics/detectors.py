@@ -37,7 +37,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from rlhf.metrics.batch import bucket_key
-from rlhf.typed_config import build
+from bairlhf.typed_config import build
 
 
 @dataclass

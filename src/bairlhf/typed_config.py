@@ -5,7 +5,13 @@ any work: an unknown key, a missing required field (no default) or a value of th
 raises ``error`` (the caller's exception class) naming the dotted key. Nested dataclass fields
 recurse (``None`` gives the defaults); ``X | None``, ``list[T]``, ``tuple[...]`` and ``dict``
 fields are checked; floats also accept ints and numeric strings (YAML reads ``5e-5`` as a
-string); other annotations (``Any``) pass through. Imports only the standard library.
+string) and must be finite; other annotations (``Any``) pass through. Imports only the standard
+library.
+
+Valid ranges and enums are part of the type, so they are checked at load and documented where
+the field is: ``gamma: Annotated[float, Range(0, 1)] = 1.0`` (closed bounds by default,
+``Range(0, None, lo_open=True)`` for ``> 0``), ``arch: Literal["llama", "qwen2"] = "llama"``.
+``field_ranges(cls)`` lists every constrained field of a config tree (for docs and tests).
 
 Message wording is the caller's choice (``unknown=`` / ``missing=`` format strings with the
 fields ``where``, ``path`` (``where.key``), ``key``, ``keys`` (list of unknown keys) and ``known``
@@ -15,6 +21,7 @@ fields ``where``, ``path`` (``where.key``), ``key``, ``keys`` (list of unknown k
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 
@@ -22,6 +29,59 @@ UNKNOWN = "{path}: unknown key (known: {known})"
 """Default message of an unknown key."""
 MISSING = "{path}: required"
 """Default message of a missing field that has no default."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """Valid interval of a numeric field, used as ``Annotated[float, Range(lo, hi)]``."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+
+    def ok(self, v) -> bool:
+        if self.lo is not None and not (v > self.lo if self.lo_open else v >= self.lo):
+            return False
+        if self.hi is not None and not (v < self.hi if self.hi_open else v <= self.hi):
+            return False
+        return v == v  # NaN fails
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            return f"{'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        if self.hi is not None:
+            return f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return "any"
+
+
+def field_ranges(cls, where: str = "") -> dict[str, str]:
+    """Dotted key -> its valid range or choices, for every constrained field of ``cls`` (recursive)."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+        key = _path(where, name)
+        base, extras = _unannotate(tp)
+        if typing.get_origin(base) in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(base) if a is not type(None)]
+            if len(inner) == 1:
+                base, extras = _unannotate(inner[0])
+        for r in extras:
+            if isinstance(r, Range):
+                out[key] = str(r)
+        if typing.get_origin(base) is typing.Literal:
+            out[key] = " | ".join(map(str, typing.get_args(base)))
+        inner = [a for a in typing.get_args(base) if a is not type(None)] or [base]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            out.update(field_ranges(inner[0], key))
+    return out
+
+
+def _unannotate(tp):
+    if typing.get_origin(tp) is typing.Annotated:
+        return typing.get_args(tp)[0], tp.__metadata__
+    return tp, ()
 
 
 def _path(where: str, key: str) -> str:
@@ -44,14 +104,28 @@ def build(cls, data, where: str = "", error: type[Exception] = ValueError, *,
     for name, f in fields.items():
         if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise error(missing.format(where=where, path=_path(where, name), key=name))
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     kwargs = {k: _coerce(v, hints.get(k, typing.Any), _path(where, k), error, unknown, missing)
               for k, v in data.items()}
     return cls(**kwargs)
 
 
 def _coerce(value, tp, key: str, error, unknown: str, missing: str):
+    tp, extras = _unannotate(tp)
+    value = _coerce_plain(value, tp, key, error, unknown, missing)
+    for r in extras:
+        if isinstance(r, Range) and value is not None and not r.ok(value):
+            raise error(f"{key}: must be {'in ' if r.lo is not None and r.hi is not None else ''}{r}, got {value!r}")
+    return value
+
+
+def _coerce_plain(value, tp, key: str, error, unknown: str, missing: str):
     origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        choices = typing.get_args(tp)
+        if value not in choices or type(value) is bool and True not in choices:
+            raise error(f"{key}: must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -75,13 +149,18 @@ def _coerce(value, tp, key: str, error, unknown: str, missing: str):
             raise error(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
         return tuple(_coerce(v, a, key, error, unknown, missing) for v, a in zip(value, args))
     if tp is float:
+        num = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            num = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)
+                num = float(value)
             except ValueError:
                 pass
+        if num is not None:
+            if not math.isfinite(num):
+                raise error(f"{key}: must be a finite number, got {value!r}")
+            return num
     elif tp in (int, str, bool):
         if type(value) is tp:
             return value

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from rlhf.typed_config import build
+from bairlhf.typed_config import build
 
 
 @dataclass
