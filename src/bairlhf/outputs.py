@@ -40,12 +40,13 @@ def _overlap(a: Path, b: Path) -> bool:
 
 
 def check_output(out: str | Path, command: str, inputs=(), force: bool = False,
-                 flag: str = "--force") -> Path:
+                 flag: str = "--force", legacy=None) -> Path:
     """Refuse, before any work, an output ``out`` that this command may not (re)place.
 
     ``inputs``: paths the command reads (files or directories); ``out`` must not be, contain or
     lie inside any of them. An existing ``out`` needs ``force`` and must carry ``command``'s
-    marker. Returns ``out`` resolved.
+    marker. ``legacy`` (optional, ``Path -> bool``) accepts an unmarked directory as ``command``'s
+    own: outputs it wrote before marker files existed. Returns ``out`` resolved.
     """
     out_r = Path(out).expanduser().resolve()
     for inp in inputs:
@@ -61,6 +62,8 @@ def check_output(out: str | Path, command: str, inputs=(), force: bool = False,
         if not out_r.is_dir():
             raise UserError(f"{out}: exists and is not a directory; refusing to replace it")
         made_by = owner(out_r)
+        if made_by is None and legacy is not None and legacy(out_r):
+            made_by = command
         if made_by != command:
             who = f"was written by `{made_by}`" if made_by else f"was not written by `{command}` (no {MARKER})"
             raise UserError(f"{out}: {who}; {flag} replaces only an earlier output of `{command}`, "
