@@ -3,21 +3,41 @@
 Batch metrics: ``batch_metrics``, ``length_bucket_stats``, ``explained_variance``,
 ``reduce_update_stats`` (with ``ACTOR_STAT_NAMES`` / ``CRITIC_STAT_NAMES``).
 Detectors: ``detect_length_collapse``, ``detect_hockey_stick``, ``detect_run`` (offline) and
-``StabilityMonitor`` (online), thresholds in ``StabilityConfig``.
+``StabilityMonitor`` (online), thresholds and length buckets in ``StabilityConfig``
+(``rlhf.metrics.config``, the typed ``metrics:`` config section).
 Logging: ``MetricLogger`` (JSONL + TensorBoard), ``read_jsonl``.
+
+Names are imported lazily (PEP 562), so ``rlhf.metrics.config`` can be imported by the config
+tree without importing torch.
 """
 
-from rlhf.metrics.batch import (ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, bucket_key, explained_variance,
-                                length_bucket_index, length_bucket_stats, reduce_update_stats)
-from rlhf.metrics.detectors import (HOCKEY_CLASS_CODES, PHASE_CODES, VERDICT_CODES, HockeyStickVerdict,
-                                    LengthCollapseVerdict, StabilityConfig, StabilityMonitor, detect_hockey_stick,
-                                    detect_length_collapse, detect_run, rolling_median)
-from rlhf.metrics.logger import MetricLogger, read_jsonl
+from __future__ import annotations
 
-__all__ = [
-    "ACTOR_STAT_NAMES", "CRITIC_STAT_NAMES", "HOCKEY_CLASS_CODES", "PHASE_CODES", "VERDICT_CODES",
-    "HockeyStickVerdict", "LengthCollapseVerdict", "MetricLogger", "StabilityConfig", "StabilityMonitor",
-    "batch_metrics", "bucket_key", "detect_hockey_stick", "detect_length_collapse", "detect_run",
-    "explained_variance", "length_bucket_index", "length_bucket_stats", "read_jsonl", "reduce_update_stats",
-    "rolling_median",
-]
+import importlib
+
+_WHERE = {
+    "rlhf.metrics.batch": ["ACTOR_STAT_NAMES", "CRITIC_STAT_NAMES", "batch_metrics", "bucket_key",
+                           "explained_variance", "length_bucket_index", "length_bucket_stats",
+                           "reduce_update_stats"],
+    "rlhf.metrics.config": ["MetricsConfig", "MetricsConfigError", "StabilityConfig"],
+    "rlhf.metrics.detectors": ["HOCKEY_CLASS_CODES", "PHASE_CODES", "VERDICT_CODES", "HockeyStickVerdict",
+                               "LengthCollapseVerdict", "StabilityMonitor", "detect_hockey_stick",
+                               "detect_length_collapse", "detect_run", "rolling_median"],
+    "rlhf.metrics.logger": ["MetricLogger", "read_jsonl"],
+}
+_MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    mod = _MODULE_OF.get(name)
+    if mod is None:
+        raise AttributeError(f"module 'rlhf.metrics' has no attribute {name!r}")
+    value = getattr(importlib.import_module(mod), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

@@ -13,6 +13,7 @@ from typing import Iterable, Mapping
 import torch
 
 from rlhf.algo.kl import kl_from_log_ratio
+from rlhf.metrics.config import StabilityConfig
 
 
 def bucket_key(i: int, what: str, prefix: str = "reward") -> str:
@@ -59,7 +60,8 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
                   old_logp: torch.Tensor | None = None, ref_logp: torch.Tensor | None = None,
                   rollout_logp: torch.Tensor | None = None, values: torch.Tensor | None = None,
                   returns: torch.Tensor | None = None, advantages: torch.Tensor | None = None,
-                  bucket_width: int = 100, num_buckets: int = 20) -> dict[str, float]:
+                  bucket_width: int = 100, num_buckets: int = 20,
+                  config: StabilityConfig | None = None) -> dict[str, float]:
     """Metrics of one rollout batch, computed before any update of this step.
 
     Arguments (``[B, T]`` unless noted; optional ones add their metrics when given):
@@ -71,10 +73,14 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
       rollout_logp: the rollout engine's logprobs of the same tokens.
       values, returns, advantages: critic values, GAE returns and (unwhitened) advantages.
       bucket_width, num_buckets: length buckets for ``reward/bucket_XX_*``.
+      config: the run's typed ``metrics:`` section; when given, its ``bucket_width`` and
+        ``num_buckets`` are used (what the trainer passes, so the buckets match the report's labels).
 
     Token tensors are gathered once to their response tokens (padding content, even NaN, never
     matters) and reduced in their own precision (float32 sums are pairwise, accurate to ~1e-6).
     """
+    if config is not None:
+        bucket_width, num_buckets = config.bucket_width, config.num_buckets
     if mask.dim() != 2:
         raise ValueError(f"mask must be [B, T], got shape {tuple(mask.shape)}")
     B = mask.shape[0]

@@ -22,9 +22,16 @@ start (``reward/std``) or, when unknown, the series' own step-to-step noise. A d
 when z stays <= -max(``drop_z``, ``noise_k`` x noise / scale); the trough is the minimum until
 the reward is back at baseline; half recovery = z >= -depth/2, recovery = z >= 0 (both
 persistent); plateau = steps around the trough within ``plateau_tol`` x depth of the minimum;
-slope = least-squares slope of the raw reward over ``slope_window`` steps after the trough.
+decline length = steps from the last point within ``plateau_tol`` x depth of the baseline to the
+plateau's start (the decline's own duration, measured between the same fractions of the depth
+as the plateau, so smoothing lag and the decline threshold cancel); slope = least-squares slope
+of the raw reward over ``slope_window`` steps after the trough.
 Class: ``no_drop`` (no decline), ``monotone_decline`` (no half recovery), ``v_shape`` (plateau
-< ``plateau_min_steps`` and half recovery within ``v_max_steps``), else ``hockey_stick``.
+< max(``plateau_min_steps``, ``v_plateau_ratio`` x decline length) and half recovery within
+max(``v_max_steps``, ``v_recovery_ratio`` x decline length) steps of the trough), else
+``hockey_stick``. The V / hockey-stick boundary thus scales with the decline: a linear V with
+arms of L steps has plateau ~ decline length ~ L/2 and half recovery ~ L/2 after the trough at
+any L, while a hockey stick's plateau and slow recovery are long against its decline.
 """
 
 from __future__ import annotations
@@ -37,56 +44,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from rlhf.metrics.batch import bucket_key
-from bairlhf.typed_config import build
+from rlhf.metrics.config import StabilityConfig
 
-
-@dataclass
-class StabilityConfig:
-    """Detector thresholds (``metrics:`` section of a PPO config)."""
-
-    smooth_window: int = 5
-    """Causal rolling-median window (observations)."""
-    baseline_steps: int = 3
-    """Baseline = median of the first N raw values."""
-    persistence: int = 3
-    """A threshold crossing counts when it holds for N consecutive observations."""
-    early_steps: int = 200
-    """Onsets (collapse, reward decline) only count within this many steps of the first step."""
-    collapse_fraction: float = 0.5
-    """Length collapse: smoothed mean length <= this fraction of the baseline."""
-    recovery_fraction: float = 0.9
-    """Length recovery: smoothed mean length back to >= this fraction of the baseline."""
-    drop_z: float = 0.25
-    """Reward decline: drop of at least this many reward standard deviations (z units)."""
-    noise_k: float = 4.0
-    """...and at least this many times the per-step noise of the reward series."""
-    plateau_tol: float = 0.25
-    """Trough plateau: steps whose z is within this fraction of the depth from the minimum."""
-    plateau_min_steps: int = 5
-    """Plateaus shorter than this make a recovered drop a V-shape (with a fast recovery)."""
-    v_max_steps: int = 10
-    """A V-shape reaches half recovery within this many steps of the trough."""
-    slope_window: int = 50
-    """Recovery slope: least-squares fit over this many steps after the trough."""
-    bucket_min_count: int = 8
-    """Per-bucket reward points from fewer responses than this are treated as missing."""
-    bucket_width: int = 100
-    """Length-bucket width in tokens (for ``batch_metrics``)."""
-    num_buckets: int = 20
-    """Number of length buckets, the last open-ended (for ``batch_metrics``)."""
-
-    def __post_init__(self) -> None:
-        for name in ("smooth_window", "baseline_steps", "persistence", "bucket_width", "num_buckets"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"metrics.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 < self.collapse_fraction < self.recovery_fraction:
-            raise ValueError("metrics.collapse_fraction must be > 0 and < metrics.recovery_fraction, got "
-                             f"{self.collapse_fraction} and {self.recovery_fraction}")
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any] | None) -> "StabilityConfig":
-        """Build from a plain dict; an unknown key or a wrong type raises ValueError naming ``metrics.<key>``."""
-        return build(cls, data, "metrics")
+__all__ = ["HOCKEY_CLASS_CODES", "PHASE_CODES", "VERDICT_CODES", "HockeyStickVerdict", "LengthCollapseVerdict",
+           "StabilityConfig", "StabilityMonitor", "detect_hockey_stick", "detect_length_collapse", "detect_run",
+           "rolling_median", "step_noise"]
 
 
 @dataclass
@@ -133,6 +95,9 @@ class HockeyStickVerdict:
     """Smoothed reward at the trough."""
     trough_length: int | None = None
     """Steps the plateau around the trough lasts."""
+    decline_length: int | None = None
+    """Steps of the decline itself: from the last point within ``plateau_tol`` x depth of the
+    baseline to the plateau's start (the unit the V / hockey-stick boundary scales with)."""
     half_recovery_step: int | None = None
     """First step back above half the drop (persistent)."""
     recovery_step: int | None = None
@@ -251,19 +216,24 @@ def detect_hockey_stick(steps: Sequence[int], values: Sequence[float], cfg: Stab
     i_tr = onset + int(np.argmin(z[onset:end]))
     depth = float(-z[i_tr])
     half = _first_persistent(z >= -depth / 2, i_tr + 1, m)
-    near = z <= z[i_tr] + cfg.plateau_tol * depth
-    lo = i_tr
-    while lo > onset and near[lo - 1]:
-        lo -= 1
-    hi = i_tr
-    while hi + 1 < z.size and near[hi + 1]:
-        hi += 1
+    near = np.flatnonzero(z <= z[i_tr] + cfg.plateau_tol * depth)   # the plateau: near points around the
+    lo = hi = i_tr                                                     # trough, gaps shorter than m bridged
+    while (prev := near[(near < lo) & (near >= max(onset, lo - m))]).size:
+        lo = int(prev[0])
+    while (nxt := near[(near > hi) & (near <= hi + m)]).size:
+        hi = int(nxt[-1])
     plateau = int(s[hi] - s[lo] + 1)
+    up = z >= -cfg.plateau_tol * depth       # decline start: last point of a persistent stretch near
+    start = lo                               # the baseline (a brief noisy bump mid-decline is not one)
+    while start > 0 and not up[max(0, start - m + 1): start + 1].all():
+        start -= 1
+    decline = max(1, int(s[lo] - s[start]))
     fit = (s >= s[i_tr]) & (s <= s[i_tr] + cfg.slope_window)
     slope = _ols_slope(s[fit].astype(np.float64), v[fit])
     if half is None:
         verdict = "monotone_decline"
-    elif plateau < cfg.plateau_min_steps and s[half] - s[i_tr] < cfg.v_max_steps:
+    elif (plateau < max(cfg.plateau_min_steps, cfg.v_plateau_ratio * decline)
+          and s[half] - s[i_tr] < max(cfg.v_max_steps, cfg.v_recovery_ratio * decline)):
         verdict = "v_shape"
     else:
         verdict = "hockey_stick"
@@ -278,6 +248,7 @@ def detect_hockey_stick(steps: Sequence[int], values: Sequence[float], cfg: Stab
     return HockeyStickVerdict(
         verdict=verdict, phase=phase, baseline=base, scale=unit, onset_step=int(s[onset]), drop_depth=depth,
         drop_value=depth * unit, trough_step=int(s[i_tr]), trough_value=float(sm[i_tr]), trough_length=plateau,
+        decline_length=decline,
         half_recovery_step=None if half is None else int(s[half]),
         recovery_step=None if back is None else int(s[back]), recovery_slope=slope, severity=severity)
 

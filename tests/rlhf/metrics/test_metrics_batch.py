@@ -65,6 +65,19 @@ def test_batch_metrics_hand_values(left):
     assert out["return/mean"] == 2.0 and out["advantage/std"] == 0.0
 
 
+def test_batch_metrics_takes_the_typed_metrics_config():
+    """The run's ``metrics:`` section decides the buckets (width 7, 5 buckets, the last open)."""
+    cfg = metrics.StabilityConfig.from_dict({"bucket_width": 7, "num_buckets": 5})
+    lengths = [1, 7, 13, 27, 28, 40]
+    mask = _mask(lengths, 40)
+    out = metrics.batch_metrics(mask=mask, scores=torch.arange(6.0), finished=torch.ones(6, dtype=torch.bool),
+                                config=cfg)
+    counts = {k: v for k, v in out.items() if k.endswith("_count")}
+    assert counts == {"reward/bucket_00_count": 1, "reward/bucket_01_count": 2, "reward/bucket_02_count": 0,
+                      "reward/bucket_03_count": 1, "reward/bucket_04_count": 2}
+    assert out["reward/bucket_04_mean"] == 4.5 and "reward/bucket_02_mean" not in out
+
+
 def test_kl_and_mismatch_metrics():
     mask = _mask([2, 1], 2)
     old = torch.tensor([[-1.0, -2.0], [-0.5, float("nan")]])
