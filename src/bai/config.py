@@ -21,18 +21,22 @@ slerp              models (exactly two, no weights), t                    (none)
 
 from __future__ import annotations
 
-from bairlhf.errors import UserError
-
 import dataclasses
 import math
 import os
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+
+from bairlhf.errors import UserError
+from bairlhf.typed_config import Range
 
 WEIGHT_TOLERANCE = 1e-6
-OUT_DTYPES = ("bfloat16", "float16", "float32")
+Method = Literal["bai", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
+OutDtype = Literal["bfloat16", "float16", "float32"]
+OUT_DTYPES = typing.get_args(OutDtype)
 COMMON_KEYS = {"method", "dtype", "shard_size", "allow_pickle"}
 # method -> (required keys, optional keys); "alpha|alphas" means exactly one of the two
 METHOD_KEYS: dict[str, tuple[set[str], set[str]]] = {
@@ -59,36 +63,39 @@ class ModelEntry:
 
     path: Path
     """Directory of a Hugging Face checkpoint (config.json plus safetensors weights)."""
-    weight: float | None = None
-    """Its weight (None only for slerp, whose mixing is given by ``t``)."""
+    weight: Annotated[float, Range(None, None)] | None = None
+    """Its weight, any finite number; for ``bai`` and ``linear`` each in [0, 1] and all summing to 1
+    (within ``WEIGHT_TOLERANCE``). None only for slerp, whose mixing is given by ``t``."""
 
 
 @dataclass
 class MergeConfig:
     """A validated merge recipe. Build it with ``load_config``; fields mirror the YAML keys."""
 
-    method: str
+    method: Method
     """One of ``METHOD_KEYS``: bai, linear, task_arithmetic, ties, dare_linear, dare_ties, slerp."""
     models: list[ModelEntry]
     """Inputs: for ``bai`` the stage-1 ``sft_models``; otherwise ``models`` (slerp: t=0 is the first)."""
     base: Path | None = None
     """M_base for bai (the pretrained model), the task-vector origin for task_arithmetic/ties/dare."""
-    alphas: list[float] = field(default_factory=list)
-    """bai only: the weight(s) of M_base in stage 2 (the paper's alpha), each in [0, 1]."""
+    alphas: list[Annotated[float, Range(0, 1)]] = field(default_factory=list)
+    """bai only: the weight(s) of M_base in stage 2 (the paper's alpha), each in [0, 1]; no two
+    alike (YAML ``alpha: A`` or ``alphas: [A, ...]``)."""
     sweep: bool = False
     """True when the recipe gave ``alphas`` (a list): outputs go to ``DIR/alpha_<a>``."""
-    t: float | None = None
+    t: Annotated[float, Range(0, 1)] | None = None
     """slerp: interpolation position in [0, 1] (0 = first model)."""
-    density: float | None = None
+    density: Annotated[float, Range(0, 1, lo_open=True)] | None = None
     """ties / dare: fraction of each task vector kept, in (0, 1]."""
-    lam: float = 1.0
-    """task_arithmetic / ties / dare: scale of the merged task vector (YAML key ``lambda``)."""
-    seed: int = 0
-    """dare: seed of the random drop masks (one stream per tensor and model)."""
-    dtype: str = "bfloat16"
-    """Output dtype; arithmetic is always float32, rounded once at write."""
-    shard_size: int = 5 * 10**9
-    """Maximum bytes per output safetensors shard (YAML accepts ``"5GB"``, ``"500MB"``, ints)."""
+    lam: Annotated[float, Range(None, None)] = 1.0
+    """task_arithmetic / ties / dare: scale of the merged task vector, any finite number (YAML key
+    ``lambda``)."""
+    seed: Annotated[int, Range(0, None)] = 0
+    """dare: seed of the random drop masks (one stream per tensor and model), an integer >= 0."""
+    dtype: OutDtype = "bfloat16"
+    """Output dtype: bfloat16, float16 or float32; arithmetic is always float32, rounded once at write."""
+    shard_size: Annotated[int, Range(1, None)] = 5 * 10**9
+    """Maximum bytes per output safetensors shard, >= 1 (YAML accepts ``"5GB"``, ``"500MB"``, ints)."""
     allow_pickle: bool = False
     """Accept checkpoints that only have pickled ``.bin`` weights (unsafe: unpickling runs code)."""
 
@@ -140,12 +147,24 @@ def parse_size(value: Any, key: str = "shard_size") -> int:
     return n
 
 
-def _number(raw: dict, key: str, lo: float, hi: float, *, lo_open: bool = False) -> float:
-    v = raw[key]
+def _range(name: str) -> Range:
+    """The valid range of ``MergeConfig.<name>`` (from its type: the one place ranges are written)."""
+    tp = typing.get_type_hints(MergeConfig, include_extras=True)[name]
+    todo = [tp]
+    while todo:
+        t = todo.pop()
+        if typing.get_origin(t) is typing.Annotated:
+            return next(m for m in t.__metadata__ if isinstance(m, Range))
+        todo += typing.get_args(t)
+    raise KeyError(name)
+
+
+def _number(raw: dict, key: str, field_name: str) -> float:
+    v, rng = raw[key], _range(field_name)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise MergeError(f"{key}: expected a number, got {v!r}")
-    if v > hi or v < lo or (lo_open and v == lo):
-        raise MergeError(f"{key}: {v!r} is outside {'(' if lo_open else '['}{lo}, {hi}]")
+        raise MergeError(f"{key}: expected a finite number, got {v!r}")
+    if not rng.ok(v):
+        raise MergeError(f"{key}: must be {'in ' if rng.lo is not None and rng.hi is not None else ''}{rng}, got {v!r}")
     return float(v)
 
 
@@ -208,21 +227,20 @@ def load_config(config: "str | os.PathLike | dict | MergeConfig") -> MergeConfig
     if isinstance(config, MergeConfig):
         return dataclasses.replace(config)
     if isinstance(config, (str, os.PathLike)):
-        import yaml
+        from bairlhf.yamlio import load_mapping
 
-        p = Path(config)
-        if not p.is_file():
-            raise MergeError(f"{p}: merge config file not found")
         try:
-            raw = yaml.safe_load(p.read_text())
-        except yaml.YAMLError as e:
-            raise MergeError(f"{p}: not valid YAML: {e}") from None
+            raw = load_mapping(config, "merge config")
+        except MergeError:
+            raise
+        except UserError as e:          # YAML syntax (file:line:column), a missing file
+            raise MergeError(str(e)) from None
     else:
         raw = config
     if not isinstance(raw, dict):
         raise MergeError(f"config: expected a mapping of keys, got {type(raw).__name__}")
     method = raw.get("method")
-    if method not in METHOD_KEYS:
+    if not isinstance(method, str) or method not in METHOD_KEYS:
         raise MergeError(f"method: {method!r} is not one of {', '.join(METHOD_KEYS)}")
     required, optional = METHOD_KEYS[method]
     allowed = COMMON_KEYS | optional | {k for r in required for k in r.split("|")}
@@ -239,28 +257,28 @@ def load_config(config: "str | os.PathLike | dict | MergeConfig") -> MergeConfig
     if "base" in raw:
         cfg.base = _path(raw["base"], "base")
     if "alpha" in raw:
-        cfg.alphas = [_number(raw, "alpha", 0.0, 1.0)]
+        cfg.alphas = [_number(raw, "alpha", "alphas")]
     if "alphas" in raw:
         alphas = raw["alphas"]
         if not isinstance(alphas, list) or not alphas:
-            raise MergeError(f"alphas: expected a non-empty list of numbers in [0, 1], got {alphas!r}")
-        cfg.alphas = [_number({f"alphas[{i}]": a}, f"alphas[{i}]", 0.0, 1.0) for i, a in enumerate(alphas)]
+            raise MergeError(f"alphas: expected a non-empty list of numbers in {_range('alphas')}, got {alphas!r}")
+        cfg.alphas = [_number({f"alphas[{i}]": a}, f"alphas[{i}]", "alphas") for i, a in enumerate(alphas)]
         names = [alpha_dirname(a) for a in cfg.alphas]
         if len(set(names)) != len(names):
             raise MergeError(f"alphas: duplicate values {alphas!r}")
         cfg.sweep = True
     if "t" in raw:
-        cfg.t = _number(raw, "t", 0.0, 1.0)
+        cfg.t = _number(raw, "t", "t")
     if "density" in raw:
-        cfg.density = _number(raw, "density", 0.0, 1.0, lo_open=True)
+        cfg.density = _number(raw, "density", "density")
     if "lambda" in raw:
-        cfg.lam = _number(raw, "lambda", -math.inf, math.inf)
+        cfg.lam = _number(raw, "lambda", "lam")
     if "seed" in raw:
-        if isinstance(raw["seed"], bool) or not isinstance(raw["seed"], int):
-            raise MergeError(f"seed: expected an integer, got {raw['seed']!r}")
+        if isinstance(raw["seed"], bool) or not isinstance(raw["seed"], int) or not _range("seed").ok(raw["seed"]):
+            raise MergeError(f"seed: expected an integer {_range('seed')}, got {raw['seed']!r}")
         cfg.seed = raw["seed"]
     if "dtype" in raw:
-        if raw["dtype"] not in OUT_DTYPES:
+        if not isinstance(raw["dtype"], str) or raw["dtype"] not in OUT_DTYPES:
             raise MergeError(f"dtype: {raw['dtype']!r} is not one of {', '.join(OUT_DTYPES)}")
         cfg.dtype = raw["dtype"]
     if "shard_size" in raw:

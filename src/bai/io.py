@@ -80,48 +80,109 @@ class Checkpoint:
 
 
 
+def _bad(file: Path, msg: str) -> MergeError:
+    return MergeError(f"{file}: not a valid safetensors file: {msg}")
+
+
 def read_header(file: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header into ``TensorInfo`` per tensor (raises ``MergeError`` on a bad file)."""
+    """Parse and check a safetensors header into ``TensorInfo`` per tensor.
+
+    Raises ``MergeError`` naming the file (and the tensor) on: a file shorter than its header
+    length says (truncated), a header that is not a JSON object, an entry without a known
+    ``dtype``, a ``shape`` of non-negative ints and ``data_offsets`` [begin, end], offsets that do
+    not match the shape or overlap, or data that runs past the end of the file.
+    """
     try:
         with open(file, "rb") as f:
-            raw = f.read(8)
-            (n,) = struct.unpack("<Q", raw) if len(raw) == 8 else (-1,)
             size = os.fstat(f.fileno()).st_size
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise _bad(file, f"only {size} bytes, shorter than the 8-byte header length (truncated?)")
+            (n,) = struct.unpack("<Q", raw)
             if n < 2 or 8 + n > size:
-                raise MergeError(f"{file}: not a safetensors file (bad header length)")
-            header = json.loads(f.read(n))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MergeError(f"{file}: cannot read safetensors header: {e}") from None
+                raise _bad(file, f"header length {n} runs past the end of the {size}-byte file (truncated?)")
+            blob = f.read(n)
+    except OSError as e:
+        raise MergeError(f"{file}: cannot read: {e.strerror or e}") from None
+    try:
+        header = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(file, f"the header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise _bad(file, f"the header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
+    data_size = size - 8 - n
     out = {}
-    for name, h in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        if h.get("dtype") not in ST_DTYPES:
-            raise MergeError(f"{file}: tensor {name!r} has unsupported dtype {h.get('dtype')!r}")
-        info = TensorInfo(file, ST_DTYPES[h["dtype"]], tuple(h["shape"]), 8 + n + h["data_offsets"][0])
-        if h["data_offsets"][1] - h["data_offsets"][0] != info.nbytes or info.offset + info.nbytes > size:
-            raise MergeError(f"{file}: tensor {name!r} has inconsistent offsets (truncated file?)")
+    for name, h in header.items():
+        where = f"tensor {name!r}"
+        if not isinstance(h, dict):
+            raise _bad(file, f"{where}: entry is not an object")
+        dtype, shape, offs = h.get("dtype"), h.get("shape"), h.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ST_DTYPES:
+            raise _bad(file, f"{where}: unknown dtype {dtype!r} (known: {', '.join(ST_DTYPES)})")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise _bad(file, f"{where}: shape {shape!r} is not a list of non-negative integers")
+        if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
+                or not 0 <= offs[0] <= offs[1]):
+            raise _bad(file, f"{where}: data_offsets {offs!r} is not [begin, end] with 0 <= begin <= end")
+        info = TensorInfo(file, ST_DTYPES[dtype], tuple(shape), 8 + n + offs[0])
+        if offs[1] - offs[0] != info.nbytes:
+            raise _bad(file, f"{where}: data_offsets {offs} hold {offs[1] - offs[0]} bytes, but shape "
+                             f"{shape} of {dtype} needs {info.nbytes}")
+        if offs[1] > data_size:
+            raise _bad(file, f"{where}: data ends at byte {offs[1]} of a {data_size}-byte data section "
+                             "(truncated file?)")
         out[name] = info
-    return out
+    spans = sorted((i.offset, i.offset + i.nbytes, k) for k, i in out.items())
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise _bad(file, f"tensors {a!r} and {b!r} overlap in the data section")
+    return {k: out[k] for _, _, k in spans}
+
+
+def _read_json_object(file: Path, what: str) -> dict:
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise MergeError(f"{file}: cannot read: {e.strerror or e}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise MergeError(f"{file}: {what} is not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise MergeError(f"{file}: {what} must be a JSON object, got a JSON {type(data).__name__}")
+    return data
+
+
+def _weight_map(index: Path) -> dict[str, str]:
+    """The checked ``weight_map`` of a sharded checkpoint: tensor name -> shard file in the same directory."""
+    data = _read_json_object(index, "the shard index")
+    wm = data.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise MergeError(f"{index}: weight_map must be a non-empty mapping of tensor name -> shard file, "
+                         f"got {type(wm).__name__ if wm is not None else 'nothing'}")
+    for name, shard in wm.items():
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise MergeError(f"{index}: weight_map[{name!r}] = {shard!r} is not a shard file name in "
+                             "the checkpoint directory")
+    return wm
 
 
 def open_checkpoint(path: Path, *, allow_pickle: bool = False, key: str = "path") -> Checkpoint:
-    """Open a checkpoint directory: config, weight files (index, single file or pickled), headers."""
+    """Open a checkpoint directory: config, weight files (index, single file or pickled), headers.
+
+    Every file is checked here, before a merge reads any tensor: ``config.json`` must be a JSON
+    object, an index must map tensor names to shard files that exist and hold those tensors,
+    and every safetensors header must be consistent with its file (``read_header``).
+    """
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise MergeError(f"{key}: {cfg_file} is missing (not a Hugging Face checkpoint directory)")
-    try:
-        config = json.loads(cfg_file.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise MergeError(f"{cfg_file}: cannot read: {e}") from None
+    config = _read_json_object(cfg_file, "config.json")
     index = path / INDEX_NAME
     if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, KeyError, json.JSONDecodeError) as e:
-            raise MergeError(f"{index}: cannot read the weight_map: {e}") from None
+        weight_map = _weight_map(index)
         files = sorted({path / f for f in weight_map.values()})
     elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
+        weight_map, files = None, [path / "model.safetensors"]
     else:
         return _open_pickled(path, config, allow_pickle, key)
     tensors: dict[str, TensorInfo] = {}
@@ -129,6 +190,10 @@ def open_checkpoint(path: Path, *, allow_pickle: bool = False, key: str = "path"
         if not f.is_file():
             raise MergeError(f"{index}: lists {f.name}, which does not exist")
         tensors.update(read_header(f))
+    if weight_map is not None:
+        for name, shard in weight_map.items():
+            if name not in tensors or tensors[name].file.name != shard:
+                raise MergeError(f"{index}: lists tensor {name!r} in {shard}, but {shard} does not hold it")
     return Checkpoint(path=path, config=config, tensors=tensors, files=files)
 
 
@@ -141,9 +206,15 @@ def _open_pickled(path: Path, config: dict, allow_pickle: bool, key: str) -> Che
                          "arbitrary code: convert to safetensors, or set allow_pickle: true if you trust it")
     loaded: dict[str, torch.Tensor] = {}
     for f in files:
-        if f.name.endswith(".index.json"):
-            continue
-        loaded.update(torch.load(f, map_location="cpu", mmap=True, weights_only=True))
+        try:
+            sd = torch.load(f, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many kinds on a corrupt file
+            msg = " ".join(str(e).split())[:200] or type(e).__name__
+            raise MergeError(f"{f}: cannot load pickled weights ({type(e).__name__}: {msg})") from None
+        if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                               for k, v in sd.items()):
+            raise MergeError(f"{f}: expected a state dict of tensor name -> tensor, got {type(sd).__name__}")
+        loaded.update(sd)
     tensors = {k: TensorInfo(path, v.dtype, tuple(v.shape), -1) for k, v in loaded.items()}
     return Checkpoint(path=path, config=config, tensors=tensors, files=files, loaded=loaded)
 

@@ -4,8 +4,9 @@ How a merge runs:
 
 1. ``load_config`` validates the recipe; ``plan`` opens every input (headers only) and refuses,
    before any tensor is read: different architectures, different tensor names or shapes,
-   pickled-only weights (unless ``allow_pickle``), an existing output without ``force``, an
-   output that is one of the inputs. Tied embeddings follow transformers: an input without
+   pickled-only weights (unless ``allow_pickle``), malformed files (index, headers, config),
+   an existing output without ``force`` or not written by ``bai merge``, an output that is,
+   contains or lies inside an input. Tied embeddings follow transformers: an input without
    ``lm_head.weight`` whose config ties it contributes its input embedding; the output has an
    ``lm_head`` (and ``tie_word_embeddings: false``) only if some input stores one.
 2. ``stream`` walks the output tensors in the reference checkpoint's on-disk order, reads each
@@ -16,9 +17,15 @@ How a merge runs:
    the merge with the tensor and file named (checked on the data in the same pass, as a separate
    pre-pass would double the reads).
 3. Everything is written under a temporary sibling ``.DIR.tmp-bai-PID`` (shards, index, config,
-   generation config, tokenizer files, ``bai_merge.yaml``) and renamed to DIR when complete;
-   with ``force`` the old DIR is moved aside only then, and deleted after the rename. Leftovers
-   of killed runs are cleaned up (or an old output restored) by the next run on the same DIR.
+   generation config, tokenizer files, ``bai_merge.yaml``, the output marker of
+   ``bairlhf.outputs``) and renamed to DIR when complete; with ``force`` the old DIR is moved
+   aside only then, and deleted after the rename. Leftovers of killed runs are cleaned up (or an
+   old output restored) by the next run on the same DIR.
+
+Ownership: ``--force`` replaces DIR only when ``bai merge`` wrote it (the marker file
+``.bai-rlhf-output.json``; outputs of versions before markers are recognised by their
+``bai_merge.yaml``, see ``legacy_output``), and DIR may never be, contain or lie inside an input
+checkpoint or the recipe file. Both are checked before any work.
 
 Test hook: the environment variable ``BAI_MERGE_SLOWDOWN_S`` sleeps that many seconds after each
 output tensor (used by the kill test to stop a merge mid-way).
@@ -47,6 +54,11 @@ from bai import __version__, methods
 from bai.config import MergeConfig, MergeError, load_config
 from bai.io import (INDEX_NAME, Checkpoint, Reader, ShardWriter, copy_aux_files, fingerprint,
                     open_checkpoint)
+from bairlhf.errors import UserError
+from bairlhf.outputs import check_output, mark_output, replace_dir
+
+COMMAND = "bai merge"
+"""The command name in the output marker (``bairlhf.outputs``)."""
 
 CHUNK_ELEMS = 1 << 20
 """Elements per chunk for element-wise methods (4 MiB of float32 per input: stays in cache)."""
@@ -344,34 +356,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def legacy_output(path: Path) -> bool:
+    """True for an output of ``bai merge`` written before marker files existed: a directory with a
+    ``bai_merge.yaml`` (one merge), or one whose entries are all ``alpha_*`` directories that
+    each have one (a sweep). ``--force`` may replace those as this command's own."""
+    if (path / "bai_merge.yaml").is_file():
+        return True
+    kids = list(path.iterdir()) if path.is_dir() else []
+    return bool(kids) and all(k.is_dir() and k.name.startswith("alpha_") and (k / "bai_merge.yaml").is_file()
+                              for k in kids)
+
+
 def _clean_leftovers(out: Path) -> None:
     """Remove temporary dirs of dead earlier runs on ``out``; restore an old output a killed
-    ``--force`` run had moved aside but not yet replaced."""
-    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp|old)-bai-(\d+)$")
+    ``--force`` run had moved aside but not yet replaced (names ``.DIR.tmp-bai-PID`` and
+    ``.DIR.old-PID``, from ``bairlhf.outputs.replace_dir``, or ``.DIR.old-bai-PID`` of older versions)."""
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp-bai|old|old-bai)-(\d+)$")
     for sib in out.parent.iterdir() if out.parent.is_dir() else []:
         m = pat.match(sib.name)
-        if not m or _alive(int(m.group(2))):
+        if not m or not sib.is_dir() or _alive(int(m.group(2))):
             continue
-        if m.group(1) == "old" and not out.exists():
+        if m.group(1) != "tmp-bai" and not out.exists():
             os.rename(sib, out)
         else:
             shutil.rmtree(sib, ignore_errors=True)
-
-
-def _commit(tmp: Path, out: Path, force: bool) -> None:
-    """Rename the finished ``tmp`` to ``out``; an old ``out`` (force) is moved aside only now."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    if not force:
-        raise MergeError(f"--out: {out} appeared during the merge; pass --force to replace it")
-    old = out.parent / f".{out.name}.old-bai-{os.getpid()}"
-    os.rename(out, old)
-    os.rename(tmp, out)
-    if old.is_dir():
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        old.unlink()
 
 
 def merge(config: "str | os.PathLike | dict | MergeConfig", out: "str | os.PathLike", force: bool = False, *,
@@ -379,18 +387,22 @@ def merge(config: "str | os.PathLike | dict | MergeConfig", out: "str | os.PathL
     """Merge checkpoints as the recipe says and write the result(s) atomically under ``out``.
 
     ``config``: a YAML path, a dict of the YAML keys, or a ``MergeConfig``. ``force`` replaces an
-    existing ``out`` (only once the new output is complete). Returns the written checkpoint
-    directories: ``[out]``, or ``[out/alpha_0.1, ...]`` for a sweep. Raises ``MergeError`` on bad
-    input, before anything is written.
+    existing ``out`` only when an earlier ``bai merge`` wrote it (its marker file, or a
+    ``bai_merge.yaml`` of older versions: ``legacy_output``), and only once the new output is
+    complete. ``out`` may never be, contain or lie inside an input checkpoint or the recipe file.
+    Returns the written checkpoint directories: ``[out]``, or ``[out/alpha_0.1, ...]`` for a
+    sweep. Raises ``MergeError`` (or another ``UserError``) on bad input, before anything is written.
     """
     cfg = load_config(config)
     out = Path(os.path.expanduser(str(out))).resolve()
-    for src in cfg.inputs():
-        if out == src or out in src.parents or src in out.parents:
-            raise MergeError(f"--out: {out} overlaps the input checkpoint {src}")
+    recipe_file = [Path(config)] if isinstance(config, (str, os.PathLike)) else []
     _clean_leftovers(out)
-    if out.exists() and not force:
-        raise MergeError(f"--out: {out} already exists; pass --force to replace it")
+    try:
+        check_output(out, COMMAND, [*cfg.inputs(), *recipe_file], force, legacy=legacy_output)
+    except MergeError:
+        raise
+    except UserError as e:
+        raise MergeError(str(e)) from None
     p = plan(cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-bai-{os.getpid()}"
@@ -401,7 +413,10 @@ def merge(config: "str | os.PathLike | dict | MergeConfig", out: "str | os.PathL
             d.mkdir(parents=True)
         stream(p, dirs, progress=progress)
         _write_metadata(p, dirs)
-        _commit(tmp, out, force)
+        mark_output(tmp, COMMAND, method=cfg.method, **({"outputs": [d.name for d in dirs]} if cfg.sweep else {}))
+        if (out.exists() or out.is_symlink()) and not force:
+            raise MergeError(f"{out}: appeared during the merge; pass --force to replace it")
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -409,23 +424,24 @@ def merge(config: "str | os.PathLike | dict | MergeConfig", out: "str | os.PathL
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: ``bai merge CONFIG.yaml --out DIR [--force] [--no-progress]``."""
+    """CLI: ``bai merge CONFIG.yaml --out DIR [--force] [--no-progress]``; bad input raises a
+    ``UserError``, which ``bairlhf.cli.dispatch`` prints as one line (exit code 2)."""
     ap = argparse.ArgumentParser(prog="bai merge", description="Merge Hugging Face checkpoints from a YAML "
                                  "recipe (bai, linear, task_arithmetic, ties, dare_linear, dare_ties, slerp).")
     ap.add_argument("config", help="merge recipe (YAML); see configs/merge/")
     ap.add_argument("--out", required=True, help="output checkpoint directory (a sweep writes DIR/alpha_<a>)")
-    ap.add_argument("--force", action="store_true", help="replace an existing output once the new one is complete")
+    ap.add_argument("--force", action="store_true", help="replace an earlier output of `bai merge` at DIR, "
+                    "once the new one is complete (never a directory another command or you wrote)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    try:
-        dirs = merge(args.config, args.out, force=args.force, progress=not args.no_progress)
-    except MergeError as e:
-        print(f"bai merge: error: {e}", file=sys.stderr)
-        return 2
-    print(f"bai merge: wrote {len(dirs)} checkpoint{'s' * (len(dirs) > 1)} in {time.perf_counter() - t0:.1f}s:")
-    for d in dirs:
+    dirs = merge(args.config, args.out, force=args.force, progress=not args.no_progress)
+    out = Path(os.path.expanduser(args.out)).resolve()
+    for d in dirs if dirs != [out] else []:
         print(f"  {d}")
+    what = (f"{len(dirs)} checkpoints ({', '.join(d.name for d in dirs)})" if len(dirs) > 1 or dirs[0] != out
+            else "1 checkpoint")
+    print(f"bai merge: wrote {what} to {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 
 

@@ -3,12 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import bai
 import bai.merge as merge_mod
+from bai import cli as bai_cli
 from bai import methods
 from bai.config import MergeError
 from rlhf import tiny
@@ -204,56 +200,69 @@ def test_pickle_allowed_on_request(tiny_family, odd_models, tmp_path):
     assert all(torch.equal(got[k], ref[k]) for k in ref)
 
 
-def test_existing_output_and_overlap(tiny_family, tmp_path, capsys):
+def _recipe_file(tmp_path: Path, recipe: dict) -> Path:
+    cfg = tmp_path / "r.yaml"
+    cfg.write_text(yaml.safe_dump(recipe))
+    return cfg
+
+
+def test_existing_output_needs_force_and_ownership(tiny_family, tmp_path, capsys):
     out = tmp_path / "o"
     out.mkdir()
     (out / "keep.txt").write_text("old")
-    with pytest.raises(MergeError, match=r"^--out: .* already exists; pass --force"):
+    with pytest.raises(MergeError, match=r"/o: already exists; pass --force"):
         bai.merge(bai_recipe(tiny_family), out, progress=False)
-    assert (out / "keep.txt").read_text() == "old"
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text(yaml.safe_dump(bai_recipe(tiny_family)))
-    assert merge_mod.main([str(cfg), "--out", str(out)]) == 2
+    cfg = _recipe_file(tmp_path, bai_recipe(tiny_family))
+    assert bai_cli.main(["merge", str(cfg), "--out", str(out)]) == 2
     assert "already exists" in capsys.readouterr().err
-    assert merge_mod.main([str(cfg), "--out", str(out), "--force", "--no-progress"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "bai_merge.yaml").exists()
-    with pytest.raises(MergeError, match=r"^--out: .* overlaps the input checkpoint"):
-        bai.merge(bai_recipe(tiny_family), tiny_family["base"], force=True, progress=False)
+    # --force does not replace a directory bai merge did not write
+    assert bai_cli.main(["merge", str(cfg), "--out", str(out), "--force", "--no-progress"]) == 2
+    assert "was not written by `bai merge`" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
 
 
-def _run_and_kill(cfg: Path, out: Path, *extra: str) -> None:
-    """Start `bai merge` slowed down, wait until it has written part of a shard, SIGKILL it."""
-    env = dict(os.environ, BAI_MERGE_SLOWDOWN_S="0.2")
-    proc = subprocess.Popen([sys.executable, "-m", "bai.cli", "merge", str(cfg), "--out", str(out), *extra],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 60
-    while time.time() < deadline and proc.poll() is None:
-        if any(p.name.startswith(f".{out.name}.tmp-bai-") and any(p.rglob("*.safetensors")) for p in out.parent.iterdir()):
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "merge finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_killed_merge_leaves_nothing_and_keeps_old_output(tiny_family, tmp_path):
-    cfg = tmp_path / "r.yaml"
-    cfg.write_text(yaml.safe_dump(bai_recipe(tiny_family, alpha=None, alphas=[0.2, 0.8])))
-    root = tmp_path / "runs"
-    root.mkdir()
-    _run_and_kill(cfg, root / "new")
-    assert not (root / "new").exists()
-    # an old output survives a killed --force run
-    old = root / "old"
-    old.mkdir()
-    (old / "marker.txt").write_text("previous merge")
-    _run_and_kill(cfg, old, "--force")
-    assert sorted(p.name for p in old.iterdir()) == ["marker.txt"]
-    # the next run on the same output cleans the leftovers of the killed one and completes
-    bai.merge(cfg, old, force=True, progress=False)
-    bai.merge(cfg, root / "new", progress=False)
-    assert sorted(p.name for p in root.iterdir()) == ["new", "old"]
-    assert sorted(p.name for p in old.iterdir()) == ["alpha_0.2", "alpha_0.8"]
+@pytest.mark.parametrize("sweep", [False, True], ids=["merge", "sweep"])
+def test_force_replaces_only_its_own_output(tiny_family, tmp_path, capsys, sweep):
+    """--force onto an input, a directory holding an input, a foreign directory: exit 2, nothing
+    changed; onto its own earlier output (or a pre-marker output with bai_merge.yaml): replaced."""
+    import bairlhf.outputs as outputs
+
+    work = tmp_path / "work"
+    shutil.copytree(tiny_family["sft_b"], work / "models" / "sft_b")
+    recipe = bai_recipe(tiny_family, sft_models=[{"path": str(tiny_family["sft_a"]), "weight": 0.5},
+                                                 {"path": str(work / "models" / "sft_b"), "weight": 0.5}],
+                        **({"alpha": None, "alphas": [0.2, 0.7]} if sweep else {}))
+    cfg = _recipe_file(work, recipe)
+    foreign = work / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    cases = {work / "models" / "sft_b": "is the input", work / "models": "contains the input",
+             work: "contains the input", work / "models" / "sft_b" / "sub": "lies inside the input",
+             foreign: "was not written by `bai merge`"}
+    before = _tree(work)
+    for out, expect in cases.items():
+        capsys.readouterr()
+        assert bai_cli.main(["merge", str(cfg), "--out", str(out), "--force", "--no-progress"]) == 2, out
+        err = capsys.readouterr().err.strip()
+        assert expect in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+        assert _tree(work) == before, out
+    out = tmp_path / "merged"
+    assert bai_cli.main(["merge", str(cfg), "--out", str(out), "--no-progress"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("bai merge: wrote ") and str(out) in last
+    assert outputs.owner(out) == "bai merge"
+    (out / "stale.txt").write_text("from the earlier merge")
+    assert bai_cli.main(["merge", str(cfg), "--out", str(out), "--force", "--no-progress"]) == 0
+    assert not (out / "stale.txt").exists() and outputs.owner(out) == "bai merge"
+    # an output written before markers existed (bai_merge.yaml only) counts as bai merge's own
+    (out / outputs.MARKER).unlink()
+    assert bai_cli.main(["merge", str(cfg), "--out", str(out), "--force", "--no-progress"]) == 0
+    assert outputs.owner(out) == "bai merge"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged", "work"]      # no temporaries left
 
 
 def test_single_file_input_and_float16_output(tiny_family, sd, tmp_path):
