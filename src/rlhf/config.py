@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from bairlhf.typed_config import build
+from rlhf.metrics.config import StabilityConfig  # the typed metrics: section (stdlib only, no torch)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "ppo" / "tiny_cpu.yaml"
@@ -270,8 +271,9 @@ class PPOConfig:
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    metrics: dict = field(default_factory=dict)
-    """Options passed to ``rlhf.metrics.StabilityMonitor`` (detector thresholds)."""
+    metrics: StabilityConfig = field(default_factory=StabilityConfig)
+    """Length buckets and detector thresholds (``rlhf.metrics.config``), built once here and passed to
+    ``batch_metrics``, the stability monitor and ``rlhf report``."""
 
 
 # ----------------------------------------------------------------------------- building
@@ -344,14 +346,6 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
         make_plan(spec_from_ppo_config(cfg))
     except PlacementError as e:
         raise ConfigError(f"cluster: {e}") from None
-    from rlhf.metrics.detectors import StabilityConfig  # pure math; checks the metrics: keys before any work
-
-    try:
-        build(StabilityConfig, cfg.metrics, "metrics", ConfigError)  # unknown key / wrong type: ConfigError naming it
-    except ConfigError:
-        raise
-    except ValueError as e:  # StabilityConfig's own range checks name the key already
-        raise ConfigError(str(e)) from None
     _check(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
     _check(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
     _check(p.dual_clip is None or p.dual_clip > 1, "ppo.dual_clip", "must be > 1")

@@ -218,7 +218,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     adv, _ = gae(rewards, values, mask, p.gamma, p.lam_actor)
     _, returns = gae(rewards, values, mask, p.gamma, p.lam_critic)
     metrics = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=old_logp, ref_logp=ref_logp,
-                            values=values, returns=returns, advantages=adv)
+                            values=values, returns=returns, advantages=adv, config=cfg.metrics)
     if rescore:  # compare the rollout with the trainer under the same top-k / top-p (``filtered_logp``)
         again = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=filtered_logp,
                               rollout_logp=batch["rollout_logp"])
