@@ -1,26 +1,40 @@
 """The typed PPO config tree: YAML -> validated dataclasses, with dotted command-line overrides.
 
-``load_config(path, overrides)`` reads a YAML file, applies ``key.sub=value`` overrides (values
-parsed as YAML scalars), and builds ``PPOConfig``. An unknown key, a wrong type, a batch size
-that does not divide or a missing path stops with one ``ConfigError`` naming the key, before
-any work starts. Every field has a default, so a YAML file only names what it changes.
+``load_config(path, overrides)`` reads a YAML file (``bairlhf.yamlio``: a syntax error names
+file:line:col), applies ``key.sub=value`` overrides (values parsed as YAML; a bad value names
+its key), and builds ``PPOConfig`` with ``bairlhf.typed_config.build``. Every numeric field's
+valid range and every enum's choices are part of its type (``Annotated[float, Range(...)]``,
+``Literal[...]``), so they are checked at load and listed by ``field_ranges(PPOConfig)``
+(``docs/config_ranges.md``). An unknown key, a wrong type, a value out of range, a batch size
+that does not divide, a missing path or a malformed prompts file (``rlhf.data.check_prompts``)
+stops with one ``ConfigError`` naming the key (or file:line), before any work starts: loading
+only reads files, it writes nothing. Every field has a default, so a YAML file only names what
+it changes.
 """
 
 from __future__ import annotations
 
-from bairlhf.errors import UserError
-
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
 
-from bairlhf.typed_config import build
+from bairlhf.errors import UserError
+from bairlhf.typed_config import Range, build
+from bairlhf.yamlio import load_mapping, parse_value
+from rlhf.plan import PlanSettings
 from rlhf.metrics.config import StabilityConfig  # the typed metrics: section (stdlib only, no torch)
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "configs" / "ppo" / "tiny_cpu.yaml"
+
+# Shorthands for the ranges used below (closed bounds unless ``_open``).
+POS = Range(0, None, lo_open=True)       # > 0
+NONNEG = Range(0, None)                  # >= 0
+ONE_UP = Range(1, None)                  # >= 1
+UNIT = Range(0, 1)                       # [0, 1]
 
 
 class ConfigError(UserError):
@@ -31,18 +45,18 @@ class ConfigError(UserError):
 class TinyModels:
     """Build tiny random models on the spot (tests, demos); used when ``model.actor`` is ``"tiny"``."""
 
-    arch: str = "llama"
+    arch: Literal["llama", "qwen2"] = "llama"
     """``llama`` or ``qwen2``."""
-    hidden_size: int = 64
-    """Hidden width; head_dim = hidden_size / num_heads."""
-    num_layers: int = 2
-    """Decoder layers."""
-    num_heads: int = 2
-    """Attention heads."""
-    template: str = "prefill"
+    hidden_size: Annotated[int, ONE_UP] = 64
+    """Hidden width (>= 1); head_dim = hidden_size / num_heads."""
+    num_layers: Annotated[int, ONE_UP] = 2
+    """Decoder layers (>= 1)."""
+    num_heads: Annotated[int, ONE_UP] = 2
+    """Attention heads (>= 1, divides hidden_size)."""
+    template: Literal["prefill", "emit"] = "prefill"
     """Chat template style of the tiny tokenizer: ``prefill`` (prompt ends with <think>) or ``emit``."""
-    seed: int = 0
-    """Initialisation seed of the tiny actor."""
+    seed: Annotated[int, NONNEG] = 0
+    """Initialisation seed of the tiny actor (>= 0)."""
 
 
 @dataclass
@@ -73,12 +87,12 @@ class RewardConfig:
     """Reward model directory (AutoModelForSequenceClassification, one label)."""
     function: str | None = "rlhf.rewards:digit_ratio"
     """Rule-based reward ``module:function(prompts, responses, finished) -> list[float]``."""
-    clip: float = 10.0
-    """Scores are clipped to [-clip, clip] before KL shaping."""
+    clip: Annotated[float, POS] = 10.0
+    """Scores are clipped to [-clip, clip] before KL shaping (> 0)."""
     normalize: bool = False
     """Whiten scores within each batch."""
-    missing_eos_penalty: float = 0.0
-    """Subtracted from the score of truncated responses (no EOS)."""
+    missing_eos_penalty: Annotated[float, NONNEG] = 0.0
+    """Subtracted from the score of truncated responses (no EOS); >= 0."""
     metrics: str | None = None
     """Gold metrics logged every step beside the reward, ``module:function(prompts, responses, finished)
     -> dict[str, float]`` on the decoded texts (e.g. ``rlhf.testbed.rewards:gold``: exact accuracy)."""
@@ -89,38 +103,39 @@ class DataConfig:
     """Prompts."""
 
     path: str = "builtin:arith"
-    """JSONL or parquet file with a ``prompt`` (string) or ``messages`` (chat list) column; ``builtin:arith`` for the demo."""
+    """JSONL or parquet file with a ``prompt`` (string) or ``messages`` (chat list) column; ``builtin:arith``
+    for the demo (``rlhf.data.BUILTINS`` lists the built-in sets)."""
     prompt_key: str = "prompt"
     """Column holding the prompt."""
     chat_template: bool = True
     """Apply the tokenizer's chat template with a generation prompt."""
     think_prefill: bool = False
     """Append ``<think>\\n`` after the generation prompt when the template does not already end with it."""
-    max_prompt_tokens: int = 128
-    """Longer prompts are cut from the left."""
-    num_builtin: int = 256
-    """Number of ``builtin:arith`` prompts."""
+    max_prompt_tokens: Annotated[int, ONE_UP] = 128
+    """Longer prompts are cut from the left (>= 1)."""
+    num_builtin: Annotated[int, ONE_UP] = 256
+    """Number of ``builtin:arith`` prompts (>= 1)."""
 
 
 @dataclass
 class RolloutConfig:
     """Sampling."""
 
-    engine: str = "hf"
+    engine: Literal["hf", "vllm"] = "hf"
     """``hf`` (transformers generate, CPU default) or ``vllm``."""
-    max_new_tokens: int = 16
-    """Response length limit."""
-    temperature: float = 1.0
-    """Sampling temperature (the trainer divides its logits by it too)."""
-    top_p: float = 1.0
-    """Nucleus sampling."""
-    top_k: int = 0
-    """Top-k sampling (0: off)."""
-    num_engines: int = 1
-    """vLLM engines (``engine: vllm``); prompts are split evenly across them. Must be 1 for ``hf``."""
-    tensor_parallel_size: int = 1
-    """GPUs per vLLM engine (vLLM tensor parallelism; 1 on CPU). Must be 1 for ``hf``."""
-    weight_sync: str = "auto"
+    max_new_tokens: Annotated[int, ONE_UP] = 16
+    """Response length limit (>= 1)."""
+    temperature: Annotated[float, POS] = 1.0
+    """Sampling temperature (> 0; the trainer divides its logits by it too)."""
+    top_p: Annotated[float, Range(0, 1, lo_open=True)] = 1.0
+    """Nucleus sampling, in (0, 1] (1: off)."""
+    top_k: Annotated[int, NONNEG] = 0
+    """Top-k sampling, >= 0 (0: off)."""
+    num_engines: Annotated[int, ONE_UP] = 1
+    """vLLM engines (``engine: vllm``, >= 1); prompts are split evenly across them. Must be 1 for ``hf``."""
+    tensor_parallel_size: Annotated[int, ONE_UP] = 1
+    """GPUs per vLLM engine (vLLM tensor parallelism, >= 1; 1 on CPU). Must be 1 for ``hf``."""
+    weight_sync: Literal["auto", "reload", "broadcast"] = "auto"
     """How new actor weights reach the rollout engine after each step: ``reload`` (full tensors
     through Ray's object store, loaded in place: the colocated path), ``broadcast`` (a gloo / NCCL
     broadcast from actor rank 0 to every vLLM worker: engines placed apart, ``engine: vllm`` only),
@@ -131,45 +146,45 @@ class RolloutConfig:
 class PPOSettings:
     """The PPO algorithm."""
 
-    rollout_batch_size: int = 16
-    """Prompts per step."""
-    n_samples_per_prompt: int = 1
-    """Responses per prompt (the paper samples each prompt once)."""
-    mini_batch_size: int = 8
-    """Sequences per optimizer step (global, all data-parallel ranks)."""
-    micro_batch_size: int = 4
-    """Sequences per forward/backward on one rank."""
-    ppo_epochs: int = 1
-    """Passes over each rollout batch."""
-    clip_low: float = 0.2
-    """Policy ratio clip below 1."""
-    clip_high: float = 0.2
-    """Policy ratio clip above 1."""
-    dual_clip: float | None = None
+    rollout_batch_size: Annotated[int, ONE_UP] = 16
+    """Prompts per step (>= 1)."""
+    n_samples_per_prompt: Annotated[int, ONE_UP] = 1
+    """Responses per prompt (>= 1; the paper samples each prompt once)."""
+    mini_batch_size: Annotated[int, ONE_UP] = 8
+    """Sequences per optimizer step (global, all data-parallel ranks; >= 1, divides the rollout batch)."""
+    micro_batch_size: Annotated[int, ONE_UP] = 4
+    """Sequences per forward/backward on one rank (>= 1)."""
+    ppo_epochs: Annotated[int, ONE_UP] = 1
+    """Passes over each rollout batch (>= 1)."""
+    clip_low: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.2
+    """Policy ratio clip below 1, in (0, 1): the ratio is clipped at 1 - clip_low."""
+    clip_high: Annotated[float, POS] = 0.2
+    """Policy ratio clip above 1 (> 0): the ratio is clipped at 1 + clip_high."""
+    dual_clip: Annotated[float, Range(1, None, lo_open=True)] | None = None
     """Dual-clip constant c > 1 for negative advantages (None: off)."""
-    value_clip: float = 0.2
-    """Value clip around the old values."""
-    gamma: float = 1.0
-    """Discount."""
-    lam_actor: float = 0.95
-    """GAE lambda for the actor's advantages."""
-    lam_critic: float = 0.95
-    """GAE lambda for the critic's returns (VC-PPO uses 1.0)."""
-    kl_coef: float = 0.01
-    """Initial KL penalty coefficient in the token reward."""
-    kl_kind: str = "k1"
+    value_clip: Annotated[float, POS] = 0.2
+    """Value clip around the old values (> 0)."""
+    gamma: Annotated[float, UNIT] = 1.0
+    """Discount, in [0, 1]."""
+    lam_actor: Annotated[float, UNIT] = 0.95
+    """GAE lambda for the actor's advantages, in [0, 1]."""
+    lam_critic: Annotated[float, UNIT] = 0.95
+    """GAE lambda for the critic's returns, in [0, 1] (VC-PPO uses 1.0)."""
+    kl_coef: Annotated[float, NONNEG] = 0.01
+    """Initial KL penalty coefficient in the token reward (>= 0; 0: no KL penalty)."""
+    kl_kind: Literal["k1", "k2", "k3"] = "k1"
     """KL estimator in the token reward: k1, k2 or k3."""
-    kl_target: float | None = None
-    """Adaptive KL controller target (None: fixed coefficient)."""
-    kl_horizon: int = 10000
-    """Adaptive KL horizon."""
+    kl_target: Annotated[float, POS] | None = None
+    """Adaptive KL controller target (> 0; None: fixed coefficient)."""
+    kl_horizon: Annotated[int, ONE_UP] = 10000
+    """Adaptive KL horizon (>= 1)."""
     whiten_advantages: bool = True
     """Whiten advantages over all response tokens of the batch."""
-    critic_warmup_steps: int = 0
-    """Steps at the start where only the critic trains."""
-    tis_cap: float | None = None
-    """Truncated importance sampling cap on exp(trainer - rollout logprob) (None: off)."""
-    old_logp_source: str = "trainer"
+    critic_warmup_steps: Annotated[int, NONNEG] = 0
+    """Steps at the start where only the critic trains (>= 0)."""
+    tis_cap: Annotated[float, POS] | None = None
+    """Truncated importance sampling cap on exp(trainer - rollout logprob) (> 0; None: off)."""
+    old_logp_source: Literal["trainer", "rollout"] = "trainer"
     """Where PPO's old-policy logprobs come from: ``trainer`` (the actor rescores every batch, one
     extra forward) or ``rollout`` (the rollout engine's sampling logprobs, as TRL does; the actor's
     scoring forward runs at step 0 only, for the ``kl/rollout_vs_trainer`` check, so
@@ -178,30 +193,36 @@ class PPOSettings:
     (the engine's logprobs are then of the filtered distribution) and no ``tis_cap``."""
 
 
+LR = Range(0, 1, lo_open=True)
+"""A learning rate: in (0, 1]."""
+BETA = Annotated[float, Range(0, 1, hi_open=True)]
+"""An AdamW beta: in [0, 1)."""
+
+
 @dataclass
 class OptimConfig:
     """AdamW with warmup-then-constant learning rate, shared shape for actor and critic."""
 
-    actor_lr: float = 1e-6
-    """Actor learning rate."""
-    critic_lr: float = 1e-6
-    """Critic learning rate."""
-    warmup_steps: int = 0
-    """Linear warmup over this many optimizer steps, then constant."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    grad_clip: float = 1.0
-    """Gradient-norm clipping."""
+    actor_lr: Annotated[float, LR] = 1e-6
+    """Actor learning rate, in (0, 1]."""
+    critic_lr: Annotated[float, LR] = 1e-6
+    """Critic learning rate, in (0, 1]."""
+    warmup_steps: Annotated[int, NONNEG] = 0
+    """Linear warmup over this many optimizer steps (>= 0), then constant."""
+    weight_decay: Annotated[float, NONNEG] = 0.0
+    """AdamW weight decay (>= 0)."""
+    betas: tuple[BETA, BETA] = (0.9, 0.95)
+    """AdamW betas, each in [0, 1)."""
+    grad_clip: Annotated[float, NONNEG] = 1.0
+    """Gradient-norm clipping (>= 0; 0: off)."""
 
 
 @dataclass
 class DeepSpeedConfig:
-    """Training engine."""
+    """DeepSpeed training engine (roles whose ``engine`` is ``deepspeed``)."""
 
-    zero_stage: int = 0
-    """ZeRO stage 0-3."""
+    zero_stage: Annotated[int, Range(0, 3)] = 0
+    """ZeRO stage, 0-3."""
     bf16: bool = False
     """bf16 mixed precision, CPU or GPU: DeepSpeed keeps bf16 weights and activations with fp32
     master weights and AdamW states; the reference, reward model and rollout engine hold bf16
@@ -209,26 +230,54 @@ class DeepSpeedConfig:
 
 
 @dataclass
+class EngineChoice:
+    """Training engine per role."""
+
+    actor: Literal["deepspeed", "megatron"] = "deepspeed"
+    """Engine of the actor: ``deepspeed`` (ZeRO, section ``deepspeed``) or ``megatron`` (megatron-core
+    TP / PP / DP, section ``megatron``)."""
+    critic: Literal["deepspeed", "megatron"] = "deepspeed"
+    """Engine of the critic: ``deepspeed`` or ``megatron``."""
+
+
+@dataclass
+class MegatronConfig:
+    """megatron-core engine settings (used by roles whose engine is ``megatron``)."""
+
+    tensor_parallel: Annotated[int, Range(1, None)] = 1
+    """Tensor-parallel size (>= 1); tensor_parallel x pipeline_parallel divides the role's ranks
+    (the rest is data parallelism). Heads divisible by it is checked by the engine."""
+    pipeline_parallel: Annotated[int, Range(1, None)] = 1
+    """Pipeline-parallel size (>= 1)."""
+    distributed_optimizer: bool = True
+    """Shard optimizer state over data-parallel ranks."""
+    recompute: bool = False
+    """Full activation recomputation."""
+    bf16: bool = False
+    """bf16 weights with fp32 master weights and fp32 logprobs."""
+
+
+@dataclass
 class ClusterConfig:
     """Ray placement."""
 
-    actor_workers: int = 1
-    """Data-parallel actor ranks."""
-    critic_workers: int = 1
-    """Data-parallel critic ranks."""
+    actor_workers: Annotated[int, ONE_UP] = 1
+    """Actor ranks (>= 1): data-parallel ranks for DeepSpeed; tensor x pipeline x data ranks for megatron."""
+    critic_workers: Annotated[int, ONE_UP] = 1
+    """Critic ranks (>= 1), as ``actor_workers``."""
     colocate: bool = True
     """All roles share the same GPUs (bundles) of the placement plan; False: each role on its own
     (actor / critic ranks, one GPU each for reference and reward, ``rollout.num_engines x
     rollout.tensor_parallel_size`` for vLLM)."""
-    cpus_per_worker: float = 0.25
-    """CPUs each worker reserves (a bundle reserves this times the roles placed on it)."""
-    gpus_per_worker: float = 0.0
-    """0: a CPU-only run (placement bundles hold CPUs only). > 0: every placement bundle holds one
+    cpus_per_worker: Annotated[float, NONNEG] = 0.25
+    """CPUs each worker reserves (>= 0; a bundle reserves this times the roles placed on it)."""
+    gpus_per_worker: Annotated[float, NONNEG] = 0.0
+    """>= 0. 0: a CPU-only run (placement bundles hold CPUs only). > 0: every placement bundle holds one
     GPU and the roles placed on it share it (1 / roles each, ``rlhf.placement``)."""
     address: str | None = None
     """Ray address to join (None: start or reuse a local one)."""
-    gpus_per_node: int | None = None
-    """GPUs (placement bundles) per node of the placement plan (``rlhf.placement``); None: every
+    gpus_per_node: Annotated[int, ONE_UP] | None = None
+    """GPUs (placement bundles) per node of the placement plan (``rlhf.placement``, >= 1); None: every
     worker on one node (the local CPU case). 8 on an 8 x 8 cluster."""
 
 
@@ -236,22 +285,22 @@ class ClusterConfig:
 class TrainerConfig:
     """The loop."""
 
-    total_steps: int = 30
-    """PPO steps."""
-    save_every: int = 10
-    """Checkpoint every K steps (0: only at the end)."""
-    keep_checkpoints: int = 2
-    """Checkpoints kept (oldest removed)."""
-    probe_every: int = 0
-    """Re-sample the fixed probe prompts every N steps (0: off)."""
-    num_probes: int = 4
-    """Probe prompts (the first N of the data)."""
-    max_restarts: int = 2
-    """Restarts from the last checkpoint after a Ray worker dies."""
-    rollout_check_tol: float = 1e-3
-    """Max kl/rollout_vs_trainer allowed at step 0."""
-    threads_per_worker: int = 1
-    """torch threads in each worker."""
+    total_steps: Annotated[int, ONE_UP] = 30
+    """PPO steps (>= 1)."""
+    save_every: Annotated[int, NONNEG] = 10
+    """Checkpoint every K steps (>= 0; 0: only at the end)."""
+    keep_checkpoints: Annotated[int, ONE_UP] = 2
+    """Checkpoints kept (>= 1; oldest removed)."""
+    probe_every: Annotated[int, NONNEG] = 0
+    """Re-sample the fixed probe prompts every N steps (>= 0; 0: off)."""
+    num_probes: Annotated[int, ONE_UP] = 4
+    """Probe prompts (>= 1; the first N of the data)."""
+    max_restarts: Annotated[int, NONNEG] = 2
+    """Restarts from the last checkpoint after a Ray worker dies (>= 0)."""
+    rollout_check_tol: Annotated[float, POS] = 1e-3
+    """Max kl/rollout_vs_trainer allowed at step 0 (> 0)."""
+    threads_per_worker: Annotated[int, ONE_UP] = 1
+    """torch threads in each worker (>= 1)."""
 
 
 @dataclass
@@ -260,37 +309,51 @@ class PPOConfig:
 
     run_dir: str = "runs/ppo"
     """Run directory: resolved config, metrics, TensorBoard, checkpoints."""
-    seed: int = 0
-    """Seeds data order, sampling and mini-batch shuffles."""
+    seed: Annotated[int, NONNEG] = 0
+    """Seeds data order, sampling and mini-batch shuffles (>= 0)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     data: DataConfig = field(default_factory=DataConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     ppo: PPOSettings = field(default_factory=PPOSettings)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    engine: EngineChoice = field(default_factory=EngineChoice)
+    """Training engine per role (``deepspeed`` or ``megatron``)."""
     deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    """megatron-core settings (roles whose ``engine`` is ``megatron``)."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     metrics: StabilityConfig = field(default_factory=StabilityConfig)
     """Length buckets and detector thresholds (``rlhf.metrics.config``), built once here and passed to
     ``batch_metrics``, the stability monitor and ``rlhf report``."""
+    plan: PlanSettings = field(default_factory=PlanSettings)
+    """Hardware and model-size hints for ``rlhf plan`` on this config (the trainer ignores them)."""
 
 
 # ----------------------------------------------------------------------------- building
 
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
-    """Apply ``a.b.c=value`` strings (values parsed as YAML) to a nested dict, in place."""
+    """Apply ``a.b.c=value`` strings (values parsed as YAML, errors naming the key) to a nested dict, in place."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"{item}: overrides look like key.sub=value")
         key, raw = item.split("=", 1)
+        key = key.strip()
+        parts = key.split(".")
+        if not all(parts):
+            raise ConfigError(f"{key}: not a dotted key (overrides look like key.sub=value)")
         node = data
-        parts = key.strip().split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
+        for i, p in enumerate(parts[:-1]):
+            if node.get(p) is None:
+                node[p] = {}
+            node = node[p]
             if not isinstance(node, dict):
-                raise ConfigError(f"{key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw != "" else None
+                raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a section, cannot set {key}")
+        try:
+            node[parts[-1]] = parse_value(raw, key)
+        except UserError as e:
+            raise ConfigError(str(e)) from None
     return data
 
 
@@ -299,71 +362,81 @@ def _check(cond: bool, key: str, msg: str) -> None:
         raise ConfigError(f"{key}: {msg}")
 
 
+def role_parallel(cfg: PPOConfig, role: str) -> tuple[int, int, int]:
+    """(tensor, pipeline, data) parallel sizes of a training role (``actor`` or ``critic``):
+    DeepSpeed roles are pure data parallel; megatron roles split their ranks into TP x PP x DP."""
+    ranks = cfg.cluster.actor_workers if role == "actor" else cfg.cluster.critic_workers
+    if getattr(cfg.engine, role) != "megatron":
+        return 1, 1, ranks
+    tp, pp = cfg.megatron.tensor_parallel, cfg.megatron.pipeline_parallel
+    return tp, pp, max(ranks // (tp * pp), 1)
+
+
 def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
-    """Cross-field checks; raises ``ConfigError`` naming the key."""
+    """Cross-field checks (single-field ranges and choices are checked by the typed builder);
+    raises ``ConfigError`` naming the key. ``check_paths``: also check that input paths exist
+    and that the prompts file parses (``rlhf.data.check_prompts``); reads only."""
     p, c = cfg.ppo, cfg.cluster
     n = p.rollout_batch_size * p.n_samples_per_prompt
-    for key, v in [("ppo.rollout_batch_size", p.rollout_batch_size), ("ppo.mini_batch_size", p.mini_batch_size),
-                   ("ppo.micro_batch_size", p.micro_batch_size), ("ppo.ppo_epochs", p.ppo_epochs),
-                   ("ppo.n_samples_per_prompt", p.n_samples_per_prompt), ("cluster.actor_workers", c.actor_workers),
-                   ("cluster.critic_workers", c.critic_workers), ("trainer.total_steps", cfg.trainer.total_steps),
-                   ("rollout.max_new_tokens", cfg.rollout.max_new_tokens)]:
-        _check(v >= 1, key, f"must be >= 1, got {v}")
     _check(n % p.mini_batch_size == 0, "ppo.mini_batch_size",
            f"{p.mini_batch_size} does not divide the rollout batch of {n} sequences "
            "(rollout_batch_size x n_samples_per_prompt)")
-    for key, w in [("cluster.actor_workers", c.actor_workers), ("cluster.critic_workers", c.critic_workers)]:
-        _check(p.mini_batch_size % (w * p.micro_batch_size) == 0, "ppo.micro_batch_size",
+    m = cfg.megatron
+    for role, key in [("actor", "cluster.actor_workers"), ("critic", "cluster.critic_workers")]:
+        ranks = getattr(c, role + "_workers")
+        if getattr(cfg.engine, role) == "megatron":
+            _check(ranks % (m.tensor_parallel * m.pipeline_parallel) == 0, "megatron.tensor_parallel",
+                   f"tensor_parallel {m.tensor_parallel} x pipeline_parallel {m.pipeline_parallel} does not divide "
+                   f"{key} {ranks} (engine.{role}: megatron)")
+        _, _, dp = role_parallel(cfg, role)
+        what = f"{key} {ranks}" if dp == ranks else f"{dp} data-parallel {role} ranks"
+        _check(p.mini_batch_size % (dp * p.micro_batch_size) == 0, "ppo.micro_batch_size",
                f"mini_batch_size {p.mini_batch_size} is not a multiple of micro_batch_size {p.micro_batch_size} "
-               f"x {key} {w}")
-    _check(p.kl_kind in ("k1", "k2", "k3"), "ppo.kl_kind", f"must be k1, k2 or k3, got {p.kl_kind!r}")
-    _check(p.old_logp_source in ("trainer", "rollout"), "ppo.old_logp_source",
-           f"must be trainer or rollout, got {p.old_logp_source!r}")
+               f"x {what}")
     if p.old_logp_source == "rollout":
         _check(cfg.rollout.top_k == 0 and cfg.rollout.top_p == 1.0, "ppo.old_logp_source",
                "rollout needs rollout.top_k 0 and rollout.top_p 1.0 (the engine's logprobs are of the filtered "
                "distribution, the training forward's are not)")
         _check(p.tis_cap is None, "ppo.old_logp_source",
                "rollout makes ppo.tis_cap a no-op (old and rollout logprobs are the same); set tis_cap null")
-    _check(cfg.deepspeed.zero_stage in (0, 1, 2, 3), "deepspeed.zero_stage", "must be 0, 1, 2 or 3")
-    _check(cfg.rollout.engine in ("hf", "vllm"), "rollout.engine", f"must be hf or vllm, got {cfg.rollout.engine!r}")
     r = cfg.rollout
-    _check(r.num_engines >= 1, "rollout.num_engines", f"must be >= 1, got {r.num_engines}")
-    _check(r.tensor_parallel_size >= 1, "rollout.tensor_parallel_size", f"must be >= 1, got {r.tensor_parallel_size}")
     if r.engine == "hf":
         _check(r.num_engines == 1 and r.tensor_parallel_size == 1, "rollout.num_engines",
                "the hf engine runs one engine without tensor parallelism (num_engines and tensor_parallel_size 1)")
-    _check(r.weight_sync in ("auto", "reload", "broadcast"), "rollout.weight_sync",
-           f"must be auto, reload or broadcast, got {r.weight_sync!r}")
     _check(r.weight_sync != "broadcast" or r.engine == "vllm", "rollout.weight_sync",
            "broadcast needs rollout.engine: vllm")
     _check(r.tensor_parallel_size == 1 or c.gpus_per_worker > 0, "rollout.tensor_parallel_size",
            "tensor parallelism needs GPUs (cluster.gpus_per_worker > 0)")
-    _check(c.gpus_per_node is None or c.gpus_per_node >= 1, "cluster.gpus_per_node", "must be >= 1")
+    t = cfg.model.tiny
+    if cfg.model.actor == "tiny":
+        _check(t.hidden_size % t.num_heads == 0, "model.tiny.num_heads",
+               f"{t.num_heads} does not divide model.tiny.hidden_size {t.hidden_size}")
     from rlhf.placement import PlacementError, make_plan, spec_from_ppo_config  # no ray at import
 
     try:
         make_plan(spec_from_ppo_config(cfg))
     except PlacementError as e:
         raise ConfigError(f"cluster: {e}") from None
-    _check(cfg.rollout.temperature > 0, "rollout.temperature", "must be > 0")
-    _check(0 < cfg.rollout.top_p <= 1, "rollout.top_p", "must be in (0, 1]")
-    _check(p.dual_clip is None or p.dual_clip > 1, "ppo.dual_clip", "must be > 1")
-    _check(cfg.model.tiny.arch in ("llama", "qwen2"), "model.tiny.arch", "must be llama or qwen2")
     _check((cfg.reward.model is None) != (cfg.reward.function is None), "reward",
            "set exactly one of reward.model and reward.function")
-    if cfg.reward.function is not None:
-        _check(":" in cfg.reward.function, "reward.function", f"expected module:function, got {cfg.reward.function!r}")
+    for key, spec in [("reward.function", cfg.reward.function), ("reward.metrics", cfg.reward.metrics)]:
+        if spec is not None:
+            mod, _, fn = spec.partition(":")
+            _check(bool(mod) and bool(fn), key, f"expected module:function, got {spec!r}")
+    from rlhf.data import check_builtin
+
+    check_builtin(cfg.data.path)
     if check_paths:
         paths = [("model.reference", cfg.model.reference), ("model.critic", cfg.model.critic),
                  ("model.tokenizer", cfg.model.tokenizer), ("model.bai_recipe", cfg.model.bai_recipe),
                  ("reward.model", cfg.reward.model)]
         if cfg.model.actor != "tiny" and cfg.model.bai_recipe is None:
             paths.append(("model.actor", cfg.model.actor))
-        if not cfg.data.path.startswith("builtin:"):
-            paths.append(("data.path", cfg.data.path))
         for key, path in paths:
             _check(path is None or Path(path).exists(), key, f"path does not exist: {path}")
+        from rlhf.data import check_prompts
+
+        check_prompts(cfg.data)
     return cfg
 
 
@@ -376,13 +449,18 @@ def weight_sync_mode(cfg: PPOConfig) -> str:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
                 check_paths: bool = True) -> PPOConfig:
-    """Read YAML (default: the tiny CPU config), apply dotted overrides, validate."""
+    """Read YAML (default: the tiny CPU config), apply dotted overrides, validate.
+
+    Raises ``ConfigError`` naming the key, or the file and line, before any work; with
+    ``check_paths`` the input paths must exist and the prompts file must parse (``rlhf.data
+    .check_prompts``). Only reads files."""
     path = Path(path) if path is not None else DEFAULT_CONFIG
-    if not path.exists():
-        raise ConfigError(f"config: file does not exist: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"config: {path} must hold a mapping")
+    try:
+        data = load_mapping(path, "config")
+    except ConfigError:
+        raise
+    except UserError as e:
+        raise ConfigError(str(e)) from None
     apply_overrides(data, list(overrides or []))
     return validate(build(PPOConfig, data, "", ConfigError), check_paths=check_paths)
 

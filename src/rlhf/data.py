@@ -1,8 +1,11 @@
 """Prompts: JSONL / parquet files (or a built-in arithmetic set), chat template, ``<think>`` prefill.
 
-``load_prompts`` reads the raw prompts; ``encode_prompts`` renders and tokenizes them once;
-``PromptSampler`` walks a seeded permutation epoch by epoch and its ``state_dict`` (epoch,
-position) is all an exact resume needs.
+``check_prompts(cfg.data)`` validates the prompts file before any work (``rlhf.config
+.load_config`` calls it): it parses, every record has the prompt field, holds a string or a
+list of chat messages, and there is at least one; errors are ``ConfigError`` naming the file
+and line (JSONL) or row (parquet). ``load_prompts`` reads the raw prompts with the same
+checks; ``encode_prompts`` renders and tokenizes them once; ``PromptSampler`` walks a seeded
+permutation epoch by epoch and its ``state_dict`` (epoch, position) is all an exact resume needs.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from rlhf.config import ConfigError
+
 THINK_PREFILL = "<think>\n"
 
 
@@ -22,34 +27,99 @@ def builtin_arith(n: int, seed: int = 1234) -> list[str]:
     return [f"Question: what is {a} plus {b}?" for a, b in rng.integers(0, 50, size=(n, 2)).tolist()]
 
 
-def load_prompts(path: str, prompt_key: str = "prompt", num_builtin: int = 256) -> list:
-    """Raw prompts (strings or chat message lists) from JSONL, parquet or ``builtin:arith``."""
-    if path == "builtin:arith":
-        return builtin_arith(num_builtin)
-    if path.startswith("builtin:"):
-        raise ValueError(f"data.path: unknown built-in prompt set {path!r}; use builtin:arith")
+BUILTINS = {"builtin:arith": builtin_arith}
+"""Built-in prompt sets (``data.path`` value -> ``f(n) -> prompts``)."""
+
+
+def check_builtin(path: str) -> None:
+    """A ``builtin:`` ``data.path`` must name a known set (``ConfigError`` naming ``data.path``)."""
+    if path.startswith("builtin:") and path not in BUILTINS:
+        raise ConfigError(f"data.path: unknown built-in prompt set {path!r} (known: {', '.join(BUILTINS)})")
+
+
+def _check_prompt(value, where: str, key: str) -> None:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ConfigError(f"{where}: field {key!r} is an empty string")
+        return
+    if isinstance(value, list) and value and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in value):
+        return
+    raise ConfigError(f"{where}: field {key!r} must be a string or a non-empty list of "
+                      f"{{\"role\", \"content\"}} messages, got {type(value).__name__}")
+
+
+def _read_jsonl(p: Path, key: str) -> list:
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"data.path: cannot read {p}: {e}") from None
+    rows = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{p}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
+        if not isinstance(rec, dict):
+            raise ConfigError(f"{p}:{n}: expected a JSON object with a {key!r} field, got {type(rec).__name__}")
+        if key not in rec:
+            raise ConfigError(f"{p}:{n}: record has no {key!r} field (data.prompt_key; record keys: "
+                              f"{sorted(rec)[:8]})")
+        _check_prompt(rec[key], f"{p}:{n}", key)
+        rows.append(rec[key])
+    return rows
+
+
+def _read_parquet(p: Path, key: str) -> list:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(p)
+        if key not in schema.names:
+            raise ConfigError(f"data.prompt_key: column {key!r} not in {p} (columns: {schema.names})")
+        rows = pq.read_table(p, columns=[key]).column(key).to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        raise ConfigError(f"data.path: {p} is not a readable parquet file ({e})") from None
+    for i, value in enumerate(rows):
+        _check_prompt(value, f"{p}: row {i}", key)
+    return rows
+
+
+def read_prompt_file(path: str, prompt_key: str = "prompt") -> list:
+    """Raw prompts of a JSONL or parquet file, every record checked (``ConfigError`` naming file:line)."""
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"data.path: {path} does not exist")
-    if p.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        table = pq.read_table(p)
-        if prompt_key not in table.column_names:
-            raise ValueError(f"data.prompt_key: column {prompt_key!r} not in {path} (columns: {table.column_names})")
-        rows = table.column(prompt_key).to_pylist()
-    else:
-        rows = []
-        for i, line in enumerate(p.read_text().splitlines()):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if prompt_key not in rec:
-                raise ValueError(f"data.prompt_key: line {i + 1} of {path} has no {prompt_key!r} field")
-            rows.append(rec[prompt_key])
+        raise ConfigError(f"data.path: path does not exist: {path}")
+    if not p.is_file():
+        raise ConfigError(f"data.path: not a file: {path}")
+    rows = _read_parquet(p, prompt_key) if p.suffix == ".parquet" else _read_jsonl(p, prompt_key)
     if not rows:
-        raise ValueError(f"data.path: {path} holds no prompts")
+        raise ConfigError(f"data.path: {path} holds no prompts")
     return rows
+
+
+def check_prompts(data) -> int:
+    """Validate the prompts of ``data`` (a ``DataConfig``) before any work; returns their count.
+
+    Built-in sets need only a known name; files must parse, every record must hold
+    ``data.prompt_key`` (a string or chat messages) and there must be at least one. Reads only.
+    """
+    check_builtin(data.path)
+    if data.path in BUILTINS:
+        return data.num_builtin
+    return len(read_prompt_file(data.path, data.prompt_key))
+
+
+def load_prompts(path: str, prompt_key: str = "prompt", num_builtin: int = 256) -> list:
+    """Raw prompts (strings or chat message lists) from JSONL, parquet or ``builtin:arith``."""
+    check_builtin(path)
+    if path in BUILTINS:
+        return BUILTINS[path](num_builtin)
+    return read_prompt_file(path, prompt_key)
 
 
 def render_prompt(prompt, tokenizer, chat_template: bool = True, think_prefill: bool = False) -> str:

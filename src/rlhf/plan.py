@@ -1,11 +1,19 @@
-"""`rlhf plan CONFIG.yaml`: memory per GPU per role, fits-or-not, and a roofline step time.
+"""`rlhf plan CONFIG.yaml [key.sub=value ...]`: memory per GPU per role, fits-or-not, and a roofline step time.
 
-Input: a plan YAML with sections ``gpu``, ``placement`` (``rlhf.placement.PlacementSpec``),
-``model`` (and optionally ``critic``), ``workload`` and optionally ``ppo_config`` (a ``rlhf
-train`` YAML whose batch sizes, lengths, precision and ZeRO stage fill ``workload`` /
-``placement``; without a ``placement`` section its ``cluster`` section is used, 8 GPUs a node).
-Example: ``configs/plan/paper_moe_8x8.yaml`` (the paper's MoE, 25B total / 2.5B active, 8 x 8
-80 GB GPUs).
+Input, either of
+- the ``rlhf train`` YAML itself (a ``PPOConfig``, e.g. ``configs/ppo/bai_olmoe_8x8.yaml``), with
+  the same dotted overrides: its batch sizes, lengths, engines (``engine``, ``deepspeed``,
+  ``megatron``) and ``cluster`` section are planned as the trainer would run them, and its
+  ``plan`` section (``PlanSettings``: GPU preset, model size, mean response length, vLLM memory
+  share, MFU) adds what the trainer does not know. Without ``plan.model`` the architecture is
+  read from ``model.actor`` (a local checkpoint's ``config.json``, or the tiny model).
+- a plan YAML with sections ``gpu``, ``placement`` (``rlhf.placement.PlacementSpec``),
+  ``model`` (and optionally ``critic``), ``workload``, optionally ``engine`` / ``megatron`` (as in
+  ``PPOConfig``) and ``ppo_config`` (a ``rlhf train`` YAML whose batch sizes, lengths, precision
+  and ZeRO stage fill ``workload`` / ``placement``). Example: ``configs/plan/paper_moe_8x8.yaml``.
+A file is a plan YAML when all its top-level keys are plan sections and it has ``ppo_config``
+or a ``model.total_params_b``; otherwise it is read as a ``PPOConfig``. Bad input is one
+``UserError`` naming the key or file:line (exit 2); exit 0 = fits, 1 = does not fit.
 
 Memory model (bytes per GPU; P = parameters of the role's model, N = ranks of its group)
 --------------------------------------------------------------------------------------
@@ -17,6 +25,16 @@ Memory model (bytes per GPU; P = parameters of the role's model, N = ranks of it
   attention (no S^2 term): with gradient checkpointing the layer inputs ``2 b S h L`` plus one
   layer recomputed ``34 b S h``; without ``34 b S h L`` (Korthikanti et al. 2022, eq. 2 without
   the attention-score term). The actor adds fp32 logits and their gradient ``2 * 4 b S V``.
+- megatron-core training roles (``engine.actor / critic: megatron``; TP = t, PP = p, DP = d =
+  N / (t p)): weights and gradients are split over the t x p model-parallel ranks; mixed bf16
+  holds bf16 weights 2P, fp32 main gradients 4P and fp32 master + AdamW states 12P, fp32 4P +
+  4P + 8P (megatron-core distributed-optimizer docs: 18 -> 6 + 12 / d bytes per parameter); the
+  distributed optimizer divides the optimizer states by d. Activations per layer without
+  sequence parallelism ``b S h (10 + 24 / t)`` (Korthikanti et al. 2022, eq. 2 without the
+  attention-score term); a pipeline stage holds L / p layers and, with the 1F1B schedule,
+  min(p, micro-batches) micro-batches in flight (the first stage is the worst); full
+  recomputation keeps only the layer inputs ``2 b S h`` per layer plus one layer's working set.
+  Vocab-parallel logits (actor): ``2 * 4 b S V / t``.
 - reference / reward: weights 2P (divided by N at ZeRO-3) and forward activations (the
   reference adds fp32 logits ``4 b S V``).
 - rollout (vLLM): weights 2P / TP per GPU; KV cache ``2 * L * kv_heads * head_dim * 2`` bytes
@@ -48,15 +66,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Annotated, Any, Literal
 
-import yaml
-
+from bairlhf.errors import UserError
+from bairlhf.typed_config import Range, build
+from bairlhf.yamlio import load_mapping
 from rlhf.placement import (PlacementError, PlacementPlan, PlacementSpec, make_plan, spec_from_dict,
                             spec_from_ppo_config)
-from bairlhf.typed_config import build
 
 GiB = 1024 ** 3
 
@@ -66,6 +84,13 @@ GPU_PRESETS = {
     "A100-80GB": dict(memory_gb=80.0, bf16_tflops=312.0, hbm_tb_s=2.04, link_gb_s=25.0),
     "A100-40GB": dict(memory_gb=40.0, bf16_tflops=312.0, hbm_tb_s=1.56, link_gb_s=25.0),
 }
+GPUName = Literal["H100-80GB", "H200-141GB", "A100-80GB", "A100-40GB"]
+"""The preset names (keys of ``GPU_PRESETS``)."""
+
+POS = Range(0, None, lo_open=True)     # > 0
+ONE_UP = Range(1, None)                # >= 1
+FRACTION = Range(0, 1, lo_open=True)   # (0, 1]
+RESERVE = Range(0, 1, hi_open=True)    # [0, 1)
 
 
 @dataclass
@@ -74,36 +99,36 @@ class GPUSpec:
 
     name: str = "H100-80GB"
     """Label; a preset name fills the numbers below unless they are given."""
-    memory_gb: float = 80.0
-    """Memory per GPU (GB, 1e9 bytes as vendors count)."""
-    bf16_tflops: float = 989.0
-    """Dense bf16 peak."""
-    hbm_tb_s: float = 3.35
-    """Memory bandwidth."""
-    link_gb_s: float = 50.0
-    """Per-GPU inter-node bandwidth (InfiniBand / RoCE), for weight sync across nodes."""
-    reserve_fraction: float = 0.1
-    """Memory never planned (CUDA context, allocator fragmentation)."""
+    memory_gb: Annotated[float, POS] = 80.0
+    """Memory per GPU (GB, 1e9 bytes as vendors count; > 0)."""
+    bf16_tflops: Annotated[float, POS] = 989.0
+    """Dense bf16 peak (TFLOP/s, > 0)."""
+    hbm_tb_s: Annotated[float, POS] = 3.35
+    """Memory bandwidth (TB/s, > 0)."""
+    link_gb_s: Annotated[float, POS] = 50.0
+    """Per-GPU inter-node bandwidth (GB/s, > 0; InfiniBand / RoCE), for weight sync across nodes."""
+    reserve_fraction: Annotated[float, RESERVE] = 0.1
+    """Memory never planned (CUDA context, allocator fragmentation), in [0, 1)."""
 
 
 @dataclass
 class ModelSpec:
     """Architecture numbers the memory model needs (MoE: total vs active parameters)."""
 
-    total_params_b: float
-    """All parameters, billions (what memory holds)."""
-    active_params_b: float | None = None
-    """Parameters touched per token, billions (what FLOPs see); None: dense, = total."""
-    layers: int = 24
-    """Decoder layers."""
-    hidden: int = 2048
-    """Hidden size."""
-    kv_heads: int = 16
-    """Key/value heads (GQA)."""
-    head_dim: int = 128
-    """Head dimension."""
-    vocab: int = 100352
-    """Vocabulary size."""
+    total_params_b: Annotated[float, POS]
+    """All parameters, billions (> 0; what memory holds)."""
+    active_params_b: Annotated[float, POS] | None = None
+    """Parameters touched per token, billions (> 0, <= total; what FLOPs see); None: dense, = total."""
+    layers: Annotated[int, ONE_UP] = 24
+    """Decoder layers (>= 1)."""
+    hidden: Annotated[int, ONE_UP] = 2048
+    """Hidden size (>= 1)."""
+    kv_heads: Annotated[int, ONE_UP] = 16
+    """Key/value heads (GQA, >= 1)."""
+    head_dim: Annotated[int, ONE_UP] = 128
+    """Head dimension (>= 1)."""
+    vocab: Annotated[int, ONE_UP] = 100352
+    """Vocabulary size (>= 1)."""
 
     @property
     def total(self) -> float:
@@ -118,32 +143,62 @@ class ModelSpec:
 class Workload:
     """One PPO step's shape."""
 
-    rollout_batch_size: int = 4096
-    """Prompts per step (paper: 4096)."""
-    n_samples_per_prompt: int = 1
-    """Responses per prompt (paper: 1)."""
-    mini_batch_size: int = 512
-    """Sequences per optimizer step (paper: 512)."""
-    micro_batch_size: int = 1
-    """Sequences per forward/backward on one GPU."""
-    ppo_epochs: int = 1
-    """Passes over the batch."""
-    prompt_len: int = 1024
-    """Prompt tokens (max)."""
-    response_len_max: int = 4096
-    """Response tokens (max: sizes memory)."""
-    response_len_mean: int = 2048
-    """Response tokens (mean: sizes time)."""
-    precision: str = "bf16"
+    rollout_batch_size: Annotated[int, ONE_UP] = 4096
+    """Prompts per step (>= 1; paper: 4096)."""
+    n_samples_per_prompt: Annotated[int, ONE_UP] = 1
+    """Responses per prompt (>= 1; paper: 1)."""
+    mini_batch_size: Annotated[int, ONE_UP] = 512
+    """Sequences per optimizer step (>= 1; paper: 512)."""
+    micro_batch_size: Annotated[int, ONE_UP] = 1
+    """Sequences per forward/backward on one GPU (>= 1)."""
+    ppo_epochs: Annotated[int, ONE_UP] = 1
+    """Passes over the batch (>= 1)."""
+    prompt_len: Annotated[int, ONE_UP] = 1024
+    """Prompt tokens (max, >= 1)."""
+    response_len_max: Annotated[int, ONE_UP] = 4096
+    """Response tokens (max: sizes memory; >= 1)."""
+    response_len_mean: Annotated[int, ONE_UP] = 2048
+    """Response tokens (mean: sizes time; >= 1, <= response_len_max)."""
+    precision: Literal["bf16", "fp32"] = "bf16"
     """``bf16`` (mixed, fp32 master + AdamW) or ``fp32``."""
     gradient_checkpointing: bool = True
-    """Recompute activations in backward."""
+    """Recompute activations in backward (DeepSpeed roles; megatron roles use ``megatron.recompute``)."""
     offload_between_phases: bool = True
     """vLLM sleeps during training and training states leave the GPU during generation."""
-    vllm_gpu_memory_utilization: float = 0.5
-    """Fraction of the usable GPU memory vLLM may take (weights + KV)."""
-    mfu: float = 0.35
-    """Achieved fraction of peak FLOPs in compute-bound phases."""
+    vllm_gpu_memory_utilization: Annotated[float, FRACTION] = 0.5
+    """Fraction of the usable GPU memory vLLM may take (weights + KV), in (0, 1]."""
+    mfu: Annotated[float, FRACTION] = 0.35
+    """Achieved fraction of peak FLOPs in compute-bound phases, in (0, 1]."""
+
+
+@dataclass
+class PlanSettings:
+    """The ``plan:`` section of a ``rlhf train`` config: what ``rlhf plan`` needs beyond the trainer's
+    own keys (hardware, model size, mean lengths). The trainer ignores it."""
+
+    gpu: GPUName = "H100-80GB"
+    """GPU preset (``GPU_PRESETS``): memory, bf16 peak, HBM and inter-node bandwidth."""
+    memory_gb: Annotated[float, POS] | None = None
+    """Memory per GPU in GB (> 0), overriding the preset's; None: the preset's."""
+    reserve_fraction: Annotated[float, RESERVE] = 0.1
+    """Memory never planned (CUDA context, fragmentation), in [0, 1)."""
+    gpus_per_node: Annotated[int, ONE_UP] = 8
+    """GPUs per node (>= 1) when ``cluster.gpus_per_node`` is not set."""
+    model: ModelSpec | None = None
+    """Actor (and reference) architecture; None: read from ``model.actor`` (a local checkpoint's
+    ``config.json`` or ``model.tiny``)."""
+    critic: ModelSpec | None = None
+    """Critic (and reward model) architecture; None: the actor's."""
+    response_len_mean: Annotated[int, ONE_UP] | None = None
+    """Mean response tokens (>= 1; sizes time); None: half of ``rollout.max_new_tokens``."""
+    gradient_checkpointing: bool = True
+    """DeepSpeed roles recompute activations in backward."""
+    offload_between_phases: bool = True
+    """vLLM sleeps during training and training states leave the GPU during generation."""
+    vllm_gpu_memory_utilization: Annotated[float, FRACTION] = 0.5
+    """Fraction of the usable GPU memory vLLM may take, in (0, 1]."""
+    mfu: Annotated[float, FRACTION] = 0.35
+    """Achieved fraction of peak FLOPs in compute-bound phases, in (0, 1]."""
 
 
 @dataclass
@@ -153,6 +208,10 @@ class PlanInput:
     model: ModelSpec
     critic: ModelSpec
     workload: Workload
+    engines: dict = field(default_factory=lambda: {"actor": "deepspeed", "critic": "deepspeed"})
+    """Training engine per role (``rlhf.config.EngineChoice``)."""
+    megatron: Any = None
+    """``rlhf.config.MegatronConfig`` of the megatron roles (None: the defaults)."""
 
 
 @dataclass
@@ -209,12 +268,50 @@ def kv_bytes_per_token(m: ModelSpec, tp: int) -> float:
     return 2.0 * m.layers * m.kv_heads * m.head_dim * 2.0 / tp
 
 
+def megatron_state_bytes(params: float, bf16: bool, tp: int, pp: int, dp: int,
+                         distributed_optimizer: bool) -> tuple[float, float, float]:
+    """(weights, gradients, optimizer states) bytes per GPU of a megatron-core role: split over the
+    ``tp x pp`` model-parallel ranks; the distributed optimizer also divides the states by ``dp``."""
+    w, g, o = (2.0, 4.0, 12.0) if bf16 else (4.0, 4.0, 8.0)
+    mp = tp * pp
+    return params * w / mp, params * g / mp, params * o / mp / (dp if distributed_optimizer else 1)
+
+
+def megatron_activation_bytes(m: ModelSpec, b: int, s: int, tp: int, pp: int, micro_batches: int,
+                              recompute: bool) -> float:
+    """Activations on the first (fullest) pipeline stage: L / pp layers x min(pp, micro-batches) in flight."""
+    per_layer = b * s * m.hidden * (10.0 + 24.0 / tp)
+    stage_layers = math.ceil(m.layers / pp)
+    in_flight = min(pp, max(micro_batches, 1))
+    if recompute:
+        return 2.0 * b * s * m.hidden * stage_layers * in_flight + per_layer
+    return per_layer * stage_layers * in_flight
+
+
+def _megatron(inp: PlanInput):
+    if inp.megatron is not None:
+        return inp.megatron
+    from rlhf.config import MegatronConfig  # imported here: rlhf.config imports this module
+
+    return MegatronConfig()
+
+
 def role_memory(role: str, inp: PlanInput, n: int) -> RoleMemory:
     wl, z = inp.workload, inp.placement.zero_stage
     s = wl.prompt_len + wl.response_len_max
     b = wl.micro_batch_size
     r = RoleMemory(role)
-    if role in ("actor", "critic"):
+    if role in ("actor", "critic") and inp.engines.get(role, "deepspeed") == "megatron":
+        m = inp.model if role == "actor" else inp.critic
+        mg = _megatron(inp)
+        tp, pp = mg.tensor_parallel, mg.pipeline_parallel
+        dp = max(n // (tp * pp), 1)
+        r.weights, r.grads, r.optimizer = megatron_state_bytes(m.total, mg.bf16, tp, pp, dp, mg.distributed_optimizer)
+        micro_batches = wl.mini_batch_size // (dp * b)
+        r.activations = megatron_activation_bytes(m, b, s, tp, pp, micro_batches, mg.recompute)
+        if role == "actor":
+            r.activations += 2 * 4.0 * b * s * m.vocab / tp  # vocab-parallel fp32 logits and their gradient
+    elif role in ("actor", "critic"):
         m = inp.model if role == "actor" else inp.critic
         r.weights, r.grads, r.optimizer = training_state_bytes(m.total, wl.precision, z, n)
         if z >= 3:
@@ -249,6 +346,12 @@ def plan(inp: PlanInput) -> PlanResult:
     waves = math.ceil(seqs_per_engine / concurrency) if concurrency else math.inf
 
     problems: list[str] = []
+    for role in ("actor", "critic"):
+        if inp.engines.get(role, "deepspeed") == "megatron" and pp.of(role):
+            mg = _megatron(inp)
+            if pp.world_size(role) % (mg.tensor_parallel * mg.pipeline_parallel):
+                raise PlacementError(f"megatron.tensor_parallel: {mg.tensor_parallel} x pipeline_parallel "
+                                     f"{mg.pipeline_parallel} does not divide the {pp.world_size(role)} {role} ranks")
     per_gpu, peak = {}, {}
     cursor = 0
     for gi, g in enumerate(inp.placement.groups):
@@ -305,13 +408,17 @@ def step_time(inp: PlanInput, pp: PlacementPlan, seqs_per_engine: int, concurren
                                                                                 flops_step / (peak * wl.mfu))
     prefill = 2.0 * m.active * seqs_per_engine * wl.prompt_len / (peak * wl.mfu * tp)
     tokens = seqs * (wl.prompt_len + wl.response_len_mean)
-    ckpt = 2.0 if wl.gradient_checkpointing else 0.0
+    def ckpt_of(role: str) -> float:
+        if inp.engines.get(role, "deepspeed") == "megatron":
+            return 2.0 if _megatron(inp).recompute else 0.0
+        return 2.0 if wl.gradient_checkpointing else 0.0
+
     gpus = {r: max(pp.world_size(r), 1) for r in ("actor", "critic", "reference", "reward")}
     train = 0.0
-    train += (6.0 + ckpt) * m.active * tokens * wl.ppo_epochs / (gpus["actor"] * peak * wl.mfu)
+    train += (6.0 + ckpt_of("actor")) * m.active * tokens * wl.ppo_epochs / (gpus["actor"] * peak * wl.mfu)
     train += 2.0 * m.active * tokens / (gpus["actor"] * peak * wl.mfu)  # old logprobs
     if pp.of("critic"):
-        train += (6.0 + ckpt) * c.active * tokens * wl.ppo_epochs / (gpus["critic"] * peak * wl.mfu)
+        train += (6.0 + ckpt_of("critic")) * c.active * tokens * wl.ppo_epochs / (gpus["critic"] * peak * wl.mfu)
         train += 2.0 * c.active * tokens / (gpus["critic"] * peak * wl.mfu)  # values
     if pp.of("reference"):
         train += 2.0 * m.active * tokens / (gpus["reference"] * peak * wl.mfu)
@@ -325,24 +432,53 @@ def step_time(inp: PlanInput, pp: PlacementPlan, seqs_per_engine: int, concurren
 
 # ------------------------------------------------------------------------------ config
 
-def load_plan_input(path: str | Path) -> PlanInput:
-    """Read and validate a plan YAML (errors name the key)."""
+PLAN_SECTIONS = ("gpu", "placement", "model", "critic", "workload", "ppo_config", "engine", "megatron")
+"""Top-level sections of a plan YAML."""
+
+
+def is_plan_yaml(data: dict) -> bool:
+    """A plan YAML has a section only plan YAMLs have, or a ``model.total_params_b``; anything else
+    is read as a ``rlhf train`` config."""
+    model = data.get("model")
+    return any(k in data for k in ("gpu", "placement", "workload", "ppo_config", "critic")) or (
+        isinstance(model, dict) and "total_params_b" in model)
+
+
+def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> PlanInput:
+    """Read and validate a plan YAML or a ``rlhf train`` config (errors name the key or file:line)."""
+    from rlhf.config import apply_overrides
+
     path = Path(path)
-    if not path.exists():
-        raise PlacementError(f"config: file does not exist: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    known = {"gpu", "placement", "model", "critic", "workload", "ppo_config"}
+    try:
+        data = load_mapping(path, "config")
+    except UserError as e:
+        raise PlacementError(str(e)) from None
+    if not is_plan_yaml(data):
+        from rlhf.config import load_config
+
+        return plan_input_from_ppo(load_config(path, overrides, check_paths=False))
+    apply_overrides(data, list(overrides or []))
     for k in data:
-        if k not in known:
-            raise PlacementError(f"{k}: unknown section (known: {', '.join(sorted(known))})")
+        if k not in PLAN_SECTIONS:
+            raise PlacementError(f"{k}: unknown section (known: {', '.join(sorted(PLAN_SECTIONS))})")
     if "model" not in data:
         raise PlacementError("model: missing (total_params_b, active_params_b, layers, hidden, ...)")
-    gpu_data = dict(data.get("gpu") or {})
+    gpu_data = data.get("gpu") or {}
+    if not isinstance(gpu_data, dict):
+        raise PlacementError(f"gpu: expected a mapping, got {gpu_data!r}")
     preset = GPU_PRESETS.get(gpu_data.get("name", "H100-80GB"))
     gpu = build(GPUSpec, {**(preset or {}), **gpu_data}, "gpu", PlacementError)
-    placement_data = dict(data.get("placement") or {})
-    workload_data = dict(data.get("workload") or {})
+    placement_data = data.get("placement") or {}
+    workload_data = data.get("workload") or {}
+    for key, sec in (("placement", placement_data), ("workload", workload_data)):
+        if not isinstance(sec, dict):
+            raise PlacementError(f"{key}: expected a mapping, got {sec!r}")
+    placement_data, workload_data = dict(placement_data), dict(workload_data)
     placement = None
+    from rlhf.config import EngineChoice, MegatronConfig
+
+    engine = build(EngineChoice, data.get("engine"), "engine", PlacementError)
+    megatron = build(MegatronConfig, data.get("megatron"), "megatron", PlacementError)
     if data.get("ppo_config"):
         from rlhf.config import load_config
 
@@ -354,28 +490,128 @@ def load_plan_input(path: str | Path) -> PlanInput:
                         mini_batch_size=p.mini_batch_size, micro_batch_size=p.micro_batch_size,
                         ppo_epochs=p.ppo_epochs, prompt_len=cfg.data.max_prompt_tokens,
                         response_len_max=cfg.rollout.max_new_tokens,
+                        response_len_mean=max(1, cfg.rollout.max_new_tokens // 2),
                         precision="bf16" if cfg.deepspeed.bf16 else "fp32")
         workload_data = {**from_ppo, **workload_data}
         placement_data.setdefault("zero_stage", cfg.deepspeed.zero_stage)
+        if "engine" not in data:
+            engine, megatron = cfg.engine, cfg.megatron
         if "placement" not in data:  # the trainer's own cluster section, on 8-GPU nodes
             placement = spec_from_ppo_config(cfg, gpus_per_node=8)
     workload = build(Workload, workload_data, "workload", PlacementError)
-    if workload.precision not in ("bf16", "fp32"):
-        raise PlacementError(f"workload.precision: bf16 or fp32, got {workload.precision!r}")
-    if not 0 < workload.vllm_gpu_memory_utilization <= 1:
-        raise PlacementError("workload.vllm_gpu_memory_utilization: must be in (0, 1]")
+    _check_workload(workload, "workload")
     model = build(ModelSpec, data["model"], "model", PlacementError)
     critic = build(ModelSpec, data["critic"], "critic", PlacementError) if data.get("critic") else model
+    for key, ms in (("model", model), ("critic", critic)):
+        _check_model(ms, key)
     if placement is None:
         placement = spec_from_dict(placement_data)
-    return PlanInput(gpu=gpu, placement=placement, model=model, critic=critic,
-                     workload=workload)
+    return PlanInput(gpu=gpu, placement=placement, model=model, critic=critic, workload=workload,
+                     engines={"actor": engine.actor, "critic": engine.critic}, megatron=megatron)
+
+
+def _check_workload(w: Workload, where: str) -> None:
+    if w.response_len_mean > w.response_len_max:
+        raise PlacementError(f"{where}.response_len_mean: {w.response_len_mean} exceeds response_len_max "
+                             f"{w.response_len_max}")
+
+
+def _check_model(m: ModelSpec, where: str) -> None:
+    if m.active_params_b is not None and m.active_params_b > m.total_params_b:
+        raise PlacementError(f"{where}.active_params_b: {m.active_params_b:g} exceeds total_params_b "
+                             f"{m.total_params_b:g}")
+
+
+def model_spec_from_hf(hf: dict, where: str) -> ModelSpec:
+    """Parameter counts and shapes from a Hugging Face ``config.json`` (dense or MoE decoder)."""
+    try:
+        h, L = int(hf["hidden_size"]), int(hf["num_hidden_layers"])
+        heads = int(hf["num_attention_heads"])
+        kv = int(hf.get("num_key_value_heads") or heads)
+        hd = int(hf.get("head_dim") or h // heads)
+        vocab = int(hf["vocab_size"])
+        experts = int(hf.get("num_experts") or hf.get("num_local_experts") or 0)
+        ffn = int(hf.get("moe_intermediate_size") or hf["intermediate_size"]) if experts else int(hf["intermediate_size"])
+    except (KeyError, TypeError, ValueError, ZeroDivisionError) as e:
+        raise PlacementError(f"{where}: config.json lacks the architecture numbers ({e}); set plan.model") from None
+    attn = h * heads * hd * 2 + h * kv * hd * 2
+    mlp_one = 3 * h * ffn
+    top_k = int(hf.get("num_experts_per_tok") or 1)
+    mlp_total = mlp_one * (experts or 1) + (h * experts if experts else 0)
+    mlp_active = mlp_one * (top_k if experts else 1) + (h * experts if experts else 0)
+    embed = vocab * h * (1 if hf.get("tie_word_embeddings") else 2)
+    total = embed + L * (attn + mlp_total + 2 * h) + h
+    active = embed + L * (attn + mlp_active + 2 * h) + h
+    return ModelSpec(total_params_b=total / 1e9, active_params_b=active / 1e9 if experts else None, layers=L,
+                     hidden=h, kv_heads=kv, head_dim=hd, vocab=vocab)
+
+
+def model_spec_from_ppo(cfg) -> ModelSpec:
+    """The actor's architecture: ``plan.model``, else the tiny model's, else the actor checkpoint's."""
+    if cfg.plan.model is not None:
+        return cfg.plan.model
+    m = cfg.model
+    if m.actor == "tiny" and m.bai_recipe is None:
+        t = m.tiny
+        return model_spec_from_hf({"hidden_size": t.hidden_size, "num_hidden_layers": t.num_layers,
+                                   "num_attention_heads": t.num_heads, "vocab_size": 384,
+                                   "intermediate_size": 2 * t.hidden_size}, "model.tiny")
+    cfg_json = Path(m.actor) / "config.json"
+    if m.bai_recipe is not None or not cfg_json.is_file():
+        why = "the actor is a bai merge (model.bai_recipe)" if m.bai_recipe else f"{cfg_json} does not exist"
+        raise PlacementError(f"plan.model: needed ({why}); give total_params_b, layers, hidden, kv_heads, "
+                             f"head_dim, vocab")
+    try:
+        hf = json.loads(cfg_json.read_text())
+    except (OSError, ValueError) as e:
+        raise PlacementError(f"{cfg_json}: not readable JSON ({e}); set plan.model") from None
+    if not isinstance(hf, dict):
+        raise PlacementError(f"{cfg_json}: expected a JSON object; set plan.model")
+    return model_spec_from_hf(hf, str(cfg_json))
+
+
+def plan_input_from_ppo(cfg) -> PlanInput:
+    """The plan of a ``rlhf train`` config (``rlhf.config.PPOConfig``) as the trainer would run it."""
+    ps = cfg.plan
+    gpu_data = {**GPU_PRESETS[ps.gpu], "name": ps.gpu, "reserve_fraction": ps.reserve_fraction}
+    if ps.memory_gb is not None:
+        gpu_data["memory_gb"] = ps.memory_gb
+    gpu = build(GPUSpec, gpu_data, "plan", PlacementError)
+    placement = spec_from_ppo_config(cfg, gpus_per_node=cfg.cluster.gpus_per_node or ps.gpus_per_node)
+    model = model_spec_from_ppo(cfg)
+    critic = ps.critic or model
+    for key, ms in (("plan.model", model), ("plan.critic", critic)):
+        _check_model(ms, key)
+    p, r = cfg.ppo, cfg.rollout
+    workload = Workload(rollout_batch_size=p.rollout_batch_size, n_samples_per_prompt=p.n_samples_per_prompt,
+                        mini_batch_size=p.mini_batch_size, micro_batch_size=p.micro_batch_size,
+                        ppo_epochs=p.ppo_epochs, prompt_len=cfg.data.max_prompt_tokens,
+                        response_len_max=r.max_new_tokens,
+                        response_len_mean=ps.response_len_mean or max(1, r.max_new_tokens // 2),
+                        precision="bf16" if cfg.deepspeed.bf16 else "fp32",
+                        gradient_checkpointing=ps.gradient_checkpointing,
+                        offload_between_phases=ps.offload_between_phases,
+                        vllm_gpu_memory_utilization=ps.vllm_gpu_memory_utilization, mfu=ps.mfu)
+    if workload.response_len_mean > workload.response_len_max:
+        raise PlacementError(f"plan.response_len_mean: {workload.response_len_mean} exceeds rollout.max_new_tokens "
+                             f"{workload.response_len_max}")
+    return PlanInput(gpu=gpu, placement=placement, model=model, critic=critic, workload=workload,
+                     engines={"actor": cfg.engine.actor, "critic": cfg.engine.critic}, megatron=cfg.megatron)
 
 
 # ------------------------------------------------------------------------------ CLI
 
 def render(inp: PlanInput, res: PlanResult) -> str:
-    lines = [make_plan(inp.placement).describe(),
+    engines = []
+    for role in ("actor", "critic"):
+        if inp.engines.get(role, "deepspeed") == "megatron":
+            mg = _megatron(inp)
+            engines.append(f"{role} megatron (TP {mg.tensor_parallel}, PP {mg.pipeline_parallel}, "
+                           f"{'distributed optimizer, ' if mg.distributed_optimizer else ''}"
+                           f"{'recompute, ' if mg.recompute else ''}{'bf16' if mg.bf16 else 'fp32'})")
+        else:
+            engines.append(f"{role} deepspeed (ZeRO-{inp.placement.zero_stage}, {inp.workload.precision})")
+    lines = [make_plan(inp.placement).describe(), "engines: " + ", ".join(engines),
              f"model: {inp.model.total_params_b:g}B total / {inp.model.active_params_b or inp.model.total_params_b:g}B "
              f"active; GPU {inp.gpu.name}: {inp.gpu.memory_gb:g} GB, usable {res.usable_gb:.1f} GB",
              "", f"{'GPU':<12} {'role':<10} {'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'kv':>8} {'total':>8}  (GB)"]
@@ -395,17 +631,15 @@ def render(inp: PlanInput, res: PlanResult) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`rlhf plan CONFIG.yaml [--json]`; exit 0 when it fits, 1 when it does not, 2 on a bad config."""
+    """`rlhf plan CONFIG.yaml [key.sub=value ...] [--json]`; exit 0 when it fits, 1 when it does not,
+    2 on a bad config (a ``UserError``, printed by the CLI boundary)."""
     ap = argparse.ArgumentParser(prog="rlhf plan", description=__doc__.split("\n")[0])
-    ap.add_argument("config", help="plan YAML (see configs/plan/)")
+    ap.add_argument("config", help="a rlhf train config (configs/ppo/) or a plan YAML (configs/plan/)")
+    ap.add_argument("overrides", nargs="*", help="dotted key.sub=value overrides, as for rlhf train")
     ap.add_argument("--json", action="store_true", help="print the result as JSON")
     ns = ap.parse_args(argv)
-    try:
-        inp = load_plan_input(ns.config)
-        res = plan(inp)
-    except (PlacementError, ValueError) as e:
-        print(f"rlhf plan: {e}", file=sys.stderr)
-        return 2
+    inp = load_plan_input(ns.config, ns.overrides)
+    res = plan(inp)
     if ns.json:
         out = asdict(res)
         out["per_gpu"] = {k: [{**asdict(m), "total": m.total} for m in v] for k, v in res.per_gpu.items()}

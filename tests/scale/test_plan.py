@@ -9,10 +9,14 @@ import pytest
 import torch
 import yaml
 
+from rlhf import cli
 from rlhf import plan as P
 from rlhf.placement import PlacementError, RoleGroup
 
-PAPER = Path(__file__).resolve().parents[2] / "configs" / "plan" / "paper_moe_8x8.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+PAPER = ROOT / "configs" / "plan" / "paper_moe_8x8.yaml"
+PPO_8X8 = ROOT / "configs" / "ppo" / "bai_olmoe_8x8.yaml"
+PPO_8X8_MEGATRON = ROOT / "configs" / "ppo" / "bai_olmoe_8x8_megatron.yaml"
 
 
 def test_paper_moe_fits_on_8x8_80gb():
@@ -87,7 +91,7 @@ def test_cli(tmp_path, capsys):
     assert '"fits": false' in capsys.readouterr().out
     data["workload"]["micro_batch"] = 2
     bad.write_text(yaml.safe_dump(data))
-    assert P.main([str(bad)]) == 2
+    assert cli.main(["plan", str(bad)]) == 2  # bad input: one line from the CLI boundary
     assert "workload.micro_batch: unknown key" in capsys.readouterr().err
     with pytest.raises(PlacementError, match="does not exist"):
         P.load_plan_input(tmp_path / "missing.yaml")
@@ -126,3 +130,59 @@ def test_plan_of_the_paper_ppo_config(tmp_path):
     inp.placement.vllm_tp = 1  # one GPU per engine: 25B bf16 weights leave no KV; the plan says why
     res1 = P.plan(inp)
     assert not res1.fits and any("leave no KV cache" in p for p in res1.problems)
+
+
+def test_plan_reads_the_train_config_itself(capsys):
+    """Issue 13 point 6: `rlhf plan` on the very YAML `rlhf train` runs (its `plan:` section adds the GPU
+    and the model size), exit 0 = fits, with the same dotted overrides."""
+    assert cli.main(["plan", str(PPO_8X8)]) == 0
+    out = capsys.readouterr().out
+    assert out.rstrip().endswith("FITS") and "actor deepspeed (ZeRO-3, bf16)" in out
+    inp = P.load_plan_input(PPO_8X8)
+    assert (inp.workload.rollout_batch_size, inp.workload.mini_batch_size, inp.workload.micro_batch_size) == (4096, 512, 2)
+    assert inp.workload.response_len_max == 8192 and inp.workload.prompt_len == 2048
+    assert (inp.placement.nodes, inp.placement.gpus_per_node, inp.placement.vllm_tp) == (8, 8, 2)
+    assert inp.model.total_params_b == 25 and inp.critic is inp.model
+    assert cli.main(["plan", str(PPO_8X8), "deepspeed.zero_stage=0"]) == 1  # 16 B x 25e9 per GPU
+    assert "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_megatron_variant_fits_and_its_memory_model():
+    inp = P.load_plan_input(PPO_8X8_MEGATRON)
+    assert inp.engines == {"actor": "megatron", "critic": "megatron"}
+    mg = inp.megatron
+    assert (mg.tensor_parallel, mg.pipeline_parallel, mg.distributed_optimizer, mg.bf16) == (4, 2, True, True)
+    res = P.plan(inp)
+    assert res.fits, res.problems
+    actor = next(m for m in res.per_gpu["node0/gpu0"] if m.role == "actor")
+    # bf16 weights 2 B and fp32 main grads 4 B split over TP x PP = 8; 12 B of optimizer state also over DP = 8
+    assert actor.weights == pytest.approx(2 * 25e9 / 8)
+    assert actor.grads == pytest.approx(4 * 25e9 / 8)
+    assert actor.optimizer == pytest.approx(12 * 25e9 / 8 / 8)
+    # without the distributed optimizer or without pipeline parallelism it no longer fits
+    no_dist = dataclasses.replace(inp, megatron=dataclasses.replace(mg, distributed_optimizer=False))
+    assert not P.plan(no_dist).fits
+    assert not P.plan(dataclasses.replace(inp, megatron=dataclasses.replace(mg, pipeline_parallel=1,
+                                                                            tensor_parallel=1))).fits
+
+
+def test_megatron_state_and_activation_formulas():
+    w, g, o = P.megatron_state_bytes(1e9, bf16=True, tp=2, pp=2, dp=4, distributed_optimizer=True)
+    assert (w, g, o) == (2e9 / 4, 4e9 / 4, 12e9 / 16)
+    w, g, o = P.megatron_state_bytes(1e9, bf16=False, tp=1, pp=1, dp=4, distributed_optimizer=False)
+    assert (w, g, o) == (4e9, 4e9, 8e9)  # fp32: 16 bytes per parameter, nothing sharded
+    m = P.ModelSpec(total_params_b=1, layers=8, hidden=1024)
+    full = P.megatron_activation_bytes(m, 1, 1000, tp=1, pp=1, micro_batches=8, recompute=False)
+    assert full == pytest.approx(8 * 1000 * 1024 * 34)
+    # TP divides the 24 of 34; PP=2 with >= 2 micro-batches in flight keeps L/2 layers x 2
+    assert P.megatron_activation_bytes(m, 1, 1000, tp=2, pp=2, micro_batches=8, recompute=False) == \
+        pytest.approx(8 * 1000 * 1024 * 22)
+    rec = P.megatron_activation_bytes(m, 1, 1000, tp=1, pp=1, micro_batches=8, recompute=True)
+    assert rec == pytest.approx(2 * 1000 * 1024 * 8 + 34 * 1000 * 1024)
+
+
+def test_plan_of_the_tiny_train_config_reads_the_tiny_architecture():
+    inp = P.load_plan_input(ROOT / "configs" / "ppo" / "tiny_cpu.yaml")
+    assert (inp.model.hidden, inp.model.layers, inp.model.vocab) == (64, 2, 384)
+    assert inp.model.total_params_b < 1e-3 and inp.workload.precision == "fp32"
+    assert P.plan(inp).fits
