@@ -1,7 +1,7 @@
 """`rlhf report RUN_DIR [RUN_DIR ...] --out DIR`: the paper's figures and a summary table.
 
-Reads each run's ``metrics.jsonl`` (a run still going works: a half-written last line is
-skipped) and its resolved ``config.yaml`` (legend label and detector thresholds), then writes
+Reads each run's ``metrics.jsonl`` and its resolved ``config.yaml`` (legend label, length
+buckets and detector thresholds), then writes
 
     reward_buckets.png   reward against step per length bucket, runs overlaid (BAI Figs. 2, 6, 7)
     reward.png           batch reward with the hockey-stick onset / trough / recovery marked
@@ -10,15 +10,25 @@ skipped) and its resolved ``config.yaml`` (legend label and detector thresholds)
                          with the length-collapse and reward-decline onsets marked
     summary.md           per run: final reward, minimum length, collapse and hockey-stick verdicts
 
-into ``--out`` (built in a temporary sibling directory, then renamed into place; an existing
-output directory is replaced only with ``--force``).
+into ``--out`` (built in a temporary sibling directory, then renamed into place).
+
+Bad input stops before anything is written, with one error naming the file and line:
+``metrics.jsonl`` is read strictly: every line must be a JSON object with an integer ``step``
+and numeric (or null) values; a corrupt line anywhere but the end is an error. Only an
+incomplete LAST line (a run still writing, or one killed mid-write) is skipped, with a warning
+naming ``file:line`` on stderr. A step logged twice keeps its last record (with a warning).
+
+Outputs are owned (``bairlhf.outputs``): an existing ``--out`` is replaced only with
+``--force`` and only when an earlier ``rlhf report`` wrote it (its marker file); an ``--out``
+that is, contains or lies inside an input run directory is refused, so a report never touches
+a run's checkpoints or metrics.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
-import os
 import re
 import shutil
 import sys
@@ -29,9 +39,66 @@ from typing import Any
 
 import numpy as np
 
+from bairlhf.errors import UserError
+from bairlhf.outputs import check_output, mark_output, replace_dir
+from bairlhf.yamlio import load_mapping, load_yaml
 from rlhf.metrics.batch import bucket_key
-from rlhf.metrics.detectors import StabilityConfig, detect_run, rolling_median
-from rlhf.metrics.logger import METRICS_FILE, read_jsonl
+from rlhf.metrics.config import StabilityConfig
+from rlhf.metrics.detectors import detect_run, rolling_median
+from rlhf.metrics.logger import METRICS_FILE
+
+COMMAND = "rlhf report"
+"""The owner name in the marker file of a report directory."""
+FIGURES = ("reward_buckets.png", "reward.png", "length.png", "kl.png", "summary.md")
+
+
+class ReportError(UserError):
+    """Bad ``rlhf report`` input; the message names the run directory, file and line."""
+
+
+def warn(msg: str) -> None:
+    """One warning line on stderr."""
+    print(f"rlhf report: warning: {msg}", file=sys.stderr)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """The step records of a ``metrics.jsonl``, checked line by line (see the module docstring).
+
+    Returns records sorted by step (a duplicate step keeps its last record)."""
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise ReportError(f"{path}: cannot read ({e.strerror})") from None
+    while lines and not lines[-1].strip():
+        lines.pop()
+    by_step: dict[int, dict] = {}
+    dups = []
+    for n, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        last = n == len(lines)
+        try:
+            rec = json.loads(raw.decode())
+        except (UnicodeDecodeError, ValueError) as e:
+            if last:
+                warn(f"{path}:{n}: incomplete last line skipped (a run still writing, or killed mid-write)")
+                continue
+            raise ReportError(f"{path}:{n}: not a JSON line ({e}); fix or remove the line") from None
+        if not isinstance(rec, dict):
+            raise ReportError(f"{path}:{n}: expected a JSON object {{\"step\": ..., ...}}, got {type(rec).__name__} "
+                              f"{raw.decode(errors='replace').strip()[:40]!r}")
+        step = rec.get("step")
+        if type(step) is not int or step < 0:
+            raise ReportError(f"{path}:{n}: \"step\" must be an integer >= 0, got {step!r}")
+        for k, v in rec.items():
+            if v is not None and (type(v) not in (int, float)):
+                raise ReportError(f"{path}:{n}: {k}: expected a number or null, got {v!r}"[:200])
+        if step in by_step:
+            dups.append(step)
+        by_step[step] = rec
+    if dups:
+        warn(f"{path}: step(s) {', '.join(map(str, sorted(set(dups))[:5]))} logged twice; the last record is used")
+    return [by_step[k] for k in sorted(by_step)]
 
 BUCKET_RE = re.compile(r"^reward/bucket_(\d+)_mean$")
 KL_PANELS = [("kl/policy_vs_sampling", "KL(sampling || training policy)"),
@@ -86,8 +153,6 @@ def run_label(run_dir: Path, config: dict | None) -> str:
     output) and the BAI base weight alpha
     (a config key ``alpha``/``ratio``, an ``alpha_<a>`` actor path of a sweep, or the recipe's
     ``alpha``). Falls back to the run directory's name."""
-    import yaml
-
     if not config:
         return run_dir.name
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
@@ -101,8 +166,8 @@ def run_label(run_dir: Path, config: dict | None) -> str:
         for p in (Path(recipe), run_dir / recipe, run_dir / "bai_recipe.yaml"):   # the trainer keeps a copy
             if p.is_file():
                 try:
-                    alpha = _find_key(yaml.safe_load(p.read_text()) or {}, ("alpha",))
-                except yaml.YAMLError:
+                    alpha = _find_key(load_yaml(p, "BAI recipe") or {}, ("alpha",))
+                except UserError:     # the label only: an unreadable recipe leaves the ratio out
                     alpha = None
                 break
     init = Path(str(actor).rstrip("/")).name if actor else None
@@ -120,26 +185,28 @@ def run_label(run_dir: Path, config: dict | None) -> str:
 
 
 def load_run(run_dir: Path) -> Run:
-    """Load one run; raises ValueError naming the file when it is missing or empty."""
-    import yaml
-
+    """Load one run; raises ``ReportError`` naming the file (and line) at fault."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"{run_dir / METRICS_FILE}: no such file ({run_dir} is not a directory)")
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
-        raise ValueError(f"{metrics_path}: no such file (is {run_dir} a run directory?)")
-    records = sorted((r for r in read_jsonl(metrics_path) if "step" in r), key=lambda r: int(r["step"]))
+        raise ReportError(f"{metrics_path}: no such file (is {run_dir} a run directory?)")
+    records = read_metrics(metrics_path)
     if not records:
-        raise ValueError(f"{metrics_path}: holds no step records yet")
+        raise ReportError(f"{metrics_path}: holds no step records yet")
     config: dict = {}
     cfg_path = run_dir / "config.yaml"
-    if cfg_path.is_file():
-        try:
-            config = yaml.safe_load(cfg_path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ValueError(f"{cfg_path}: not valid YAML ({e})") from e
-    metrics_cfg = config.get("metrics") if isinstance(config, dict) else None
-    cfg = StabilityConfig.from_dict(metrics_cfg if isinstance(metrics_cfg, dict) else {})
-    run = Run(path=run_dir, label=run_label(run_dir, config if isinstance(config, dict) else {}),
-              records=records, cfg=cfg)
+    if cfg_path.exists():
+        config = load_mapping(cfg_path, "run config")
+    metrics_cfg = config.get("metrics")
+    if metrics_cfg is not None and not isinstance(metrics_cfg, dict):
+        raise ReportError(f"{cfg_path}: metrics: expected a mapping, got {metrics_cfg!r}"[:200])
+    try:
+        cfg = StabilityConfig.from_dict(metrics_cfg or {})
+    except UserError as e:
+        raise ReportError(f"{cfg_path}: {e}") from None
+    run = Run(path=run_dir, label=run_label(run_dir, config), records=records, cfg=cfg)
     run.verdicts = detect_run(records, cfg)
     return run
 
@@ -152,10 +219,7 @@ def _bucket_ids(runs: list[Run]) -> list[int]:
 
 
 def _bucket_title(i: int, cfg: StabilityConfig) -> str:
-    lo = i * cfg.bucket_width
-    if i == cfg.num_buckets - 1:
-        return f"length >= {lo}"
-    return f"length [{lo}, {lo + cfg.bucket_width})"
+    return cfg.bucket_label(i)
 
 
 def _plot_line(ax, st, vals, color, label, cfg: StabilityConfig):
@@ -335,6 +399,7 @@ def summary_markdown(runs: list[Run]) -> str:
                   f"| decline onset step | {_fmt(hs.onset_step)} |",
                   f"| drop depth (z / reward units) | {_fmt(hs.drop_depth)} / {_fmt(hs.drop_value)} |",
                   f"| trough step, length | {_fmt(hs.trough_step)}, {_fmt(hs.trough_length)} |",
+                  f"| decline length (steps) | {_fmt(hs.decline_length)} |",
                   f"| half / full recovery step | {_fmt(hs.half_recovery_step)} / {_fmt(hs.recovery_step)} |",
                   f"| recovery slope (reward / step) | {_fmt(hs.recovery_slope)} |",
                   f"| severity (area below baseline, z·steps) | {_fmt(hs.severity)} |"]
@@ -352,51 +417,61 @@ def summary_markdown(runs: list[Run]) -> str:
 
 def write_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
     """Load every run first (bad input stops before anything is written), then build the output
-    in a temporary sibling directory and rename it into place."""
+    in a temporary sibling directory and swap it into place (``bairlhf.outputs``: ``--force``
+    replaces only an earlier report, never an input run directory or anything around one)."""
+    out = Path(out)
+    run_dirs = [Path(d) for d in run_dirs]
+    check_output(out, COMMAND, inputs=run_dirs, force=force)
+    runs = [load_run(d) for d in run_dirs]
+    first = runs[0].cfg
+    for run in runs[1:]:
+        if (run.cfg.bucket_width, run.cfg.num_buckets) != (first.bucket_width, first.num_buckets):
+            raise ReportError(
+                f"{run.path / 'config.yaml'}: metrics.bucket_width/num_buckets {run.cfg.bucket_width}/"
+                f"{run.cfg.num_buckets} differ from {runs[0].path}'s {first.bucket_width}/{first.num_buckets}; "
+                "per-bucket curves of differently bucketed runs cannot be overlaid (report them separately)")
     import matplotlib
 
     matplotlib.use("Agg")
-    out = Path(out)
-    if out.exists() and not force:
-        raise ValueError(f"--out {out}: already exists (use --force to replace it)")
-    runs = [load_run(Path(d)) for d in run_dirs]
     seen: dict[str, int] = {}
     for run in runs:                       # two runs with the same init/ratio: add the dir name
         seen[run.label] = seen.get(run.label, 0) + 1
     for run in runs:
         if seen[run.label] > 1:
             run.label = f"{run.label} [{run.path.name}]"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as e:
+        raise ReportError(f"--out {out}: cannot create the output directory ({e.strerror})") from None
     try:
         plot_reward_buckets(runs, tmp / "reward_buckets.png")
         plot_reward(runs, tmp / "reward.png")
         plot_length(runs, tmp / "length.png")
         plot_kl(runs, tmp / "kl.png")
         (tmp / "summary.md").write_text(summary_markdown(runs))
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        mark_output(tmp, COMMAND, runs=[str(r.path) for r in runs])
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
 
 
+class _ArgParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``UserError`` line (the CLI boundary prints it)."""
+
+    def error(self, message: str):
+        raise ReportError(f"{message} (see rlhf report --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="rlhf report", description=__doc__.split("\n")[0])
+    ap = _ArgParser(prog="rlhf report", description=__doc__.split("\n")[0])
     ap.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (metrics.jsonl, config.yaml)")
     ap.add_argument("--out", required=True, help="output directory for the PNG figures and summary.md")
-    ap.add_argument("--force", action="store_true", help="replace an existing --out directory")
+    ap.add_argument("--force", action="store_true",
+                    help="replace an existing --out directory written by an earlier rlhf report (only that)")
     ns = ap.parse_args(argv)
-    try:
-        out = write_report([Path(r) for r in ns.runs], Path(ns.out), force=ns.force)
-    except ValueError as e:
-        print(f"rlhf report: error: {e}", file=sys.stderr)
-        return 2
-    print(f"rlhf report: wrote {out}/ (reward_buckets.png, reward.png, length.png, kl.png, summary.md)")
+    out = write_report([Path(r) for r in ns.runs], Path(ns.out), force=ns.force)
+    print(f"rlhf report: wrote {out}/ ({', '.join(FIGURES)})")
     return 0

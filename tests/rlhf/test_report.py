@@ -67,19 +67,54 @@ def test_report_refuses_bad_input_before_writing(runs, tmp_path, capsys):
     assert rlhf_main(["report", str(runs[0]), str(tmp_path / "nope"), "--out", str(out)]) == 2
     assert "nope/metrics.jsonl" in capsys.readouterr().err and not out.exists()
     out.mkdir()
+    (out / "mine.txt").write_text("user data")
     assert rlhf_main(["report", str(runs[0]), "--out", str(out)]) == 2
     assert "--force" in capsys.readouterr().err
-    assert rlhf_main(["report", str(runs[0]), "--out", str(out), "--force"]) == 0
-    assert (out / "summary.md").exists()
+    # --force replaces only an earlier report: a directory the user made is kept as it is
+    assert rlhf_main(["report", str(runs[0]), "--out", str(out), "--force"]) == 2
+    assert "was not written by `rlhf report`" in capsys.readouterr().err
+    assert (out / "mine.txt").read_text() == "user data" and not (out / "summary.md").exists()
 
 
-def test_report_on_a_live_run_with_a_partial_line(tmp_path):
+def _tree(root):
+    return sorted((str(p.relative_to(root)), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+
+
+def test_report_force_replaces_only_its_own_output_never_a_run(runs, tmp_path, capsys):
+    out = tmp_path / "rep"
+    assert rlhf_main(["report", str(runs[0]), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith(f"rlhf report: wrote {out}/")
+    assert rlhf_main(["report", str(runs[1]), "--out", str(out), "--force"]) == 0    # its own output: replaced
+    assert "BAI merge" in (out / "summary.md").read_text()
+    before = _tree(runs[0])
+    for bad, word in [(runs[0], "is the input"), (runs[0] / "figs", "lies inside the input"),
+                      (runs[0].parent, "contains the input")]:
+        capsys.readouterr()
+        assert rlhf_main(["report", str(runs[0]), "--out", str(bad), "--force"]) == 2, bad
+        assert word in capsys.readouterr().err, bad
+    assert _tree(runs[0]) == before and not (runs[0] / "figs").exists()     # the run is untouched
+
+
+def test_report_on_a_live_run_with_a_partial_line(tmp_path, capsys):
     live = tmp_path / "live"
     _write_run(live, True, None, steps=25)
     with open(live / "metrics.jsonl", "a") as f:
         f.write('{"step": 25, "reward/me')
     assert rlhf_main(["report", str(live), "--out", str(tmp_path / "o")]) == 0
     assert "| live | 24 |" in (tmp_path / "o" / "summary.md").read_text()
+    err = capsys.readouterr().err
+    assert "metrics.jsonl:26: incomplete last line skipped" in err     # tolerated, but said
+
+
+def test_report_corrupt_middle_line_is_an_error_naming_the_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    _write_run(run, True, None, steps=12)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[4] = lines[4][:30]
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    assert rlhf_main(["report", str(run), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "metrics.jsonl:5: not a JSON line" in err[0] and not (tmp_path / "o").exists()
 
 
 def test_run_label_sources(tmp_path):
