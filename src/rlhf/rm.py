@@ -11,8 +11,14 @@ checkpoint (the score head is new) or from an existing reward model. The score o
 the head's output at its last non-pad token. Loss: ``-log sigmoid(r_chosen - r_rejected)``,
 averaged over the pairs of a batch.
 
+Bad input (an unknown key, a value out of its documented range, a YAML syntax error, a missing
+file, a malformed JSONL line, an output that exists or overlaps an input) is one ``RMError``
+naming the key or file:line, raised before any work.
+
 Output (written to a temporary sibling directory and renamed into place; an existing directory
-is refused unless ``force: true`` or ``--force``): the model and tokenizer in Hugging Face format,
+is refused unless ``force: true`` or ``--force``, and even then replaced only if an earlier
+``rlhf rm`` wrote it (``bairlhf.outputs`` marker); an output that is, contains or lies inside an
+input is refused): the model and tokenizer in Hugging Face format,
 ``rm_stats.json`` with the score mean/std over every training response (chosen and rejected) for
 reward normalization, the pair accuracy on the training and (if given) evaluation data, and
 ``rm_config.yaml``, the resolved config.
@@ -50,10 +56,21 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Annotated
 
 import yaml
 
-from bairlhf.typed_config import build
+from bairlhf.errors import UserError
+from bairlhf.outputs import check_output, mark_output, replace_dir
+from bairlhf.typed_config import Range, build
+from bairlhf.yamlio import load_mapping, parse_value
+
+COMMAND = "rlhf rm"
+"""The marker an ``rlhf rm`` output carries (``bairlhf.outputs``)."""
+
+
+class RMError(UserError):
+    """Bad ``rlhf rm`` input; the message names the key or the file and line."""
 
 
 @dataclass
@@ -68,91 +85,100 @@ class RMConfig:
     """output directory (refused if it exists, unless force)"""
     eval_data: str | None = None
     """optional held-out pairs (JSONL) for pair accuracy"""
-    max_length: int = 1024
-    """maximum tokens of prompt + response + EOS; a longer pair is an error naming its line"""
-    epochs: int = 1
-    """passes over the training pairs"""
-    batch_size: int = 8
-    """pairs per optimizer step (over all data-parallel ranks)"""
-    micro_batch_size: int = 8
-    """pairs per forward pass per rank"""
-    lr: float = 1e-5
-    """AdamW learning rate (after warm-up)"""
-    weight_decay: float = 0.0
-    """AdamW weight decay"""
-    warmup_steps: int = 0
-    """linear warm-up steps, then constant"""
-    grad_clip: float = 1.0
-    """gradient-norm clipping (0: off)"""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage 0-3"""
-    seed: int = 0
-    """shuffling and head initialization seed"""
+    max_length: Annotated[int, Range(2, None)] = 1024
+    """maximum tokens of prompt + response + EOS (>= 2); a longer pair is an error naming its line"""
+    epochs: Annotated[int, Range(1, None)] = 1
+    """passes over the training pairs (>= 1)"""
+    batch_size: Annotated[int, Range(1, None)] = 8
+    """pairs per optimizer step (over all data-parallel ranks; >= 1)"""
+    micro_batch_size: Annotated[int, Range(1, None)] = 8
+    """pairs per forward pass per rank (>= 1)"""
+    lr: Annotated[float, Range(0, 1, lo_open=True)] = 1e-5
+    """AdamW learning rate (after warm-up), in (0, 1]"""
+    weight_decay: Annotated[float, Range(0, None)] = 0.0
+    """AdamW weight decay (>= 0)"""
+    warmup_steps: Annotated[int, Range(0, None)] = 0
+    """linear warm-up steps (>= 0), then constant"""
+    grad_clip: Annotated[float, Range(0, None)] = 1.0
+    """gradient-norm clipping (>= 0; 0: off)"""
+    zero_stage: Annotated[int, Range(0, 3)] = 0
+    """DeepSpeed ZeRO stage, 0-3"""
+    seed: Annotated[int, Range(0, None)] = 0
+    """shuffling and head initialization seed (>= 0)"""
     force: bool = False
-    """replace an existing output directory"""
+    """replace an existing output directory, only if an earlier ``rlhf rm`` wrote it"""
 
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RMConfig:
     """Read and validate a YAML config; ``overrides`` are ``key=value`` strings (YAML values).
 
-    Raises ``ValueError`` naming the key (or file and line) on bad input, before any work."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file not found: {path}")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a mapping of keys")
+    Raises ``RMError`` naming the key (or file and line) on bad input, before any work."""
+    try:
+        raw = load_mapping(path, "config")
+    except UserError as e:
+        raise RMError(str(e)) from None
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        raw[key] = yaml.safe_load(value)
+        if not sep or not key:
+            raise RMError(f"override {item!r} is not key=value")
+        try:
+            raw[key] = parse_value(value, key)
+        except UserError as e:
+            raise RMError(str(e)) from None
     return config_from_dict(raw, source=str(path))
 
 
 def config_from_dict(raw: dict, source: str = "config") -> RMConfig:
-    """Validate a mapping into an ``RMConfig``; one clear error naming the key."""
+    """Validate a mapping into an ``RMConfig``; one clear error naming the key. Ranges are part of the
+    field types; the paths must exist and ``out`` may be (re)placed (``bairlhf.outputs.check_output``)."""
     missing = "{where}: missing required key {key!r}"
-    cfg = build(RMConfig, raw, source, unknown="{where}: unknown key {key!r} (known: {known})", missing=missing)
+    cfg = build(RMConfig, raw, source, RMError, unknown="{where}: unknown key {key!r} (known: {known})",
+                missing=missing)
     for key in ("model", "data", "out"):
         if not getattr(cfg, key):
-            raise ValueError(missing.format(where=source, key=key))
-    for key in ("max_length", "epochs", "batch_size", "micro_batch_size"):
-        if not isinstance(getattr(cfg, key), int) or getattr(cfg, key) < 1:
-            raise ValueError(f"{source}: {key} must be a positive integer, got {getattr(cfg, key)!r}")
-    if cfg.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"{source}: zero_stage must be 0-3, got {cfg.zero_stage!r}")
-    if not float(cfg.lr) > 0:
-        raise ValueError(f"{source}: lr must be > 0, got {cfg.lr!r}")
+            raise RMError(missing.format(where=source, key=key))
     if not Path(cfg.model).is_dir():
-        raise ValueError(f"{source}: model: directory not found: {cfg.model}")
+        raise RMError(f"{source}: model: directory not found: {cfg.model}")
     for key in ("data", "eval_data"):
         value = getattr(cfg, key)
         if value is not None and not Path(value).is_file():
-            raise ValueError(f"{source}: {key}: file not found: {value}")
-    if Path(cfg.out).exists() and not cfg.force:
-        raise ValueError(f"{source}: out: {cfg.out} exists (use --force to replace it)")
+            raise RMError(f"{source}: {key}: file not found: {value}")
+    try:
+        check_output(cfg.out, COMMAND, [cfg.model, cfg.data, cfg.eval_data], cfg.force)
+    except UserError as e:
+        raise RMError(f"{source}: out: {e}") from None
     return cfg
 
 
 def read_pairs(path: str | Path) -> list[dict]:
-    """Read preference pairs, checking every line before any training."""
+    """Read preference pairs, checking every line before any training (``RMError`` naming file:line)."""
     pairs = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-            for key in ("prompt", "chosen", "rejected"):
-                if not isinstance(row.get(key), str):
-                    raise ValueError(f"{path}:{n}: key {key!r} missing or not a string")
-            pairs.append(row)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise RMError(f"{path}: cannot read ({e})") from None
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise RMError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        if not isinstance(row, dict):
+            raise RMError(f"{path}:{n}: expected a JSON object with prompt, chosen, rejected, got "
+                          f"{type(row).__name__}")
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(row.get(key), str):
+                raise RMError(f"{path}:{n}: key {key!r} missing or not a string")
+        pairs.append(row)
     if not pairs:
-        raise ValueError(f"{path}: no pairs")
+        raise RMError(f"{path}: no pairs")
     return pairs
+
+
+def check_data(cfg: RMConfig) -> tuple[list[dict], list[dict]]:
+    """The training and evaluation pairs, every line checked (file:line) before any work."""
+    return read_pairs(cfg.data), read_pairs(cfg.eval_data) if cfg.eval_data else []
 
 
 def encode_pair_side(tokenizer, prompt: str, response: str) -> list[int]:
@@ -172,7 +198,7 @@ def _encode_all(tokenizer, pairs: list[dict], max_length: int, source: str) -> l
         c = encode_pair_side(tokenizer, row["prompt"], row["chosen"])
         r = encode_pair_side(tokenizer, row["prompt"], row["rejected"])
         if max(len(c), len(r)) > max_length:
-            raise ValueError(f"{source}: pair {n} has {max(len(c), len(r))} tokens > max_length {max_length}")
+            raise RMError(f"{source}: pair {n} has {max(len(c), len(r))} tokens > max_length {max_length}")
         out.append((c, r))
     return out
 
@@ -221,14 +247,15 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
-        raise ValueError(f"model: tokenizer at {cfg.model} needs a pad and an EOS token")
-    train = _encode_all(tokenizer, read_pairs(cfg.data), cfg.max_length, cfg.data)
-    evals = _encode_all(tokenizer, read_pairs(cfg.eval_data), cfg.max_length, cfg.eval_data) if cfg.eval_data else []
+        raise RMError(f"model: tokenizer at {cfg.model} needs a pad and an EOS token")
+    train_pairs, eval_pairs = check_data(cfg)
+    train = _encode_all(tokenizer, train_pairs, cfg.max_length, cfg.data)
+    evals = _encode_all(tokenizer, eval_pairs, cfg.max_length, cfg.eval_data) if cfg.eval_data else []
 
     started = init_distributed()  # shared with rlhf sft and the PPO engines: one-rank group when not launched
     world, rank = dist.get_world_size(), dist.get_rank()
     if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise ValueError(f"batch_size {cfg.batch_size} is not divisible by micro_batch_size "
+        raise RMError(f"batch_size: {cfg.batch_size} is not divisible by micro_batch_size "
                          f"{cfg.micro_batch_size} x {world} ranks")
     accum = cfg.batch_size // (cfg.micro_batch_size * world)
     torch.manual_seed(cfg.seed)
@@ -292,9 +319,8 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
             tokenizer.save_pretrained(str(tmp))
             (tmp / "rm_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
             (tmp / "rm_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
+            mark_output(tmp, COMMAND)
+            replace_dir(tmp, out)  # an existing out was checked by check_output (an earlier rlhf rm output)
         return out
     finally:
         engine.destroy()
@@ -314,12 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     force = "--force" in argv
     rest = [a for a in argv[1:] if a != "--force"]
-    try:
-        cfg = load_config(argv[0], rest + (["force=true"] if force else []))
-        out = train_reward_model(cfg)
-    except (ValueError, OSError, yaml.YAMLError) as e:
-        print(f"rlhf rm: {e}", file=sys.stderr)
-        return 2
+    cfg = load_config(argv[0], rest + (["force=true"] if force else []))  # RMError: one line, exit 2
+    check_data(cfg)  # every line of the pairs files, before loading anything
+    out = train_reward_model(cfg)
     stats = read_stats(out)
     print(f"rlhf rm: wrote {out} (score mean {stats['mean']:.4f}, std {stats['std']:.4f}, "
           f"train pair accuracy {stats['train_pair_accuracy']:.3f}"

@@ -22,6 +22,12 @@ output is an adapter directory (``adapter_config.json`` + ``adapter_model.safete
 tokenizer. ``method: full`` writes a full Hugging Face checkpoint (safetensors). Either way the
 output is written to a temporary sibling directory and renamed into place when complete.
 
+Bad input (an unknown key, a value out of its documented range, a YAML syntax error, a missing
+file, a malformed JSONL line, an output that exists or overlaps an input) is one ``SFTError``
+naming the key or file:line, raised before any work; nothing is written until the output is
+complete. ``--force`` replaces only an earlier output of ``rlhf sft`` (its marker file,
+``bairlhf.outputs``), never an input.
+
 DeepSpeed runs everywhere (ZeRO stage 0-3; on CPU through gloo in a single process). A torch
 AdamW optimizer is passed to ``deepspeed.initialize`` (no JIT-compiled ops). Launch several
 processes with the ``deepspeed`` or ``torchrun`` launcher for data parallelism; rank and world
@@ -49,13 +55,23 @@ import json
 import math
 import os
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from bairlhf.typed_config import build
+from bairlhf.errors import UserError
+from bairlhf.outputs import check_output, mark_output, replace_dir
+from bairlhf.typed_config import Range, build
+
+COMMAND = "rlhf sft"
+"""The marker an ``rlhf sft`` output carries (``bairlhf.outputs``)."""
+
+
+
+class SFTError(UserError):
+    """Bad ``rlhf sft`` input; the message names the key or the file and line."""
+
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -64,12 +80,12 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 class LoraSettings:
     """LoRA adapter shape (peft). The paper's rank is not stated; these are our defaults."""
 
-    r: int = 16
-    """Adapter rank."""
-    alpha: float = 32.0
-    """peft ``lora_alpha``; the adapter is scaled by alpha / r."""
-    dropout: float = 0.05
-    """Dropout on the adapter input during training."""
+    r: Annotated[int, Range(1, None)] = 16
+    """Adapter rank (>= 1)."""
+    alpha: Annotated[float, Range(0, None, lo_open=True)] = 32.0
+    """peft ``lora_alpha`` (> 0); the adapter is scaled by alpha / r."""
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.05
+    """Dropout on the adapter input during training, in [0, 1)."""
     targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
     """Module names that receive adapters (attention q/k/v/o and MLP gate/up/down by default)."""
 
@@ -93,38 +109,38 @@ class SFTConfig:
     reasoning_start: str | None = "<think>"
     """Reasoning-start marker whose prefill (at the end of the generation prompt) is stripped
     from responses that begin with it; ``null`` disables the check."""
-    method: str = "lora"
+    method: Literal["lora", "full"] = "lora"
     """``lora`` (peft adapter) or ``full`` (all weights)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA settings (``method: lora`` only)."""
-    epochs: int = 1
-    """Passes over the data."""
-    lr: float = 5e-5
-    """Peak learning rate (AdamW)."""
-    batch_size: int = 16
-    """Effective (global) batch size in examples per optimizer step."""
-    micro_batch_size: int = 4
-    """Examples per forward/backward on each rank; gradient accumulation makes up the rest."""
-    max_len: int = 2048
-    """Examples longer than this (prompt + response tokens) are dropped and counted."""
-    warmup_ratio: float = 0.03
-    """Fraction of optimizer steps with linear warm-up; constant learning rate afterwards."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Gradient-norm clipping (0 disables)."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage (0-3)."""
-    dtype: str = "float32"
+    epochs: Annotated[int, Range(1, None)] = 1
+    """Passes over the data (>= 1)."""
+    lr: Annotated[float, Range(0, 1, lo_open=True)] = 5e-5
+    """Peak learning rate (AdamW), in (0, 1]."""
+    batch_size: Annotated[int, Range(1, None)] = 16
+    """Effective (global) batch size in examples per optimizer step (>= 1)."""
+    micro_batch_size: Annotated[int, Range(1, None)] = 4
+    """Examples per forward/backward on each rank (>= 1); gradient accumulation makes up the rest."""
+    max_len: Annotated[int, Range(2, None)] = 2048
+    """Examples longer than this (prompt + response tokens, >= 2) are dropped and counted."""
+    warmup_ratio: Annotated[float, Range(0, 1, hi_open=True)] = 0.03
+    """Fraction of optimizer steps with linear warm-up, in [0, 1); constant learning rate afterwards."""
+    weight_decay: Annotated[float, Range(0, None)] = 0.0
+    """AdamW weight decay (>= 0)."""
+    grad_clip: Annotated[float, Range(0, None)] = 1.0
+    """Gradient-norm clipping (>= 0; 0 disables)."""
+    zero_stage: Annotated[int, Range(0, 3)] = 0
+    """DeepSpeed ZeRO stage, 0-3."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Training dtype: float32 or bfloat16."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass to save memory."""
-    seed: int = 0
-    """Seed for initialisation of the adapter and data order."""
-    log_every: int = 10
-    """Write a metrics line every N optimizer steps."""
+    seed: Annotated[int, Range(0, None)] = 0
+    """Seed for initialisation of the adapter and data order (>= 0)."""
+    log_every: Annotated[int, Range(1, None)] = 10
+    """Write a metrics line every N optimizer steps (>= 1)."""
     force: bool = False
-    """Replace an existing ``out`` directory."""
+    """Replace an existing ``out`` directory, only if an earlier ``rlhf sft`` wrote it."""
 
 
 # ----------------------------------------------------------------------------- config
@@ -132,44 +148,40 @@ class SFTConfig:
 
 def load_config(data: dict, where: str = "sft") -> SFTConfig:
     """Build and validate an ``SFTConfig`` from a mapping (errors name the offending key)."""
-    cfg = build(SFTConfig, data, where, unknown="{where}: unknown key(s) {keys}; known keys: {known}")
+    cfg = build(SFTConfig, data, where, SFTError, unknown="{where}: unknown key(s) {keys}; known keys: {known}")
     validate_config(cfg, where)
     return cfg
 
 
 def validate_config(cfg: SFTConfig, where: str = "sft", *, need_paths: bool = True) -> None:
-    """Raise ``ValueError`` naming the first bad key, before any work is done."""
-    checks = [
-        (cfg.method in ("lora", "full"), "method", f"must be 'lora' or 'full', got {cfg.method!r}"),
-        (int(cfg.epochs) >= 1, "epochs", f"must be >= 1, got {cfg.epochs}"),
-        (float(cfg.lr) > 0, "lr", f"must be > 0, got {cfg.lr}"),
-        (int(cfg.batch_size) >= 1, "batch_size", f"must be >= 1, got {cfg.batch_size}"),
-        (int(cfg.micro_batch_size) >= 1, "micro_batch_size", f"must be >= 1, got {cfg.micro_batch_size}"),
-        (int(cfg.max_len) >= 2, "max_len", f"must be >= 2, got {cfg.max_len}"),
-        (0 <= float(cfg.warmup_ratio) < 1, "warmup_ratio", f"must be in [0, 1), got {cfg.warmup_ratio}"),
-        (int(cfg.zero_stage) in (0, 1, 2, 3), "zero_stage", f"must be 0-3, got {cfg.zero_stage}"),
-        (cfg.dtype in ("float32", "bfloat16"), "dtype", f"must be float32 or bfloat16, got {cfg.dtype!r}"),
-        (int(cfg.lora.r) >= 1, "lora.r", f"must be >= 1, got {cfg.lora.r}"),
-        (bool(cfg.lora.targets), "lora.targets", "must name at least one module"),
-    ]
-    for ok, key, msg in checks:
-        if not ok:
-            raise ValueError(f"{where}.{key}: {msg}")
+    """Cross-field and path checks (ranges and choices are part of the field types); raises
+    ``SFTError`` naming the first bad key, before any work is done. Only reads."""
+    if not cfg.lora.targets:
+        raise SFTError(f"{where}.lora.targets: must name at least one module")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise ValueError(f"{where}.batch_size: {cfg.batch_size} is not a multiple of micro_batch_size x world size "
-                         f"({cfg.micro_batch_size} x {world})")
+        raise SFTError(f"{where}.batch_size: {cfg.batch_size} is not a multiple of micro_batch_size x world size "
+                       f"({cfg.micro_batch_size} x {world})")
     if not need_paths:
         return
     for key in ("model", "data", "out"):
         if not getattr(cfg, key):
-            raise ValueError(f"{where}.{key}: required")
+            raise SFTError(f"{where}.{key}: required")
+    check_paths(cfg, where)
+
+
+def check_paths(cfg: SFTConfig, where: str = "sft", *, data: bool = True) -> Path:
+    """The model is a checkpoint, the data file exists and ``out`` may be (re)placed
+    (``bairlhf.outputs.check_output``: never an input; ``force`` only over an earlier ``rlhf sft``
+    output). Returns ``out`` resolved."""
     if not Path(cfg.model, "config.json").is_file():
-        raise ValueError(f"{where}.model: {cfg.model} is not a Hugging Face checkpoint (no config.json)")
-    if not Path(cfg.data).is_file():
-        raise ValueError(f"{where}.data: file not found: {cfg.data}")
-    if Path(cfg.out).exists() and not cfg.force:
-        raise ValueError(f"{where}.out: {cfg.out} exists; pass --force to replace it")
+        raise SFTError(f"{where}.model: {cfg.model} is not a Hugging Face checkpoint (no config.json)")
+    if data and not Path(cfg.data).is_file():
+        raise SFTError(f"{where}.data: file not found: {cfg.data}")
+    try:
+        return check_output(cfg.out, COMMAND, [cfg.model, cfg.data if data else None], cfg.force)
+    except UserError as e:
+        raise SFTError(f"{where}.out: {e}") from None
 
 
 # ----------------------------------------------------------------------------- data
@@ -178,23 +190,26 @@ def validate_config(cfg: SFTConfig, where: str = "sft", *, need_paths: bool = Tr
 def read_jsonl(path: str | Path, required: list[str], where: str) -> list[dict]:
     """Read a JSONL file; every record must hold the ``required`` keys (error names file, line, key)."""
     records = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
-            missing = [k for k in required if k not in rec]
-            if missing:
-                raise ValueError(f"{path}:{lineno}: record has no field {missing[0]!r} "
-                                 f"(set by {where}; record keys: {sorted(rec)})")
-            records.append(rec)
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise SFTError(f"{path}: cannot read ({e})") from None
+    for lineno, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise SFTError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise SFTError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
+        missing = [k for k in required if k not in rec]
+        if missing:
+            raise SFTError(f"{path}:{lineno}: record has no field {missing[0]!r} "
+                             f"(set by {where}; record keys: {sorted(rec)})")
+        records.append(rec)
     if not records:
-        raise ValueError(f"{path}: no records")
+        raise SFTError(f"{path}: no records")
     return records
 
 
@@ -267,13 +282,13 @@ def build_examples(tokenizer, records: list[dict], cfg: SFTConfig) -> tuple[list
                 raise ValueError(f"field {cfg.response_field!r} must be a string")
             p, r = tokenize_example(tokenizer, msgs, rec[cfg.response_field], cfg.reasoning_start)
         except ValueError as e:
-            raise ValueError(f"{cfg.data or 'records'}: record {i}: {e}") from None
+            raise SFTError(f"{cfg.data or 'records'}: record {i}: {e}") from None
         if len(p) + len(r) > cfg.max_len:
             dropped += 1
             continue
         examples.append((p + r, [-100] * len(p) + r))
     if not examples:
-        raise ValueError(f"sft.max_len: all {len(records)} records are longer than {cfg.max_len} tokens")
+        raise SFTError(f"sft.max_len: all {len(records)} records are longer than {cfg.max_len} tokens")
     return examples, dropped
 
 
@@ -311,7 +326,7 @@ def add_lora(model, lora: LoraSettings):
     names = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
     missing = [t for t in lora.targets if t not in names]
     if missing:
-        raise ValueError(f"sft.lora.targets: model has no module named {missing}")
+        raise SFTError(f"sft.lora.targets: model has no module named {missing}")
     cfg = LoraConfig(r=int(lora.r), lora_alpha=float(lora.alpha), lora_dropout=float(lora.dropout),
                      target_modules=list(lora.targets), bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
@@ -345,9 +360,8 @@ def _save(model, tokenizer, out: Path, meta: dict, metrics: list[dict]) -> None:
             (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in metrics))
             (tmp / "sft_meta.json").write_text(json.dumps(meta, indent=2))
     if int(os.environ.get("RANK", "0")) == 0:
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
+        mark_output(tmp, COMMAND)
+        replace_dir(tmp, out)  # an existing out was checked by check_output (an earlier rlhf sft output)
 
 
 # ----------------------------------------------------------------------------- training
@@ -367,13 +381,10 @@ def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
 
     validate_config(cfg, need_paths=False)
     out = Path(cfg.out)
-    if not cfg.model or not Path(cfg.model, "config.json").is_file():
-        raise ValueError(f"sft.model: {cfg.model!r} is not a Hugging Face checkpoint (no config.json)")
-    if out.exists() and not cfg.force:
-        raise ValueError(f"sft.out: {out} exists; pass --force to replace it")
+    if not cfg.model or not cfg.out:
+        raise SFTError(f"sft.{'model' if not cfg.model else 'out'}: required")
+    check_paths(cfg, data=records is None)  # before any work: model, data, out (never an input)
     if records is None:
-        if not Path(cfg.data).is_file():
-            raise ValueError(f"sft.data: file not found: {cfg.data}")
         records = read_jsonl(cfg.data, [cfg.prompt_field, cfg.response_field], "sft.prompt_field/response_field")
     tokenizer = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
     examples, dropped = build_examples(tokenizer, records, cfg)
@@ -446,28 +457,30 @@ def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``rlhf sft CONFIG.yaml [--out DIR] [--force]``."""
+    """``rlhf sft CONFIG.yaml [--out DIR] [--force]``; bad input is an ``SFTError`` (one line, exit 2)."""
     import argparse
 
-    import yaml
+    from bairlhf.yamlio import load_mapping
 
     ap = argparse.ArgumentParser(prog="rlhf sft", description="supervised fine-tuning (full or LoRA) on DeepSpeed")
     ap.add_argument("config", help="YAML file with SFTConfig keys")
     ap.add_argument("--out", help="output directory (overrides the config's `out`)")
-    ap.add_argument("--force", action="store_true", help="replace an existing output directory")
+    ap.add_argument("--force", action="store_true", help="replace an earlier rlhf sft output in the output directory")
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
     args = ap.parse_args(argv)
     try:
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
-        if args.out:
-            data["out"] = args.out
-        if args.force:
-            data["force"] = True
-        cfg = load_config(data, "sft")
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        print(f"rlhf sft: {e}", file=sys.stderr)
-        return 2
-    out = train(cfg)
+        data = load_mapping(args.config, "config")
+    except SFTError:
+        raise
+    except UserError as e:
+        raise SFTError(str(e)) from None
+    if args.out:
+        data["out"] = args.out
+    if args.force:
+        data["force"] = True
+    cfg = load_config(data, "sft")
+    out = train(cfg)  # checks the data file (file:line) before loading anything
     if int(os.environ.get("RANK", "0")) == 0:
-        print(f"wrote {out}")
+        what = "LoRA adapter" if cfg.method == "lora" else "full checkpoint"
+        print(f"rlhf sft: wrote the {what} (+ tokenizer, metrics.jsonl, sft_meta.json) to {out}")
     return 0

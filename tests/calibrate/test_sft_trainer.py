@@ -21,7 +21,7 @@ def files(tmp_path, tiny_llama):
 def test_config_errors_name_the_key(files):
     with pytest.raises(ValueError, match=r"sft.lora: unknown key\(s\) \['rank'\]"):
         sft.load_config({**files, "lora": {"rank": 4}})
-    with pytest.raises(ValueError, match="sft.method: must be 'lora' or 'full'"):
+    with pytest.raises(ValueError, match="sft.method: must be one of 'lora', 'full'"):
         sft.load_config({**files, "method": "qlora"})
     with pytest.raises(ValueError, match="sft.batch_size: 10 is not a multiple of micro_batch_size"):
         sft.load_config({**files, "batch_size": 10, "micro_batch_size": 4})

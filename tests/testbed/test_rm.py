@@ -45,4 +45,6 @@ def test_trains_and_records_score_stats(tmp_path, tiny_llama):
 
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"))
     assert model.config.num_labels == 1
-    assert rm.main([str(cfg_file)]) == 2  # exists: refused without --force
+    with pytest.raises(rm.RMError, match="already exists"):  # refused without --force (the CLI: exit 2)
+        rm.main([str(cfg_file)])
+    assert rm.main([str(cfg_file), "--force"]) == 0  # --force replaces an earlier rlhf rm output
