@@ -96,6 +96,9 @@ class RewardConfig:
     metrics: str | None = None
     """Gold metrics logged every step beside the reward, ``module:function(prompts, responses, finished)
     -> dict[str, float]`` on the decoded texts (e.g. ``rlhf.testbed.rewards:gold``: exact accuracy)."""
+    allow_local_code: bool = False
+    """Let ``function`` / ``metrics`` import modules from the current directory or the run directory.
+    Off (default): only installed modules (site-packages, editable installs, ``PYTHONPATH``) load."""
 
 
 @dataclass
