@@ -479,7 +479,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.force:
         data["force"] = True
     cfg = load_config(data, "sft")
-    out = train(cfg)  # checks the data file (file:line) before loading anything
+    records = read_jsonl(cfg.data, [cfg.prompt_field, cfg.response_field], "sft.prompt_field/response_field")
+    out = train(cfg, records)  # the data file was checked (file:line) before anything heavy is imported
     if int(os.environ.get("RANK", "0")) == 0:
         what = "LoRA adapter" if cfg.method == "lora" else "full checkpoint"
         print(f"rlhf sft: wrote the {what} (+ tokenizer, metrics.jsonl, sft_meta.json) to {out}")
