@@ -17,31 +17,68 @@
    outcome: final reward, minimum length, collapse / hockey-stick verdicts, KL) and
    ``OUT/report/`` (``rlhf report`` over all runs: the figure grid overlaying every ratio).
 
-All inputs (sweep keys, merge recipe, every point's PPO config) are validated before any work.
+All inputs (sweep keys through a typed builder with ranges, merge recipe, every point's PPO
+config) are validated before any work; bad input is one ``SweepError`` naming the key (and the
+file and line for YAML syntax).
 The paper's convention holds: ``alpha`` is the weight of the pretrained base model.
+
+Output ownership (``bairlhf.outputs``): OUT carries the marker of ``rlhf sweep``. Rerunning the
+same sweep resumes into its own OUT; an existing OUT that another command (or a person) made is
+refused, and so is an OUT that is, contains or lies inside an input (the PPO config, the sweep
+file, a merge input checkpoint). ``--force`` starts afresh: it replaces an earlier ``rlhf sweep``
+output (only one with the marker) by an empty one.
 """
 
 from __future__ import annotations
 
-from bairlhf.errors import UserError
-
 import argparse
 import itertools
 import math
-import os
-import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
 import yaml
 
+from bairlhf.errors import UserError
+from bairlhf.outputs import atomic_write, check_output, mark_output, owner, replace_dir
+from bairlhf.typed_config import Range, build
+from bairlhf.yamlio import load_mapping
+
 DONE = "SWEEP_DONE"
-SWEEP_KEYS = {"out", "ppo_config", "overrides", "merge", "axes", "launcher", "ray_address", "max_concurrent"}
+COMMAND = "rlhf sweep"
+"""The owner name in OUT's marker file."""
 
 
 class SweepError(UserError):
     """Bad sweep input; the message names the key."""
+
+
+@dataclass
+class SweepFile:
+    """The keys of a sweep YAML (checked by ``bairlhf.typed_config.build``)."""
+
+    out: str
+    """Sweep directory (models/, runs/, summary.md, report/); required."""
+    ppo_config: str
+    """Base PPO config (``rlhf train`` YAML); required, must exist."""
+    merge: dict
+    """A ``bai merge`` recipe with ``method: bai`` and a list of ``alphas``; required."""
+    overrides: list[str] = field(default_factory=list)
+    """``key.sub=value`` overrides applied to every point."""
+    axes: dict = field(default_factory=dict)
+    """Dotted PPO config key -> non-empty list of values; points are alphas x their product."""
+    launcher: Literal["local", "ray_jobs"] = "local"
+    """``local`` (sequential, this process) or ``ray_jobs`` (one Ray job per point)."""
+    ray_address: str | None = None
+    """Dashboard address for ``ray_jobs`` (``http://HEAD:8265``); required with it."""
+    max_concurrent: Annotated[int, Range(1, 1024)] = 1
+    """Ray jobs in flight at once (1 .. 1024; 8x8 runs take the whole cluster: keep 1)."""
+
+
+SWEEP_KEYS = {f for f in SweepFile.__dataclass_fields__}
 
 
 @dataclass
@@ -78,6 +115,8 @@ class Sweep:
     """Applied to every point (the YAML's, then the command line's)."""
     cli_overrides: list[str] = field(default_factory=list)
     """The command line's part of ``overrides`` (passed on to Ray jobs)."""
+    inputs: list[Path] = field(default_factory=list)
+    """Files and directories the sweep reads (OUT may not be, contain or lie inside one)."""
 
     def run_dir(self, p: Point) -> Path:
         return self.out / "runs" / p.name
@@ -92,58 +131,85 @@ def _fmt_value(v) -> str:
     return yaml.safe_dump(v, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def _check_overrides(items: list, key: str) -> list[str]:
+    for i, o in enumerate(items):
+        if not isinstance(o, str) or "=" not in o or not o.split("=", 1)[0].strip():
+            raise SweepError(f"{key}[{i}]: expected key.sub=value, got {o!r}")
+    return list(items)
+
+
 def load_sweep(path: str | Path, extra_overrides: list[str] | None = None) -> Sweep:
     """Read and validate a sweep YAML; relative paths are relative to the current directory."""
-    from bai.config import MergeError
     from bai.config import load_config as load_merge
-    from rlhf.config import ConfigError, load_config
+    from rlhf.config import load_config
 
     path = Path(path)
-    if not path.exists():
-        raise SweepError(f"sweep: file does not exist: {path}")
-    data = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(data, dict):
-        raise SweepError(f"sweep: {path} must hold a mapping")
-    for k in data:
-        if k not in SWEEP_KEYS:
-            raise SweepError(f"{k}: unknown key (known: {', '.join(sorted(SWEEP_KEYS))})")
-    for k in ("out", "ppo_config", "merge"):
-        if k not in data:
-            raise SweepError(f"{k}: missing")
-    merge = data["merge"]
-    if not isinstance(merge, dict) or merge.get("method") != "bai" or not isinstance(merge.get("alphas"), list):
+    data = load_mapping(path, "sweep")
+    sf = build(SweepFile, data, "", SweepError, missing="{path}: missing (a sweep needs out, ppo_config and merge)")
+    merge = sf.merge
+    if merge.get("method") != "bai" or not isinstance(merge.get("alphas"), list):
         raise SweepError("merge: must be a bai recipe with a list of alphas (method: bai, alphas: [...])")
     try:
         mcfg = load_merge(dict(merge))
-    except MergeError as e:
+    except UserError as e:
         raise SweepError(f"merge.{e}") from None
-    overrides = list(data.get("overrides") or []) + list(extra_overrides or [])
-    axes = data.get("axes") or {}
-    if not isinstance(axes, dict) or any(not isinstance(v, list) or not v for v in axes.values()):
-        raise SweepError("axes: expected a mapping of dotted config key -> non-empty list of values")
-    launcher = data.get("launcher", "local")
-    if launcher not in ("local", "ray_jobs"):
-        raise SweepError(f"launcher: local or ray_jobs, got {launcher!r}")
-    if launcher == "ray_jobs" and not data.get("ray_address"):
+    overrides = _check_overrides(sf.overrides, "overrides") + _check_overrides(list(extra_overrides or []),
+                                                                               "command-line override")
+    for k, v in sf.axes.items():
+        if not isinstance(k, str) or not k or not isinstance(v, list) or not v:
+            raise SweepError(f"axes.{k}: expected a dotted config key -> non-empty list of values, got {v!r}")
+    if sf.launcher == "ray_jobs" and not sf.ray_address:
         raise SweepError("ray_address: required with launcher: ray_jobs (e.g. http://HEAD:8265)")
-    sweep = Sweep(out=Path(data["out"]), ppo_config=Path(data["ppo_config"]), merge=dict(merge), points=[],
-                  launcher=launcher, ray_address=data.get("ray_address"),
-                  max_concurrent=int(data.get("max_concurrent", 1)), overrides=overrides,
-                  cli_overrides=list(extra_overrides or []))
-    if not sweep.ppo_config.exists():
+    if not str(sf.out).strip():
+        raise SweepError("out: must be a directory path, got an empty string")
+    sweep = Sweep(out=Path(sf.out), ppo_config=Path(sf.ppo_config), merge=dict(merge), points=[],
+                  launcher=sf.launcher, ray_address=sf.ray_address, max_concurrent=sf.max_concurrent,
+                  overrides=overrides, cli_overrides=list(extra_overrides or []))
+    if not sweep.ppo_config.is_file():
         raise SweepError(f"ppo_config: file does not exist: {sweep.ppo_config}")
-    keys = list(axes)
+    sweep.inputs = [path, sweep.ppo_config, *mcfg.inputs()]
+    keys = list(sf.axes)
     for alpha in mcfg.alphas:
-        for combo in itertools.product(*(axes[k] for k in keys)):
+        for combo in itertools.product(*(sf.axes[k] for k in keys)):
             axis_ov = [f"{k}={_fmt_value(v)}" for k, v in zip(keys, combo)]
             name = "__".join([f"alpha_{alpha:g}"] + [o.replace("/", "_") for o in axis_ov])
             sweep.points.append(Point(name=name, alpha=alpha, overrides=axis_ov))
     for p in sweep.points:  # every point's config must validate now, before any merge or run
         try:
             load_config(sweep.ppo_config, point_overrides(sweep, p), check_paths=False)
-        except ConfigError as e:
+        except UserError as e:
             raise SweepError(f"point {p.name}: {e}") from None
     return sweep
+
+
+def legacy_sweep_output(path: Path) -> bool:
+    """An OUT of an ``rlhf sweep`` from before marker files: only models/, runs/, summary.md, report/."""
+    kids = {k.name for k in path.iterdir()} if path.is_dir() else set()
+    return bool(kids) and kids <= {"models", "runs", "summary.md", "report"} and "runs" in kids
+
+
+def prepare_out(sweep: Sweep, force: bool = False, create: bool = True) -> bool:
+    """Claim OUT before any work; returns True when resuming into an earlier output.
+
+    A missing OUT is created (with the marker); an earlier output of this command is resumed
+    into, or with ``force`` replaced by an empty one; anything else is refused, as is an OUT
+    that is, contains or lies inside an input. ``create=False`` only checks (``--dry-run``)."""
+    out = sweep.out
+    try:   # inputs first, then ownership (force=True: an existing OUT must be ours either way)
+        check_output(out, COMMAND, sweep.inputs, force=True, legacy=legacy_sweep_output)
+    except UserError as e:
+        raise SweepError(f"out: {e}") from None
+    exists = out.exists()
+    if exists and not force:
+        if create and owner(out) is None:
+            mark_output(out, COMMAND)      # a legacy output: mark it now
+        return True
+    if create:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-sweep-", dir=out.parent))
+        mark_output(tmp, COMMAND)
+        replace_dir(tmp, out)
+    return False
 
 
 def point_overrides(sweep: Sweep, p: Point) -> list[str]:
@@ -173,7 +239,7 @@ def run_point_local(sweep: Sweep, p: Point) -> None:
 
     cfg = load_config(sweep.ppo_config, point_overrides(sweep, p))
     train(cfg, resume=True)
-    (sweep.run_dir(p) / DONE).write_text(time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
+    atomic_write(sweep.run_dir(p) / DONE, time.strftime("%Y-%m-%dT%H:%M:%SZ\n", time.gmtime()))
 
 
 def _run_ray_jobs(sweep: Sweep, todo: list[Point], sweep_path: Path, progress) -> None:
@@ -199,13 +265,16 @@ def _run_ray_jobs(sweep: Sweep, todo: list[Point], sweep_path: Path, progress) -
         time.sleep(10)
 
 
-def run_sweep(sweep: Sweep, sweep_path: Path | None = None, max_runs: int | None = None) -> list[str]:
-    """Merge, run every unfinished point (at most ``max_runs`` this call), summarise.
+def run_sweep(sweep: Sweep, sweep_path: Path | None = None, max_runs: int | None = None,
+              force: bool = False) -> list[str]:
+    """Claim OUT (``prepare_out``: resume into an earlier output of this sweep, or start afresh
+    with ``force``), merge, run every unfinished point (at most ``max_runs`` this call), summarise.
 
     Returns the names of the points run by this call.
     """
     from tqdm import tqdm
 
+    prepare_out(sweep, force=force)
     ensure_merged(sweep)
     todo = [p for p in sweep.points if not (sweep.run_dir(p) / DONE).exists()]
     if max_runs is not None:
@@ -276,44 +345,58 @@ def summarize(sweep: Sweep) -> Path:
     """Write OUT/summary.md (atomically) and OUT/report/ (``rlhf report`` over every run)."""
     from rlhf.report import write_report
 
-    text = summary_table(sweep)
-    tmp = sweep.out / f".summary.md.tmp-{os.getpid()}"
-    tmp.write_text(text)
-    os.replace(tmp, sweep.out / "summary.md")
+    atomic_write(sweep.out / "summary.md", summary_table(sweep))
     write_report([sweep.run_dir(p) for p in sweep.points], sweep.out / "report", force=True)
     return sweep.out / "summary.md"
 
 
+class _ArgParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one ``SweepError`` line (the CLI boundary prints it)."""
+
+    def error(self, message: str):
+        raise SweepError(f"{message} (see rlhf sweep --help)")
+
+
 def main(argv: list[str] | None = None) -> int:
-    """`rlhf sweep SWEEP.yaml [key.sub=value ...] [--point NAME] [--max-runs N] [--dry-run]`."""
-    ap = argparse.ArgumentParser(prog="rlhf sweep", description=__doc__.split("\n")[0])
+    """`rlhf sweep SWEEP.yaml [key.sub=value ...] [--point NAME] [--max-runs N] [--dry-run] [--force]`."""
+    ap = _ArgParser(prog="rlhf sweep", description=__doc__.split("\n")[0])
     ap.add_argument("sweep", help="sweep YAML (see configs/sweep/)")
     ap.add_argument("overrides", nargs="*", help="key.sub=value applied to every run (e.g. cluster.address=HEAD:6379)")
     ap.add_argument("--point", help="run only this point (what a Ray job of the sweep runs)")
     ap.add_argument("--max-runs", type=int, help="run at most N unfinished points now (the rest on the next call)")
     ap.add_argument("--dry-run", action="store_true", help="print the points and their overrides; run nothing")
+    ap.add_argument("--force", action="store_true",
+                    help="start afresh: replace an earlier `rlhf sweep` output at OUT (only one with its marker)")
     ns = ap.parse_args(argv)
-    try:
-        sweep = load_sweep(ns.sweep, ns.overrides)
-        if ns.dry_run:
-            print(f"sweep: {len(sweep.points)} runs -> {sweep.out}; merge alphas {sweep.merge['alphas']} "
-                  f"into {sweep.out / 'models'} (one pass); launcher {sweep.launcher}")
-            for p in sweep.points:
-                state = "done" if (sweep.run_dir(p) / DONE).exists() else "todo"
-                print(f"  [{state}] {p.name}: rlhf train {sweep.ppo_config} {' '.join(point_overrides(sweep, p))}")
-            return 0
-        if ns.point:
-            match = [p for p in sweep.points if p.name == ns.point]
-            if not match:
-                raise SweepError(f"--point: no point named {ns.point!r}")
-            ensure_merged(sweep)
-            run_point_local(sweep, match[0])
-            return 0
-        ran = run_sweep(sweep, Path(ns.sweep), max_runs=ns.max_runs)
-    except SweepError as e:
-        print(f"rlhf sweep: {e}", file=sys.stderr)
-        return 2
+    if ns.max_runs is not None and ns.max_runs < 1:
+        raise SweepError(f"--max-runs: must be >= 1, got {ns.max_runs}")
+    sweep = load_sweep(ns.sweep, ns.overrides)
+    if ns.point and not any(p.name == ns.point for p in sweep.points):
+        raise SweepError(f"--point: no point named {ns.point!r} (known: {', '.join(p.name for p in sweep.points)})")
+    if ns.dry_run:
+        resume = prepare_out(sweep, force=ns.force, create=False)
+        print(f"sweep: {len(sweep.points)} runs -> {sweep.out}; merge alphas {sweep.merge['alphas']} "
+              f"into {sweep.out / 'models'} (one pass); launcher {sweep.launcher}")
+        for p in sweep.points:
+            state = "done" if resume and (sweep.run_dir(p) / DONE).exists() else "todo"
+            print(f"  [{state}] {p.name}: rlhf train {sweep.ppo_config} {' '.join(point_overrides(sweep, p))}")
+        print(f"rlhf sweep: dry run, nothing written ({sweep.out} would be "
+              f"{'resumed' if resume else 'created'})")
+        return 0
+    if ns.point:
+        prepare_out(sweep, force=False)      # a Ray job of the sweep: OUT is the sweep's own
+        ensure_merged(sweep)
+        p = next(p for p in sweep.points if p.name == ns.point)
+        run_point_local(sweep, p)
+        print(f"rlhf sweep: point {p.name} done: {sweep.run_dir(p)}")
+        return 0
+    ran = run_sweep(sweep, Path(ns.sweep), max_runs=ns.max_runs, force=ns.force)
     done = all((sweep.run_dir(p) / DONE).exists() for p in sweep.points)
-    print(f"rlhf sweep: ran {len(ran)} run(s); " + (f"summary: {sweep.out / 'summary.md'}, figures: "
-                                                   f"{sweep.out / 'report'}" if done else "unfinished points remain"))
+    if done:
+        print(f"rlhf sweep: ran {len(ran)} run(s); wrote {sweep.out / 'summary.md'} and {sweep.out / 'report'}/ "
+              f"(runs in {sweep.out / 'runs'})")
+    else:
+        left = sum(not (sweep.run_dir(p) / DONE).exists() for p in sweep.points)
+        print(f"rlhf sweep: ran {len(ran)} run(s) into {sweep.out / 'runs'}; {left} unfinished point(s) remain "
+              "(rerun to continue)")
     return 0

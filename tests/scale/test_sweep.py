@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from rlhf import sweep as S
+from rlhf.cli import main as rlhf_main
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -34,17 +35,17 @@ def sweep_yaml(tmp_path: Path, family: dict, **extra) -> Path:
 
 def test_bad_input_stops_before_any_work(tmp_path, tiny_family, capsys):
     f = sweep_yaml(tmp_path, tiny_family, overrides=["ppo.kl_kind=k9"])
-    assert S.main([str(f)]) == 2
+    assert rlhf_main(["sweep", str(f)]) == 2
     assert "point alpha_0.1: ppo.kl_kind" in capsys.readouterr().err
     f = sweep_yaml(tmp_path, tiny_family, launcher="slurm")
-    assert S.main([str(f)]) == 2 and "launcher" in capsys.readouterr().err
+    assert rlhf_main(["sweep", str(f)]) == 2 and "launcher" in capsys.readouterr().err
     f = sweep_yaml(tmp_path, tiny_family, ratios=[0.1])
-    assert S.main([str(f)]) == 2 and "ratios: unknown key" in capsys.readouterr().err
+    assert rlhf_main(["sweep", str(f)]) == 2 and "ratios: unknown key" in capsys.readouterr().err
     data = yaml.safe_load(f.read_text())
     data.pop("ratios")
     data["merge"]["alphas"] = [0.1, 1.5]
     f.write_text(yaml.safe_dump(data))
-    assert S.main([str(f)]) == 2 and "merge.alphas[1]" in capsys.readouterr().err
+    assert rlhf_main(["sweep", str(f)]) == 2 and "merge.alphas[1]" in capsys.readouterr().err
     assert not (tmp_path / "sweep").exists()
 
 
@@ -96,3 +97,29 @@ def test_sweep_three_ratios_resumes_and_compares(tmp_path, tiny_family):
     assert "| final reward |" in summary and "| hockey stick |" in summary
     for fig in ("reward_buckets.png", "reward.png", "length.png", "kl.png", "summary.md"):
         assert (sw.out / "report" / fig).stat().st_size > 0
+
+
+def test_out_ownership(tmp_path, tiny_family, capsys):
+    """OUT is the sweep's own: rerun resumes into it, --force replaces only an earlier sweep output,
+    and an OUT that is / contains / lies inside an input, or someone else's directory, is refused."""
+    f = sweep_yaml(tmp_path, tiny_family)
+    sw = S.load_sweep(f)
+    assert S.prepare_out(sw) is False and (sw.out / ".bai-rlhf-output.json").exists()
+    (sw.out / "runs").mkdir()
+    (sw.out / "runs" / "keep.txt").write_text("x")
+    assert S.prepare_out(sw) is True and (sw.out / "runs" / "keep.txt").exists()      # resume: kept
+    assert S.prepare_out(sw, force=True) is False and not (sw.out / "runs").exists()  # afresh: ours only
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.txt").write_text("user data")
+    for out, word in [(mine, "was not written by `rlhf sweep`"), (tiny_family["base"], "is the input"),
+                      (Path(tiny_family["base"]) / "sub", "lies inside the input"), (tmp_path, "contains the input")]:
+        (tmp_path / "cfgs" / out.name).mkdir(parents=True)
+        g = sweep_yaml(tmp_path / "cfgs" / out.name, tiny_family, out=str(out))
+        for force in ([], ["--force"]):
+            capsys.readouterr()
+            assert rlhf_main(["sweep", str(g), *force]) == 2, out
+            err = capsys.readouterr().err
+            assert word in err and err.count("\n") == 1, err
+    assert (mine / "data.txt").read_text() == "user data" and sorted(p.name for p in mine.iterdir()) == ["data.txt"]
+    assert not (Path(tiny_family["base"]) / "sub").exists()
