@@ -480,4 +480,105 @@ def to_dict(cfg: PPOConfig) -> dict:
 
 
 def save_config(cfg: PPOConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    """Write the resolved config as YAML (atomically: a reader sees the old file or the new one)."""
+    from bairlhf.outputs import atomic_write
+
+    atomic_write(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ----------------------------------------------------------------------------- documentation
+
+def _field_docs(cls) -> dict[str, str]:
+    """Field name -> its docstring (the string literal after the field in the class body)."""
+    import ast
+    import inspect
+    import textwrap
+
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
+    body = tree.body[0].body
+    out = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+            out[a.target.id] = " ".join(b.value.value.split())
+    return out
+
+
+def numeric_fields(cls, where: str = "") -> list[tuple[str, object, str | None, str]]:
+    """Every numeric field of a config tree: (dotted key, default, valid range or None, docstring).
+
+    Ranges come from ``Annotated[..., Range]`` (also inside ``X | None`` and on each item of a
+    ``tuple``); booleans are not numeric. Used by ``docs/config_ranges.md`` and by the test that
+    no numeric field goes without a range."""
+    import typing
+
+    from bairlhf.typed_config import Range as _Range
+
+    def unannotate(tp):
+        if typing.get_origin(tp) is Annotated:
+            return typing.get_args(tp)[0], [m for m in tp.__metadata__ if isinstance(m, _Range)]
+        return tp, []
+
+    def numeric(tp) -> tuple[bool, str | None]:
+        base, ranges = unannotate(tp)
+        if typing.get_origin(base) in (typing.Union, __import__("types").UnionType):
+            inner = [a for a in typing.get_args(base) if a is not type(None)]
+            if len(inner) == 1:
+                ok, r = numeric(inner[0])
+                return ok, r
+        if typing.get_origin(base) is tuple:
+            items = [numeric(a) for a in typing.get_args(base)]
+            if items and all(ok for ok, _ in items):
+                rs = {r for _, r in items}
+                return True, (f"each {rs.pop()}" if len(rs) == 1 and None not in rs else None)
+        if base in (int, float):
+            return True, str(ranges[0]) if ranges else None
+        return False, None
+
+    out = []
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        tp = typing.get_type_hints(cls, include_extras=True)[f.name]
+        key = f"{where}.{f.name}" if where else f.name
+        base, _ = unannotate(tp)
+        inner = [a for a in typing.get_args(base) if a is not type(None)] or [base]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):
+            out += numeric_fields(inner[0], key)
+            continue
+        ok, r = numeric(tp)
+        if ok:
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else "required")
+            out.append((key, default, r, docs.get(f.name, "")))
+    return out
+
+
+def ranges_markdown() -> str:
+    """``docs/config_ranges.md``: the valid range of every numeric field and the choices of every
+    enum, of the ``rlhf train`` config (``PPOConfig``), ``rlhf sft`` and ``rlhf rm``."""
+    from bairlhf.typed_config import field_ranges
+    from rlhf.rm import RMConfig
+    from rlhf.sft import SFTConfig
+
+    lines = ["# Valid ranges of config values", "",
+             "Generated from the config dataclasses (`python -c \"from rlhf.config import ranges_markdown; "
+             "print(ranges_markdown(), end='')\" > docs/config_ranges.md`); `tests/rlhf/test_config.py` checks that "
+             "it is current and that every numeric field has a range. Every value is checked when the config "
+             "is loaded, before any work: `[a, b]` closed, `(a, b)` open, `>= a`, `> a`. Keys are dotted as in "
+             "YAML and command-line overrides.", ""]
+    for title, cls in [("`rlhf train` / `rlhf plan` (`rlhf.config.PPOConfig`)", PPOConfig),
+                       ("`rlhf sft` (`rlhf.sft.SFTConfig`)", SFTConfig), ("`rlhf rm` (`rlhf.rm.RMConfig`)", RMConfig)]:
+        lines += [f"## {title}", "", "### Numeric fields", "", "| key | valid range | default | meaning |",
+                  "|---|---|---|---|"]
+        for key, default, r, doc in numeric_fields(cls):
+            lines.append(f"| `{key}` | {r or 'any'} | `{default}` | {doc.split('. ')[0].rstrip('.')} |")
+        choices = {k: v for k, v in field_ranges(cls).items() if " | " in v}
+        if choices:
+            lines += ["", "### Choices", "", "| key | one of |", "|---|---|"]
+            sep = " \\| "
+            lines += [f"| `{k}` | {sep.join(f'`{c}`' for c in v.split(' | '))} |" for k, v in choices.items()]
+        lines.append("")
+    return "\n".join(lines)

@@ -93,3 +93,93 @@ def test_old_logp_source_rollout_refuses_filtering_and_tis():
     for extra in ["rollout.top_k=5", "rollout.top_p=0.9", "ppo.tis_cap=2.0"]:
         with pytest.raises(ConfigError, match=r"^ppo\.old_logp_source"):
             load_config(None, ["ppo.old_logp_source=rollout", extra])
+
+
+def test_every_numeric_field_has_a_documented_range():
+    """Issue 12 point 2: a new numeric field of the PPO config (or of sft / rm) cannot skip its range."""
+    from rlhf.config import PPOConfig, numeric_fields
+    from rlhf.rm import RMConfig
+    from rlhf.sft import SFTConfig
+
+    for cls in (PPOConfig, SFTConfig, RMConfig):
+        fields = numeric_fields(cls)
+        assert len(fields) >= 10
+        missing = [key for key, _, r, _ in fields if r is None]
+        assert not missing, f"{cls.__name__}: numeric fields without an Annotated[..., Range(...)]: {missing}"
+        undocumented = [key for key, _, _, doc in fields if not doc]
+        assert not undocumented, f"{cls.__name__}: numeric fields without a docstring: {undocumented}"
+    keys = {k: r for k, _, r, _ in numeric_fields(PPOConfig)}
+    assert keys["ppo.gamma"] == "[0, 1]" and keys["optim.actor_lr"] == "(0, 1]" and keys["optim.betas"] == "each [0, 1)"
+
+
+def test_config_ranges_doc_is_current():
+    from rlhf.config import ranges_markdown
+
+    doc = REPO_ROOT / "docs" / "config_ranges.md"
+    assert doc.read_text() == ranges_markdown(), "regenerate docs/config_ranges.md (see its first paragraph)"
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.gamma=-1", "ppo.gamma: must be in [0, 1], got -1.0"),
+    ("ppo.lam_actor=2", "ppo.lam_actor: must be in [0, 1], got 2.0"),
+    ("ppo.kl_coef=-5", "ppo.kl_coef: must be >= 0, got -5.0"),
+    ("reward.clip=-1", "reward.clip: must be > 0, got -1.0"),
+    ("data.max_prompt_tokens=0", "data.max_prompt_tokens: must be >= 1, got 0"),
+    ("rollout.top_k=-3", "rollout.top_k: must be >= 0, got -3"),
+    ("optim.actor_lr=-1e-6", "optim.actor_lr: must be in (0, 1], got -1e-06"),
+    ("optim.critic_lr=.nan", "optim.critic_lr: must be a finite number"),
+    ("ppo.mini_batch_size=[8", "ppo.mini_batch_size: cannot parse override value '[8'"),
+    ("data.path=builtin:foo", "data.path: unknown built-in prompt set 'builtin:foo' (known: builtin:arith)"),
+])
+def test_issue12_examples_are_refused(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(None, [override])
+    assert str(e.value).startswith(message), str(e.value)
+
+
+def test_engine_choice_and_megatron_sections():
+    cfg = load_config(None, [])
+    assert (cfg.engine.actor, cfg.engine.critic) == ("deepspeed", "deepspeed")
+    assert (cfg.megatron.tensor_parallel, cfg.megatron.pipeline_parallel, cfg.megatron.distributed_optimizer,
+            cfg.megatron.recompute, cfg.megatron.bf16) == (1, 1, True, False, False)
+    from rlhf.config import role_parallel
+
+    cfg = load_config(None, ["engine.actor=megatron", "megatron.tensor_parallel=2", "cluster.actor_workers=2",
+                             "ppo.micro_batch_size=4"])
+    assert role_parallel(cfg, "actor") == (2, 1, 1) and role_parallel(cfg, "critic") == (1, 1, 1)
+    with pytest.raises(ConfigError, match=r"^megatron.tensor_parallel: .* does not divide cluster.actor_workers 1"):
+        load_config(None, ["engine.actor=megatron", "megatron.tensor_parallel=2"])
+    # with TP 2 on 4 ranks there are 2 data-parallel ranks: mini 8 = micro 4 x 2
+    load_config(None, ["engine.critic=megatron", "megatron.tensor_parallel=2", "cluster.critic_workers=4",
+                       "ppo.micro_batch_size=4"])
+    with pytest.raises(ConfigError, match=r"^ppo.micro_batch_size: .* x 2 data-parallel critic ranks"):
+        load_config(None, ["engine.critic=megatron", "megatron.pipeline_parallel=2", "cluster.critic_workers=4",
+                           "ppo.micro_batch_size=8"])
+    mg = load_config(REPO_ROOT / "configs" / "ppo" / "bai_olmoe_8x8_megatron.yaml", check_paths=False)
+    assert (mg.engine.actor, mg.engine.critic, mg.megatron.tensor_parallel, mg.megatron.pipeline_parallel) == \
+        ("megatron", "megatron", 4, 2)
+    assert role_parallel(mg, "actor") == (4, 2, 8)
+
+
+def test_prompts_are_checked_at_load(tmp_path):
+    import json
+
+    from rlhf.data import check_prompts, load_prompts
+
+    good = tmp_path / "p.jsonl"
+    good.write_text(json.dumps({"prompt": "a"}) + "\n\n" + json.dumps({"prompt": [{"role": "user", "content": "b"}]})
+                    + "\n")
+    cfg = load_config(None, [f"data.path={good}"])
+    assert check_prompts(cfg.data) == 2 and load_prompts(str(good)) == ["a", [{"role": "user", "content": "b"}]]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"text": "b"}) + "\n")
+    with pytest.raises(ConfigError, match=r"bad.jsonl:2: record has no 'prompt' field"):
+        load_config(None, [f"data.path={bad}"])
+    assert load_config(None, [f"data.path={bad}"], check_paths=False).data.path == str(bad)  # rlhf plan: no reads
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"question": ["x", "y"]}), tmp_path / "p.parquet")
+    with pytest.raises(ConfigError, match=r"^data.prompt_key: column 'prompt' not in"):
+        load_config(None, [f"data.path={tmp_path / 'p.parquet'}"])
+    assert check_prompts(load_config(None, [f"data.path={tmp_path / 'p.parquet'}", "data.prompt_key=question"]).data) == 2
