@@ -5,13 +5,18 @@ gives M_sft; merging back, M_a = (1 - a) M + a M_sft, recovers reasoning. ``a`` 
 of the **SFT model** (the paper's alpha), called ``sft_weight`` in code and config; the search
 returns alpha* = the largest a whose calibration reasoning rate stays >= rho_min.
 
+Layering: ``bai.calibrate`` is an application on top of ``rlhf.sft`` (it trains with it), so it
+imports ``rlhf``; the direction is one way: ``bai`` core (``bai.io``, ``bai.config``,
+``bai.merge``, ``bai.methods``, ``bai.cli``) imports neither ``rlhf`` nor this package, and
+``rlhf`` imports only the ``bai`` core (enforced by ``tests/test_layers.py``).
+
 Modules: ``config`` (typed config, Table 2 presets, appendix-B prompts), ``data`` (empty-trace
 serialization, decision path), ``estimators`` (short-prefix and logit reasoning rates),
 ``search`` (grid and binary search, probe table, plot), ``merging`` (adapter scaling, full
 merges), ``pipeline`` (the command).
 """
 
-from .config import TABLE2_PRESETS, CalibrateConfig, load_config
+from .config import TABLE2_PRESETS, CalibrateConfig, CalibrateError, load_config
 from .pipeline import main, run
 
-__all__ = ["CalibrateConfig", "TABLE2_PRESETS", "load_config", "main", "run"]
+__all__ = ["CalibrateConfig", "CalibrateError", "TABLE2_PRESETS", "load_config", "main", "run"]

@@ -3,6 +3,10 @@
 Convention: the merge weight searched here is the weight of the **SFT model**,
 ``M_a = (1 - a) * M + a * M_sft`` (the paper's alpha), named ``sft_weight`` everywhere. (In
 ``bai merge`` alpha is the base-model weight; the two papers use opposite conventions.)
+
+Every numeric field's valid range is part of its type (``Annotated[..., Range(...)]``) and every
+enum is a ``Literal``; ``bairlhf.typed_config.build`` checks them at load (``field_ranges(
+CalibrateConfig)`` lists them). A bad value raises ``CalibrateError`` naming the dotted key.
 """
 
 from __future__ import annotations
@@ -10,9 +14,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated, Literal
 
-from rlhf.sft import LoraSettings
-from bairlhf.typed_config import build
+from bairlhf.errors import UserError
+from bairlhf.typed_config import Range, build
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class CalibrateError(UserError):
+    """Bad ``bai calibrate`` input; the message names the key, or the file and line."""
+
 
 # Table 2 of the paper: SFT hyperparameters per (dataset, model, method); batch size is the
 # effective training batch size. The LoRA rank is not given in the paper (our default r=16).
@@ -59,6 +71,20 @@ PROMPT_TEMPLATES: dict[str, str] = {
 
 
 @dataclass
+class LoraSettings:
+    """LoRA adapter shape (peft; copied into ``rlhf.sft.LoraSettings``). The paper's rank is not stated."""
+
+    r: Annotated[int, Range(1, None)] = 16
+    """Adapter rank, >= 1."""
+    alpha: Annotated[float, Range(0, None, lo_open=True)] = 32.0
+    """peft ``lora_alpha`` (> 0); the adapter is scaled by alpha / r."""
+    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.05
+    """Dropout on the adapter input during training, in [0, 1)."""
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    """Module names that receive adapters (non-empty; attention q/k/v/o and MLP gate/up/down by default)."""
+
+
+@dataclass
 class ReasoningSettings:
     """How the model marks its reasoning trace."""
 
@@ -81,27 +107,27 @@ class SFTSettings:
 
     preset: str | None = None
     """A Table 2 preset name (``TABLE2_PRESETS``); keys given here override it."""
-    method: str = "lora"
+    method: Literal["lora", "full"] = "lora"
     """``lora`` (default; merges are adapter scalings) or ``full`` (merges stream through ``bai``)."""
     lora: LoraSettings = field(default_factory=LoraSettings)
     """LoRA rank, alpha, dropout and targets (q, k, v, o, gate, up, down)."""
-    epochs: int = 1
-    """Passes over the training set."""
-    lr: float = 5e-5
-    """Peak learning rate."""
-    batch_size: int = 16
-    """Effective batch size."""
-    micro_batch_size: int = 4
-    """Per-rank micro-batch."""
-    max_len: int = 4096
-    """Longer examples are dropped (and counted)."""
-    warmup_ratio: float = 0.03
-    """Linear warm-up fraction, then constant."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    zero_stage: int = 0
-    """DeepSpeed ZeRO stage."""
-    dtype: str = "float32"
+    epochs: Annotated[int, Range(1, None)] = 1
+    """Passes over the training set, >= 1."""
+    lr: Annotated[float, Range(0, 1, lo_open=True)] = 5e-5
+    """Peak learning rate, in (0, 1]."""
+    batch_size: Annotated[int, Range(1, None)] = 16
+    """Effective batch size, >= 1 (a multiple of ``micro_batch_size`` when that is smaller)."""
+    micro_batch_size: Annotated[int, Range(1, None)] = 4
+    """Per-rank micro-batch, >= 1 (capped at ``batch_size``)."""
+    max_len: Annotated[int, Range(2, None)] = 4096
+    """Longer examples (prompt + response tokens, >= 2) are dropped and counted."""
+    warmup_ratio: Annotated[float, Range(0, 1, hi_open=True)] = 0.03
+    """Linear warm-up fraction of the optimizer steps, in [0, 1); constant afterwards."""
+    weight_decay: Annotated[float, Range(0, None)] = 0.0
+    """AdamW weight decay, >= 0."""
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    """DeepSpeed ZeRO stage: 0, 1, 2 or 3."""
+    dtype: Literal["float32", "bfloat16"] = "float32"
     """Training dtype (float32 or bfloat16)."""
     gradient_checkpointing: bool = False
     """Activation recomputation."""
@@ -111,14 +137,14 @@ class SFTSettings:
 class SearchSettings:
     """Search for the largest SFT weight with reasoning rate >= rho_min (equation 5)."""
 
-    method: str = "binary"
+    method: Literal["binary", "grid"] = "binary"
     """``binary`` (probes a=1, then bisects; at most ``max_steps`` probes) or ``grid`` ({0, 1/K, ..., 1})."""
-    rho_min: float = 0.9
+    rho_min: Annotated[float, Range(0, 1, lo_open=True)] = 0.9
     """Minimum acceptable calibration reasoning rate, in (0, 1]."""
-    grid_k: int = 10
-    """Grid resolution K."""
-    max_steps: int = 8
-    """Most probes a binary search makes."""
+    grid_k: Annotated[int, Range(1, 1000)] = 10
+    """Grid resolution K, in [1, 1000] (K + 1 probes)."""
+    max_steps: Annotated[int, Range(1, 100)] = 8
+    """Most probes a binary search makes, in [1, 100]."""
     early_stop: bool = True
     """Binary search stops at the first probe with rho in [rho_min, 1) (the paper's rule)."""
 
@@ -127,27 +153,27 @@ class SearchSettings:
 class EstimatorSettings:
     """How rho(M_a, D_cal) is estimated."""
 
-    method: str = "logit"
+    method: Literal["logit", "prefix"] = "logit"
     """``logit`` (one forward pass per prompt) or ``prefix`` (sample the first tokens)."""
-    statistic: str = "mean"
+    statistic: Literal["mean", "count"] = "mean"
     """For ``logit``: ``mean`` of P(non-empty) or ``count`` of prompts with P(non-empty) > threshold."""
-    threshold: float = 0.5
-    """Threshold of the ``count`` statistic."""
-    prefix_tokens: int = 8
-    """k: tokens generated after the generation prompt by the prefix estimator."""
-    samples: int = 4
-    """Samples per prompt for the prefix estimator."""
-    temperature: float = 1.0
-    """Sampling temperature of the prefix estimator (0: greedy, one sample)."""
-    batch_size: int = 16
-    """Prompts per forward pass."""
-    max_prompts: int | None = None
-    """Use at most this many calibration prompts (None: all)."""
+    threshold: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.5
+    """Threshold of the ``count`` statistic, in (0, 1)."""
+    prefix_tokens: Annotated[int, Range(1, None)] = 8
+    """k: tokens generated after the generation prompt by the prefix estimator, >= 1."""
+    samples: Annotated[int, Range(1, None)] = 4
+    """Samples per prompt for the prefix estimator, >= 1."""
+    temperature: Annotated[float, Range(0, None)] = 1.0
+    """Sampling temperature of the prefix estimator, >= 0 (0: greedy, one sample)."""
+    batch_size: Annotated[int, Range(1, None)] = 16
+    """Prompts per forward pass, >= 1."""
+    max_prompts: Annotated[int, Range(1, None)] | None = None
+    """Use at most this many calibration prompts, >= 1 (None: all)."""
     compare: bool = False
     """Also run the other estimator at every probe and record it in the probe table."""
-    device: str = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
     """``auto`` (cuda if available), ``cpu`` or ``cuda``."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Evaluation dtype (float32, bfloat16, float16)."""
 
 
@@ -177,66 +203,67 @@ class CalibrateConfig:
     """Search over the SFT weight."""
     estimator: EstimatorSettings = field(default_factory=EstimatorSettings)
     """Reasoning-rate estimator."""
-    seed: int = 0
-    """Seed for SFT and sampling."""
+    seed: Annotated[int, Range(0, None)] = 0
+    """Seed for SFT and sampling, an integer >= 0."""
 
 
 def load_config(data: dict, where: str = "config") -> CalibrateConfig:
-    """Build a ``CalibrateConfig`` from a mapping: presets applied, every value checked.
+    """Build a ``CalibrateConfig`` from a mapping: presets applied, every key and value checked.
 
-    Raises ``ValueError`` naming the offending key. File contents (fields, tokenizer markers)
-    are checked by the pipeline before any work.
+    Raises ``CalibrateError`` naming the offending key. File contents (fields, tokenizer markers)
+    are checked by the pipeline's ``preflight`` before any work.
     """
+    if data is not None and not isinstance(data, dict):
+        raise CalibrateError(f"{where}: expected a mapping of keys, got {type(data).__name__}")
     data = dict(data or {})
-    sft = dict(data.get("sft") or {})
+    sft = data.get("sft") or {}
+    if not isinstance(sft, dict):
+        raise CalibrateError(f"{where}.sft: expected a mapping, got {sft!r}")
+    sft = dict(sft)
     preset = sft.get("preset")
     if preset is not None:
-        if preset not in TABLE2_PRESETS:
-            raise ValueError(f"{where}.sft.preset: unknown preset {preset!r}; known: {sorted(TABLE2_PRESETS)}")
+        if not isinstance(preset, str) or preset not in TABLE2_PRESETS:
+            raise CalibrateError(f"{where}.sft.preset: unknown preset {preset!r}; known: {sorted(TABLE2_PRESETS)}")
         sft = {**TABLE2_PRESETS[preset], **sft}
     data["sft"] = sft
-    cfg = build(CalibrateConfig, data, where)
+    cfg = build(CalibrateConfig, data, where, CalibrateError)
     cfg.prompt_template = PROMPT_TEMPLATES.get(cfg.prompt_template, cfg.prompt_template)
     validate(cfg, where)
     return cfg
 
 
 def validate(cfg: CalibrateConfig, where: str = "config") -> None:
-    """Value checks (no file I/O beyond existence); raises ``ValueError`` naming the key."""
-    s, e = cfg.search, cfg.estimator
+    """Checks across fields and of paths (existence only); raises ``CalibrateError`` naming the key.
+
+    Ranges and enums of single fields are in the types and were checked by ``build``."""
+    s = cfg.sft
     checks = [
-        (isinstance(s.rho_min, (int, float)) and 0 < s.rho_min <= 1, "search.rho_min",
-         f"must be in (0, 1], got {s.rho_min!r}"),
-        (s.method in ("binary", "grid"), "search.method", f"must be 'binary' or 'grid', got {s.method!r}"),
-        (int(s.grid_k) >= 1, "search.grid_k", f"must be >= 1, got {s.grid_k}"),
-        (int(s.max_steps) >= 1, "search.max_steps", f"must be >= 1, got {s.max_steps}"),
-        (e.method in ("logit", "prefix"), "estimator.method", f"must be 'logit' or 'prefix', got {e.method!r}"),
-        (e.statistic in ("mean", "count"), "estimator.statistic", f"must be 'mean' or 'count', got {e.statistic!r}"),
-        (0 < e.threshold < 1, "estimator.threshold", f"must be in (0, 1), got {e.threshold}"),
-        (int(e.prefix_tokens) >= 1, "estimator.prefix_tokens", f"must be >= 1, got {e.prefix_tokens}"),
-        (int(e.samples) >= 1, "estimator.samples", f"must be >= 1, got {e.samples}"),
-        (e.temperature >= 0, "estimator.temperature", f"must be >= 0, got {e.temperature}"),
-        (int(e.batch_size) >= 1, "estimator.batch_size", f"must be >= 1, got {e.batch_size}"),
-        (e.max_prompts is None or int(e.max_prompts) >= 1, "estimator.max_prompts", "must be >= 1 or null"),
-        (e.device in ("auto", "cpu", "cuda"), "estimator.device", f"must be auto, cpu or cuda, got {e.device!r}"),
-        (e.dtype in ("float32", "bfloat16", "float16"), "estimator.dtype", f"unknown dtype {e.dtype!r}"),
         ("{input}" in cfg.prompt_template, "prompt_template",
          f"must contain {{input}} or name a preset ({sorted(PROMPT_TEMPLATES)})"),
-        (bool(cfg.reasoning.start) and bool(cfg.reasoning.end), "reasoning.start/end", "must be non-empty"),
+        (bool(cfg.reasoning.start), "reasoning.start", "must be non-empty"),
+        (bool(cfg.reasoning.end), "reasoning.end", "must be non-empty"),
         (cfg.reasoning.end in cfg.reasoning.empty_trace, "reasoning.empty_trace",
          f"must contain the end marker {cfg.reasoning.end!r}"),
+        (bool(s.lora.targets) and all(isinstance(t, str) and t for t in s.lora.targets), "sft.lora.targets",
+         "must name at least one module"),
+        (s.batch_size % min(s.micro_batch_size, s.batch_size) == 0, "sft.batch_size",
+         f"{s.batch_size} is not a multiple of sft.micro_batch_size ({s.micro_batch_size})"),
+        (bool(cfg.input_field), "input_field", "must be non-empty"),
+        (bool(cfg.output_field), "output_field", "must be non-empty"),
     ]
     for ok, key, msg in checks:
         if not ok:
-            raise ValueError(f"{where}.{key}: {msg}")
+            raise CalibrateError(f"{where}.{key}: {msg}")
     for key in ("model", "train_data", "cal_data"):
         if not getattr(cfg, key):
-            raise ValueError(f"{where}.{key}: required")
+            raise CalibrateError(f"{where}.{key}: required")
+    if not Path(cfg.model).is_dir():
+        raise CalibrateError(f"{where}.model: {cfg.model} does not exist or is not a directory")
     if not Path(cfg.model, "config.json").is_file():
-        raise ValueError(f"{where}.model: {cfg.model} is not a Hugging Face checkpoint (no config.json)")
+        raise CalibrateError(f"{where}.model: {cfg.model} is not a Hugging Face checkpoint (no config.json)")
     for key in ("train_data", "cal_data"):
         if not Path(getattr(cfg, key)).is_file():
-            raise ValueError(f"{where}.{key}: file not found: {getattr(cfg, key)}")
+            raise CalibrateError(f"{where}.{key}: file not found: {getattr(cfg, key)}")
 
 
 def to_dict(cfg: CalibrateConfig) -> dict:

@@ -20,11 +20,13 @@ empty when prefilled) and ``close_ids`` (after it, through the end marker).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from rlhf.sft import prompt_messages, read_jsonl, render_prompt, tokenize_example
+from rlhf.sft import prompt_messages, render_prompt, tokenize_example
 
-from .config import CalibrateConfig
+from .config import CalibrateConfig, CalibrateError
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,10 @@ class DecisionPath:
 
 
 def marker_id(tokenizer, marker: str, key: str) -> int:
-    """The single token id of a reasoning marker; ``ValueError`` naming ``key`` otherwise."""
+    """The single token id of a reasoning marker; ``CalibrateError`` naming ``key`` otherwise."""
     ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
     if len(ids) != 1 or marker not in tokenizer.get_vocab():
-        raise ValueError(f"{key}: tokenizer has no reasoning marker {marker!r} as a single token "
+        raise CalibrateError(f"{key}: tokenizer has no reasoning marker {marker!r} as a single token "
                          f"(it encodes to {len(ids)} tokens); set {key} to the model's marker")
     return ids[0]
 
@@ -64,7 +66,7 @@ def build_messages(record: dict, cfg: CalibrateConfig) -> list[dict]:
     """Chat messages for one record: the prompt template filled with the input field."""
     value = record[cfg.input_field]
     if not isinstance(value, str):
-        raise ValueError(f"field {cfg.input_field!r} must be a string, got {type(value).__name__}")
+        raise CalibrateError(f"field {cfg.input_field!r} must be a string, got {type(value).__name__}")
     return prompt_messages(cfg.prompt_template.replace("{input}", value), cfg.system_prompt)
 
 
@@ -78,16 +80,57 @@ def sft_records(records: list[dict], cfg: CalibrateConfig) -> list[dict]:
     out = []
     for i, rec in enumerate(records):
         if not isinstance(rec[cfg.output_field], str):
-            raise ValueError(f"{cfg.train_data}: record {i}: field {cfg.output_field!r} must be a string")
+            raise CalibrateError(f"{cfg.train_data}: record {i}: field {cfg.output_field!r} must be a string")
         out.append({"messages": build_messages(rec, cfg),
                     "response": serialize_empty_trace(rec[cfg.output_field], cfg)})
     return out
 
 
+def read_records(path: str | Path, fields: list[str], key: str) -> list[dict]:
+    """Read a JSONL file of records, each a JSON object whose ``fields`` are non-empty strings.
+
+    Blank lines are skipped. Raises ``CalibrateError`` naming ``path:line`` (and the field, and
+    ``key``, the config key that names the field) on: text that is not UTF-8, a line that is not
+    JSON or not an object, a missing, non-string or empty field; and on a file with no records.
+    """
+    p = Path(path)
+    try:
+        raw = p.read_bytes()
+    except OSError as e:
+        raise CalibrateError(f"{p}: cannot read: {e.strerror or e}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise CalibrateError(f"{p}:{line}: not UTF-8 text") from None
+    records = []
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CalibrateError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(rec, dict):
+            raise CalibrateError(f"{p}:{lineno}: expected a JSON object, got a JSON {type(rec).__name__}")
+        for f in fields:
+            if f not in rec:
+                raise CalibrateError(f"{p}:{lineno}: record has no field {f!r} (set by {key}; record keys: "
+                                     f"{sorted(rec)})")
+            if not isinstance(rec[f], str):
+                raise CalibrateError(f"{p}:{lineno}: field {f!r} must be a string, got {type(rec[f]).__name__}")
+            if not rec[f].strip():
+                raise CalibrateError(f"{p}:{lineno}: field {f!r} is empty")
+        records.append(rec)
+    if not records:
+        raise CalibrateError(f"{p}: no records (the file is empty)")
+    return records
+
+
 def load_records(cfg: CalibrateConfig) -> tuple[list[dict], list[dict]]:
-    """Read training and calibration JSONL; missing fields raise naming file, line and key."""
-    train = read_jsonl(cfg.train_data, [cfg.input_field, cfg.output_field], "config.input_field/output_field")
-    cal = read_jsonl(cfg.cal_data, [cfg.input_field], "config.input_field")
+    """Read training and calibration JSONL (``read_records``); errors name file, line and field."""
+    train = read_records(cfg.train_data, [cfg.input_field, cfg.output_field], "config.input_field/output_field")
+    cal = read_records(cfg.cal_data, [cfg.input_field], "config.input_field")
     if cfg.estimator.max_prompts:
         cal = cal[: int(cfg.estimator.max_prompts)]
     return train, cal
@@ -103,7 +146,7 @@ def decision_path(tokenizer, messages: list[dict], cfg: CalibrateConfig) -> Deci
     end_id = marker_id(tokenizer, cfg.reasoning.end, "reasoning.end")
     _, resp = tokenize_example(tokenizer, messages, cfg.reasoning.empty_trace, cfg.reasoning.start)
     if end_id not in resp:
-        raise ValueError(f"reasoning.empty_trace: {cfg.reasoning.empty_trace!r} does not tokenize to a path "
+        raise CalibrateError(f"reasoning.empty_trace: {cfg.reasoning.empty_trace!r} does not tokenize to a path "
                          f"that contains the end marker {cfg.reasoning.end!r}")
     path = resp[: resp.index(end_id) + 1]
     if start_id in path:

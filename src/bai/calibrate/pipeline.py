@@ -2,7 +2,8 @@
 
 Run directory layout (``DIR``)::
 
-    config.yaml            resolved config (a rerun must match it; --force starts over)
+    .bai-rlhf-output.json  marker: written by `bai calibrate` (bairlhf.outputs)
+    config.yaml            resolved config (a resumed run must match it)
     sft_train.jsonl        the serialized SFT records (messages + empty trace + output)
     sft/                   adapter (LoRA) or full checkpoint; complete when sft/sft_meta.json exists
     probes.csv / .jsonl    every probe: sft_weight, rho, seconds, estimator details
@@ -10,9 +11,19 @@ Run directory layout (``DIR``)::
     model/                 M_a* as a full Hugging Face checkpoint (safetensors)
     report.json / .md      alpha*, rho at alpha*, timings, paths
 
-Resumable after the SFT step: a rerun with the same config reuses ``sft/`` and redoes only the
-search and the final checkpoint. Every input is checked before any work (files, fields,
-tokenizer markers, value ranges); a bad one stops with one message naming it.
+Every input is checked before anything is written (files, fields, tokenizer markers, the model's
+weight headers, value ranges, the output directory); a bad one stops with one message naming it.
+
+Outputs (``bairlhf.outputs``): a run is built in a temporary sibling ``.DIR.tmp-calibrate-PID``
+and renamed to DIR when complete, so DIR only ever holds a finished run. ``--force`` replaces an
+existing DIR only when ``bai calibrate`` wrote it (its marker, or ``config.yaml`` plus
+``sft_train.jsonl`` for runs of versions before markers) and only once the new run is complete;
+DIR may never be, contain or lie inside the model, a data file or the config file.
+
+Resume: a run killed after its SFT step leaves the temporary sibling with a complete ``sft/``;
+the next run with the same config (without ``--force``) adopts it and redoes only the search and
+the final checkpoint. Any other leftover of a dead run is removed. An existing DIR without a
+finished ``model/`` (e.g. removed by hand) with the same config is resumed in place the same way.
 """
 
 from __future__ import annotations
@@ -20,19 +31,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import yaml
 
+from bairlhf.errors import UserError
+from bairlhf.outputs import MARKER, check_output, mark_output, owner, replace_dir
+from bairlhf.yamlio import load_mapping
 from rlhf import sft as sft_mod
 
 from . import data as data_mod
 from . import estimators as est
 from . import merging, search
-from .config import CalibrateConfig, load_config, to_dict
+from .config import CalibrateConfig, CalibrateError, load_config, to_dict
+
+COMMAND = "bai calibrate"
+"""The command name in the output marker."""
+RESUME_KEYS = ("model", "train_data", "input_field", "output_field", "prompt_template", "system_prompt",
+               "reasoning", "sft", "seed")
+"""Config keys a resumed run must share with the run it continues (those that shape the SFT)."""
 
 
 def _device(name: str) -> str:
@@ -44,25 +65,44 @@ def _device(name: str) -> str:
 
 
 def preflight(cfg: CalibrateConfig):
-    """All checks that need the files: data fields, tokenizer markers, decision path vs prefix window.
+    """All checks that need the files: data fields, tokenizer markers, model weight headers, LoRA
+    targets, decision path vs prefix window. Writes nothing; raises a ``UserError`` naming the culprit.
 
     Returns (tokenizer, train records, calibration records).
     """
     from transformers import AutoTokenizer
 
+    from bai.io import open_checkpoint
+
     train, cal = data_mod.load_records(cfg)
-    tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    ckpt = open_checkpoint(Path(cfg.model), key="config.model")    # config.json and every weight header
+    if cfg.sft.method == "lora":
+        missing = [t for t in cfg.sft.lora.targets if not any(f".{t}." in n for n in ckpt.tensors)]
+        if missing:
+            raise CalibrateError(f"config.sft.lora.targets: model {cfg.model} has no module named {missing}")
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model, local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise CalibrateError(f"config.model: cannot load the tokenizer of {cfg.model}: "
+                             f"{' '.join(str(e).split())[:200]}") from None
     if not getattr(tok, "chat_template", None):
-        raise ValueError(f"model: tokenizer at {cfg.model} has no chat_template")
-    data_mod.marker_id(tok, cfg.reasoning.start, "reasoning.start")
-    data_mod.marker_id(tok, cfg.reasoning.end, "reasoning.end")
+        raise CalibrateError(f"config.model: tokenizer at {cfg.model} has no chat_template")
+    data_mod.marker_id(tok, cfg.reasoning.start, "config.reasoning.start")
+    data_mod.marker_id(tok, cfg.reasoning.end, "config.reasoning.end")
     records = data_mod.sft_records(train, cfg)
-    sft_mod.validate_config(sft_config(cfg, Path(".")), "config.sft", need_paths=False)
-    sft_mod.tokenize_example(tok, records[0]["messages"], records[0]["response"], cfg.reasoning.start)
+    try:   # rlhf.sft raises plain ValueError for bad input
+        sft_mod.validate_config(sft_config(cfg, Path(".")), "config.sft", need_paths=False)
+    except ValueError as e:
+        raise CalibrateError(str(e)) from None
+    try:
+        sft_mod.tokenize_example(tok, records[0]["messages"], records[0]["response"], cfg.reasoning.start)
+    except ValueError as e:
+        raise CalibrateError(f"config.reasoning.empty_trace: the chat template of {cfg.model} does not fit the "
+                             f"empty-trace target of the first record of {cfg.train_data}: {e}") from None
     path = data_mod.decision_path(tok, data_mod.build_messages(cal[0], cfg), cfg)
     if cfg.estimator.prefix_tokens < len(path.ids) and (cfg.estimator.method == "prefix" or cfg.estimator.compare):
-        raise ValueError(f"estimator.prefix_tokens: {cfg.estimator.prefix_tokens} is shorter than the empty path "
-                         f"({len(path.ids)} tokens); the prefix cannot see the trace close")
+        raise CalibrateError(f"config.estimator.prefix_tokens: {cfg.estimator.prefix_tokens} is shorter than the empty "
+                             f"path ({len(path.ids)} tokens); the prefix cannot see the trace close")
     return tok, train, cal
 
 
@@ -70,29 +110,102 @@ def sft_config(cfg: CalibrateConfig, out: Path) -> sft_mod.SFTConfig:
     """The ``rlhf.sft`` config of the SFT step."""
     s = cfg.sft
     kw = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "preset"}  # same-named fields
+    kw["lora"] = sft_mod.LoraSettings(**dataclasses.asdict(s.lora))
     kw.update(model=cfg.model, data=str(out / "sft_train.jsonl"), out=str(out / "sft"), prompt_field="messages",
               response_field="response", reasoning_start=cfg.reasoning.start,
               micro_batch_size=min(s.micro_batch_size, s.batch_size), seed=cfg.seed, force=True)
     return sft_mod.SFTConfig(**kw)
 
 
-def _prepare_out(cfg: CalibrateConfig, out: Path, force: bool) -> None:
+def legacy_run(path: Path) -> bool:
+    """A run directory of ``bai calibrate`` from before marker files: ``config.yaml`` and ``sft_train.jsonl``."""
+    return (path / "config.yaml").is_file() and (path / "sft_train.jsonl").is_file()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _same_run(saved: dict, resolved: dict) -> str | None:
+    """The first ``RESUME_KEYS`` key whose value differs between two resolved configs (None: same)."""
+    return next((k for k in RESUME_KEYS if saved.get(k) != resolved.get(k)), None)
+
+
+def _saved_config(run_dir: Path) -> dict:
+    return load_mapping(run_dir / "config.yaml", "saved run config")
+
+
+def _leftovers(out: Path) -> list[tuple[str, Path]]:
+    """(kind, path) of the temporaries of dead earlier runs on ``out``: ``tmp`` (a run being
+    built) or ``old`` (an old DIR a killed ``--force`` run had moved aside, ``replace_dir``)."""
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp-calibrate|old)-(\d+)$")
+    found = []
+    for sib in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        m = pat.match(sib.name)
+        if m and sib.is_dir() and not _alive(int(m.group(2))):
+            found.append(("tmp" if m.group(1) == "tmp-calibrate" else "old", sib))
+    return found
+
+
+def _prepare_out(cfg: CalibrateConfig, out: Path, force: bool, inputs: list) -> Path:
+    """Check the output directory (before any write), then return the directory to work in.
+
+    ``out`` missing (or ``force``): a fresh temporary sibling, or, without ``force``, the one a
+    killed run with the same config left after finishing its SFT (adopted). ``out`` present
+    without ``force``: ``out`` itself, when it is an unfinished run of the same config.
+    """
     resolved = to_dict(cfg)
-    if out.exists() and force:
-        shutil.rmtree(out)
-    if out.exists():
-        saved_path = out / "config.yaml"
-        if not saved_path.is_file():
-            raise ValueError(f"--out: {out} exists and is not a calibration run directory; pass --force to replace it")
-        saved = yaml.safe_load(saved_path.read_text()) or {}
-        for key in ("model", "train_data", "input_field", "output_field", "prompt_template", "system_prompt",
-                    "reasoning", "sft", "seed"):
-            if saved.get(key) != resolved.get(key):
-                raise ValueError(f"--out: {out} holds a run with a different `{key}`; pass --force to start over")
+    in_place = out.exists() and not force
+    check_output(out, COMMAND, inputs, force=force or in_place, legacy=legacy_run)
+    if in_place:
+        if not (out / "config.yaml").is_file():
+            raise CalibrateError(f"{out}: exists and is not a calibration run directory (no config.yaml)")
+        key = _same_run(_saved_config(out), resolved)
+        if key is not None:
+            raise CalibrateError(f"{out}: holds a run with a different `{key}`; pass --force to start over")
         if (out / "model").exists():
-            raise ValueError(f"--out: {out} already holds a finished calibration (model/); pass --force to redo it")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+            raise CalibrateError(f"{out}: already holds a finished calibration (model/); pass --force to redo it")
+    # the checks are done: from here on the command writes
+    adopted = None
+    for kind, sib in _leftovers(out):
+        if kind == "old":
+            if not out.exists():
+                os.rename(sib, out)              # a killed --force run had moved the old run aside
+            else:
+                shutil.rmtree(sib, ignore_errors=True)
+            continue
+        reusable = (adopted is None and not force and not in_place and owner(sib) == COMMAND
+                    and (sib / "sft" / "sft_meta.json").is_file() and (sib / "config.yaml").is_file())
+        try:
+            reusable = reusable and _same_run(_saved_config(sib), resolved) is None
+        except UserError:
+            reusable = False
+        if reusable:
+            adopted = sib
+        else:
+            shutil.rmtree(sib, ignore_errors=True)
+    if in_place:
+        work = out
+    else:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        work = out.parent / f".{out.name}.tmp-calibrate-{os.getpid()}"
+        if adopted is not None:
+            os.rename(adopted, work)
+            print(f"[calibrate] resuming the run a killed process left in {adopted.name} (its SFT is complete)")
+        else:
+            work.mkdir()
+    for stale in [work / ".probes", *work.glob(".model.tmp-*"), *work.glob(".sft.tmp-*")]:
+        shutil.rmtree(stale, ignore_errors=True)      # half-written leftovers of a killed run
+    if not (work / MARKER).is_file():
+        mark_output(work, COMMAND)
+    (work / "config.yaml").write_text(yaml.safe_dump(resolved, sort_keys=False))
+    return work
 
 
 def run_sft(cfg: CalibrateConfig, out: Path, train: list[dict]) -> dict:
@@ -145,32 +258,50 @@ def make_evaluator(cfg: CalibrateConfig, out: Path, tok, cal: list[dict]):
     return evaluate
 
 
-def run(cfg: CalibrateConfig, out: str | Path, force: bool = False) -> dict:
-    """The whole pipeline; returns the report (also written to ``out/report.json``)."""
-    out = Path(out)
+def run(cfg: CalibrateConfig, out: str | Path, force: bool = False, config_file: str | Path | None = None) -> dict:
+    """The whole pipeline; returns the report (also written to ``out/report.json``).
+
+    ``config_file``: the YAML the config came from (an input ``out`` may not overlap, like the
+    model and the data files). Raises a ``UserError`` on bad input, before anything is written.
+    """
+    out = Path(os.path.expanduser(str(out))).resolve()
+    inputs = [cfg.model, cfg.train_data, cfg.cal_data, config_file]
     tok, train, cal = preflight(cfg)
-    _prepare_out(cfg, out, force)
+    work = _prepare_out(cfg, out, force, inputs)
+    try:
+        report = _run_in(cfg, work, out, tok, train, cal)
+        if work != out:
+            replace_dir(work, out)
+    except BaseException:
+        if work != out and not (work / "sft" / "sft_meta.json").is_file():
+            shutil.rmtree(work, ignore_errors=True)   # nothing worth resuming; a finished SFT stays for a rerun
+        raise
+    return report
+
+
+def _run_in(cfg: CalibrateConfig, work: Path, out: Path, tok, train: list[dict], cal: list[dict]) -> dict:
+    """Steps 1-3 in directory ``work`` (renamed to ``out`` afterwards); the report names ``out``'s paths."""
     t0 = time.perf_counter()
-    sft_meta = run_sft(cfg, out, train)
+    sft_meta = run_sft(cfg, work, train)
     t_sft = time.perf_counter() - t0
 
     t1 = time.perf_counter()
-    evaluate = make_evaluator(cfg, out, tok, cal)
+    evaluate = make_evaluator(cfg, work, tok, cal)
     s = cfg.search
     if s.method == "grid":
         result = search.grid_search(evaluate, s.grid_k, s.rho_min)
     else:
         result = search.binary_search(evaluate, s.rho_min, s.max_steps, s.early_stop)
     t_search = time.perf_counter() - t1
-    search.write_table(result, out)
-    search.plot(result, out / "rho_vs_sft_weight.png",
+    search.write_table(result, work)
+    search.plot(result, work / "rho_vs_sft_weight.png",
                 title=f"{result.method} search, {cfg.estimator.method} estimator, {len(cal)} prompts")
 
     t2 = time.perf_counter()
-    if (out / "model").exists():
-        shutil.rmtree(out / "model")
+    if (work / "model").exists():
+        shutil.rmtree(work / "model")
     writer = merging.write_lora_merge if cfg.sft.method == "lora" else merging.write_full_merge
-    writer(cfg.model, out / "sft", result.sft_weight, out / "model")
+    writer(cfg.model, work / "sft", result.sft_weight, work / "model")
     t_write = time.perf_counter() - t2
 
     report = {
@@ -188,8 +319,8 @@ def run(cfg: CalibrateConfig, out: str | Path, force: bool = False) -> dict:
         "paths": {"model": str(out / "model"), "sft": str(out / "sft"), "probes": str(out / "probes.csv"),
                   "plot": str(out / "rho_vs_sft_weight.png")},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(_markdown(report))
+    (work / "report.md").write_text(_markdown(report))
+    (work / "report.json").write_text(json.dumps(report, indent=2))    # last: the run is complete
     return report
 
 
@@ -215,21 +346,20 @@ def _markdown(r: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``bai calibrate CONFIG.yaml --out DIR [--force]``."""
+    """``bai calibrate CONFIG.yaml --out DIR [--force]``; bad input raises a ``UserError``, which
+    ``bairlhf.cli.dispatch`` prints as one line (exit code 2)."""
     ap = argparse.ArgumentParser(prog="bai calibrate",
                                  description="SFT with an empty reasoning trace, then merge back at the largest "
                                              "SFT weight whose calibration reasoning rate stays >= rho_min")
     ap.add_argument("config", help="YAML config (see configs/calibrate/)")
-    ap.add_argument("--out", required=True, help="run directory (resumed after the SFT step if it exists)")
-    ap.add_argument("--force", action="store_true", help="discard an existing run directory and start over")
+    ap.add_argument("--out", required=True, help="run directory (written when the run is complete; an "
+                    "unfinished run of the same config is resumed after its SFT step)")
+    ap.add_argument("--force", action="store_true", help="redo an earlier `bai calibrate` run at DIR from the "
+                    "start (the old one is replaced once the new one is complete)")
     args = ap.parse_args(argv)
-    try:
-        raw = yaml.safe_load(Path(args.config).read_text()) or {}
-        cfg = load_config(raw, "config")
-        report = run(cfg, args.out, force=args.force)
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        print(f"bai calibrate: {e}", file=sys.stderr)
-        return 2
-    print(f"alpha* (sft_weight) = {report['sft_weight']:.4f}, rho = {_fmt(report['rho_at_sft_weight'])}; "
-          f"model written to {report['paths']['model']}")
+    cfg = load_config(load_mapping(args.config, "calibrate config"), "config")
+    report = run(cfg, args.out, force=args.force, config_file=args.config)
+    out = Path(os.path.expanduser(args.out)).resolve()
+    print(f"bai calibrate: alpha* (sft_weight) = {report['sft_weight']:.4f}, rho = "
+          f"{_fmt(report['rho_at_sft_weight'])}; wrote the run (model/, report.md, probes.csv, sft/) to {out}")
     return 0
