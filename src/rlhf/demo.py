@@ -16,21 +16,42 @@
 
 Nothing is downloaded. ``OUT/models/{base,instruct_sft,reasoning_sft}`` link to the organism's
 base, instruct and reasoning models (the inputs of the ``configs/merge/`` examples).
+
+``--out`` is the demo's own directory: used when absent or empty, or reused (its cached organism
+and earlier results replaced) when an earlier ``rlhf demo`` wrote it (its marker file, or an
+unmarked directory with nothing but the demo's layout, from before marker files). Any other
+directory, one that is or contains the demo's input config, and a non-link in ``OUT/models`` are
+refused before anything is written: the demo only replaces what it created.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
+
+from bairlhf.errors import UserError
+from bairlhf.outputs import MARKER, atomic_write, mark_output, owner
 
 ALPHAS = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9]
 REPO = Path(__file__).resolve().parents[2]
 PPO_CONFIG = REPO / "configs" / "testbed" / "rm_mix.yaml"
+COMMAND = "rlhf demo"
+"""The command named in the marker file of a demo directory."""
+LINKS = {"base": "base", "instruct_sft": "instruct", "reasoning_sft": "reasoning"}
+"""``OUT/models/NAME`` -> the organism's ``testbed/models/TARGET``."""
+LAYOUT = frozenset({"testbed", "models", "bai_sweep", "ppo", "report", MARKER})
+"""The top-level entries of a demo directory (plus ``bai_alpha_*.yaml`` recipes)."""
+LEGACY_REPORT = frozenset({"organism.png", "length.png", "reward.png", "reward_buckets.png", "kl.png", "summary.md"})
+"""What ``OUT/report`` held before report directories carried a marker."""
+
+
+class DemoError(UserError):
+    """Bad input to ``rlhf demo`` (a flag value or its output directory)."""
 
 DEMO_SPEC = dict(max_digits=3, base_examples=24_000, sft_examples=3_200, sft_lr=1e-3, rm_pairs=1_024,
                  mix_empty_fraction=0.2, eval_problems=32, ppo_prompts=1_024, sweep=[0.5])
@@ -45,39 +66,112 @@ at step 9 (gold accuracy 0.70 -> 0.00 while the reward-model score rises; at 617
 stuttered rejected answers: 0.16 std, collapse at step 19)."""
 
 
+def _names(path: Path) -> set[str]:
+    return {p.name for p in path.iterdir()} if path.is_dir() else set()
+
+
+def legacy_demo(root: Path) -> bool:
+    """An unmarked demo directory written before marker files: the demo's layout only, with its
+    cached organism."""
+    names = _names(root)
+    return "testbed" in names and all(n in LAYOUT or (n.startswith("bai_alpha_") and n.endswith(".yaml"))
+                                      for n in names)
+
+
+def _is_run_dir(path: Path) -> bool:
+    return owner(path) in (None, "rlhf train") and bool(_names(path) & {"config.yaml", "metrics.jsonl", MARKER})
+
+
+def check_out(root: Path, alpha: float) -> None:
+    """Refuse, before anything is written, a ``--out`` the demo may not use or reuse (see the
+    module docstring); ``alpha`` names the BAI run directory the demo will replace."""
+    from rlhf.testbed.build import BuildSpec, check_out as check_build_out
+
+    r, cfg = root.resolve(), PPO_CONFIG.resolve()
+    if r == cfg or r in cfg.parents:
+        raise DemoError(f"--out: {root} {'is' if r == cfg else 'contains'} the demo's input {PPO_CONFIG}; "
+                        "choose another --out")
+    if root.is_symlink() and not root.exists():
+        raise DemoError(f"--out: {root} is a dangling symbolic link; choose another --out")
+    if not root.exists() or (root.is_dir() and not any(root.iterdir())):
+        return
+    if not root.is_dir():
+        raise DemoError(f"--out: {root} exists and is not a directory; choose another --out (nothing was changed)")
+    made_by = owner(root) or (COMMAND if legacy_demo(root) else None)
+    if made_by != COMMAND:
+        who = f"was written by `{made_by}`" if made_by else f"is not a demo directory (no {MARKER})"
+        raise DemoError(f"--out: {root} {who}; the demo reuses only its own directory, so choose another "
+                        "--out (nothing was changed)")
+    check_build_out(root / "testbed", BuildSpec(**DEMO_SPEC), force=True)
+    for name in LINKS:
+        link = root / "models" / name
+        if link.exists() and not link.is_symlink():
+            raise DemoError(f"--out: {link} is not a link the demo made; move it away (nothing was changed)")
+    sweep = root / "bai_sweep"
+    if sweep.exists():
+        from bai.merge import legacy_output
+
+        if owner(sweep) != "bai merge" and not legacy_output(sweep):
+            raise DemoError(f"--out: {sweep} was not written by the demo's merge; move it away (nothing was changed)")
+    report = root / "report"
+    if report.exists() and owner(report) != "rlhf report" and not _names(report) <= LEGACY_REPORT:
+        raise DemoError(f"--out: {report} was not written by the demo's report; move it away (nothing was changed)")
+    for name in ("mix_sft", f"bai_alpha_{alpha}"):
+        run = root / "ppo" / name
+        if run.exists() and not _is_run_dir(run):
+            raise DemoError(f"--out: {run} is not a run directory of the demo; move it away (nothing was changed)")
+
+
+def link_models(root: Path) -> None:
+    """``root/models/{base,instruct_sft,reasoning_sft}``: relative links into the organism (the
+    directory can move); only links are replaced (``check_out`` refused anything else)."""
+    links = root / "models"
+    links.mkdir(parents=True, exist_ok=True)
+    for name, target in LINKS.items():
+        link, dest = links / name, os.path.join("..", "testbed", "models", target)
+        if link.is_symlink():
+            if os.readlink(link) == dest:
+                continue
+            link.unlink()
+        elif link.exists():
+            raise DemoError(f"{link}: is not a link the demo made; move it away")
+        link.symlink_to(dest, target_is_directory=True)
+
+
 def build_organism(root: Path, seed: int = 0) -> tuple[Path, dict]:
     """The cached demo organism under ``root/testbed`` (rebuilt when the spec changed)."""
     from rlhf.testbed.build import BuildSpec, build
 
     out = root / "testbed"
     report = build(out, BuildSpec(seed=seed, **DEMO_SPEC), force=True, check_connectivity=False)
-    links = root / "models"
-    links.mkdir(parents=True, exist_ok=True)
-    for name, target in (("base", "base"), ("instruct_sft", "instruct"), ("reasoning_sft", "reasoning")):
-        link, dest = links / name, os.path.join("..", "testbed", "models", target)  # relative: the dir can move
-        if link.is_symlink() or link.exists():
-            if link.is_symlink() and os.readlink(link) == dest:
-                continue
-            shutil.rmtree(link) if link.is_dir() and not link.is_symlink() else link.unlink()
-        link.symlink_to(dest, target_is_directory=True)
+    link_models(root)
     return out, report
+
+
+def check_args(args) -> None:
+    """The flag values (``DemoError`` names the flag)."""
+    if not (math.isfinite(args.alpha) and 0.0 <= args.alpha <= 1.0):
+        raise DemoError(f"--alpha: must lie in [0, 1], got {args.alpha}")
+    if args.steps < 1:
+        raise DemoError(f"--steps: must be at least 1, got {args.steps}")
+    if args.seed < 0:
+        raise DemoError(f"--seed: must be >= 0, got {args.seed}")
+    if not PPO_CONFIG.exists():
+        raise DemoError(f"{PPO_CONFIG} not found (run the demo from a source checkout)")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="rlhf demo", description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="runs/demo", help="demo directory (default: ./runs/demo)")
-    ap.add_argument("--steps", type=int, default=60, help="PPO steps per run (default: 60)")
-    ap.add_argument("--alpha", type=float, default=0.3, help="BAI base weight of the second PPO run (default: 0.3)")
-    ap.add_argument("--seed", type=int, default=0, help="PPO seed (the organism is built with seed 0)")
+    ap.add_argument("--out", default="runs/demo", help="demo directory (default: ./runs/demo); reused when an "
+                    "earlier demo wrote it")
+    ap.add_argument("--steps", type=int, default=60, help="PPO steps per run, >= 1 (default: 60)")
+    ap.add_argument("--alpha", type=float, default=0.3, help="BAI base weight of the second PPO run, in [0, 1] "
+                    "(default: 0.3)")
+    ap.add_argument("--seed", type=int, default=0, help="PPO seed, >= 0 (the organism is built with seed 0)")
     args = ap.parse_args(argv)
-    if not 0.0 <= args.alpha <= 1.0:
-        ap.error(f"--alpha: must lie in [0, 1], got {args.alpha}")
-    if args.steps < 1:
-        ap.error(f"--steps: must be at least 1, got {args.steps}")
-    if not PPO_CONFIG.exists():
-        print(f"rlhf demo: {PPO_CONFIG} not found (run the demo from a source checkout)", file=sys.stderr)
-        return 2
+    check_args(args)
     root = Path(args.out).resolve()
+    check_out(root, args.alpha)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     import torch
@@ -85,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
 
     t0 = time.perf_counter()
+    root.mkdir(parents=True, exist_ok=True)
+    mark_output(root, COMMAND)
     cached = (root / "testbed" / "build_report.json").exists()
     tb, build_report = build_organism(root)
     ev = build_report["eval"]
@@ -109,13 +205,16 @@ def main(argv: list[str] | None = None) -> int:
     for a, m in zip(ALPHAS, sweep):
         print(f"[demo]   alpha {a:.1f}: acc {m['gold/accuracy']:.2f}  think {m['rollout/think_rate']:.2f}  "
               f"length {m['length_chars']:.0f} chars")
-    (root / "bai_sweep" / "eval.json").write_text(json.dumps(dict(zip(map(str, ALPHAS), sweep)), indent=2) + "\n")
+    atomic_write(root / "bai_sweep" / "eval.json", json.dumps(dict(zip(map(str, ALPHAS), sweep)), indent=2) + "\n")
 
     runs = run_ppo(root, tb, recipe, args.steps, args.alpha, args.seed)
 
     from rlhf.report import load_run, write_report
 
-    report = write_report(runs, root / "report", force=True)
+    report = root / "report"
+    if report.is_dir() and owner(report) is None:  # an unmarked report of an older demo (check_out)
+        shutil.rmtree(report)
+    report = write_report(runs, report, force=True)
     loaded = [load_run(r) for r in runs]
     organism_figure(loaded, report / "organism.png")
     for run in loaded:
@@ -124,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
                                           ("organism.png", "length.png", "reward.png", "reward_buckets.png", "kl.png")))
     print(f"[demo] summary: {report / 'summary.md'}")
     print(f"[demo] TensorBoard: tensorboard --logdir {root / 'ppo'}")
-    print(f"[demo] done in {time.perf_counter() - t0:.1f}s; the full organism: `rlhf testbed build`, "
-          f"`rlhf train configs/testbed/rm_mix.yaml` (docs/testbed.md)")
+    print("[demo] the full organism: `rlhf testbed build`, `rlhf train configs/testbed/rm_mix.yaml` (docs/testbed.md)")
+    print(f"[demo] done in {time.perf_counter() - t0:.1f}s: wrote {root}/ (testbed/ organism, models/ links, "
+          f"bai_sweep/ {len(dirs)} merges, ppo/ {len(runs)} runs, report/)")
     return 0
 
 
@@ -148,7 +248,7 @@ def run_ppo(root: Path, tb: Path, recipe: dict, steps: int, alpha: float, seed: 
 
     one = {k: v for k, v in recipe.items() if k != "alphas"} | {"alpha": alpha}
     recipe_path = root / f"bai_alpha_{alpha}.yaml"
-    recipe_path.write_text(yaml.safe_dump(one))
+    atomic_write(recipe_path, yaml.safe_dump(one))
     models = tb / "models"
     common = [f"model.critic={models / 'rm'}", f"reward.model={models / 'rm'}",
               f"data.path={tb / 'data' / 'prompts.jsonl'}", f"trainer.total_steps={steps}", f"seed={seed}"]
@@ -160,7 +260,8 @@ def run_ppo(root: Path, tb: Path, recipe: dict, steps: int, alpha: float, seed: 
     try:
         for name, overrides in inits.items():
             run_dir = root / "ppo" / name
-            shutil.rmtree(run_dir, ignore_errors=True)  # the demo's own output from an earlier demo
+            if run_dir.exists():  # the demo's own run from an earlier demo (check_out: a run directory)
+                shutil.rmtree(run_dir)
             cfg = load_config(PPO_CONFIG, common + overrides + [f"run_dir={run_dir}"])
             print(f"[demo] PPO from {name} with the reward model ({steps} steps, Ray + DeepSpeed on CPU): {run_dir}",
                   flush=True)

@@ -31,7 +31,9 @@ def test_small_build_writes_models_data_and_report(small_build):
     assert 0.03 < empty < 0.2
     # cached: a second build trains nothing; a different spec is refused without --force
     assert build.build(small_build, build.BuildSpec(**build.SMALL), check_connectivity=False)["train_seconds"] == {}
-    assert build.main(["--out", str(small_build)]) == 2
+    with pytest.raises(build.BuildError, match="different spec"):
+        build.main(["--out", str(small_build)])
+    assert build.owner(small_build) == build.COMMAND
 
 
 @pytest.mark.slow

@@ -26,5 +26,6 @@ def main(argv: list[str] | None = None) -> int:
         from rlhf.testbed.build import main as build_main
 
         return build_main(argv[1:])
-    print(f"rlhf testbed: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
-    return 2
+    from bairlhf.errors import UserError
+
+    raise UserError(f"unknown command {argv[0]!r}; commands: build (see `rlhf testbed --help`)")

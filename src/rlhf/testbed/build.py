@@ -26,6 +26,12 @@ Layout of ``--out`` (default ``runs/testbed``)::
     build_report.md      the same as tables
 
 Each stage is skipped when its output exists, so an interrupted build resumes where it stopped.
+
+Ownership (``bairlhf.outputs``): ``--out`` is used only when it does not exist, is empty, or was
+written by ``rlhf testbed build`` (its marker file, or, for caches from before marker files, a
+directory holding nothing but this layout and a ``spec.json``). ``--force`` rebuilds such a
+directory when its spec differs; any other directory is refused before anything is written, so
+the build never deletes what it did not create.
 """
 
 from __future__ import annotations
@@ -41,7 +47,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bairlhf.errors import UserError
+from bairlhf.outputs import MARKER, atomic_write, mark_output, owner
 from rlhf.testbed import task
+
+COMMAND = "rlhf testbed build"
+"""The command named in the marker file of a build directory."""
+
+
+class BuildError(UserError):
+    """Bad input to ``rlhf testbed build`` (a flag value, a spec field, an output directory)."""
 
 
 @dataclass
@@ -138,6 +153,102 @@ _BEFORE_FIELD = dict(base_trace_fraction=0.0, base_empty_fraction=0.0, instruct_
 """Values of fields that older caches' ``spec.json`` lack: what those builds did."""
 
 MODELS = ("base", "instruct", "reasoning", "mix", "rm")
+
+LAYOUT = frozenset({"spec.json", "tokenizer", "tokenizer.tmp", "data", ".data.tmp", "models", ".sweep",
+                    "build_report.json", "build_report.md", MARKER})
+"""Every entry a build writes at the top of its directory (temporaries included)."""
+
+
+def check_spec(spec: BuildSpec) -> None:
+    """Refuse a spec whose values cannot build an organism (names the field)."""
+    def bad(name: str, want: str):
+        raise BuildError(f"{name}: expected {want}, got {getattr(spec, name)!r}")
+
+    if spec.arch not in ("llama", "qwen2"):
+        bad("arch", "llama or qwen2")
+    if spec.rm_init not in ("short_sft", "instruct", "base"):
+        bad("rm_init", "short_sft, instruct or base")
+    for name in ("hidden_size", "num_layers", "num_heads", "min_digits", "base_examples", "sft_examples",
+                 "rm_pairs", "rm_epochs", "base_batch_size", "batch_size", "eval_problems", "ppo_prompts"):
+        if not isinstance(getattr(spec, name), int) or getattr(spec, name) < 1:
+            bad(name, "an integer >= 1")
+    if spec.max_digits < spec.min_digits:
+        bad("max_digits", f">= min_digits ({spec.min_digits})")
+    if spec.hidden_size % spec.num_heads:
+        bad("hidden_size", f"a multiple of num_heads ({spec.num_heads})")
+    for name in ("base_trace_fraction", "base_empty_fraction", "mix_empty_fraction", "rm_stutter_fraction"):
+        if not 0.0 <= getattr(spec, name) <= 1.0:
+            bad(name, "a fraction in [0, 1]")
+    for name in ("base_lr", "sft_lr", "rm_lr", "instruct_lr"):
+        v = getattr(spec, name)
+        if v is not None and not 0.0 < v < 1.0:
+            bad(name, "a learning rate in (0, 1)")
+    if not 0.0 <= spec.max_dip <= 1.0:
+        bad("max_dip", "a value in [0, 1]")
+    if not spec.sweep or not all(0.0 < w < 1.0 for w in spec.sweep):
+        bad("sweep", "interior weights in (0, 1)")
+
+
+def legacy_build(path: Path) -> bool:
+    """An unmarked directory that an earlier version of this command wrote (before marker
+    files): nothing but the build's own entries (``LAYOUT``), with a ``spec.json`` object."""
+    names = {p.name for p in path.iterdir()}
+    if "spec.json" not in names or not names <= LAYOUT:
+        return False
+    try:
+        return isinstance(json.loads((path / "spec.json").read_text()), dict)
+    except (OSError, ValueError):
+        return False
+
+
+def read_spec(out: Path) -> dict | None:
+    """The ``spec.json`` of a build directory, ``None`` when there is none."""
+    p = out / "spec.json"
+    if not p.exists():
+        return None
+    try:
+        have = json.loads(p.read_text())
+    except ValueError as e:
+        raise BuildError(f"{p}: not valid JSON ({e}); pass --force to rebuild {out}") from None
+    if not isinstance(have, dict):
+        raise BuildError(f"{p}: expected a JSON object of BuildSpec fields; pass --force to rebuild {out}")
+    return have
+
+
+def check_out(out: str | Path, spec: BuildSpec, force: bool = False) -> str:
+    """What the build may do with ``out``, decided before anything is written: ``"new"``
+    (absent or empty), ``"reuse"`` (an earlier build of the same spec: missing stages are
+    completed) or ``"rebuild"`` (an earlier build of another spec, with ``force``). Anything
+    else raises ``BuildError`` naming the directory."""
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise BuildError(f"--out: {out} is a dangling symbolic link; choose another --out")
+    if not out.exists():
+        return "new"
+    if not out.is_dir():
+        raise BuildError(f"--out: {out} exists and is not a directory; choose another --out (nothing was changed)")
+    if not any(out.iterdir()):
+        return "new"
+    made_by = owner(out) or (COMMAND if legacy_build(out) else None)
+    if made_by != COMMAND:
+        who = f"was written by `{made_by}`" if made_by else f"is not a testbed build (no {MARKER})"
+        raise BuildError(f"--out: {out} {who}; the build writes only into its own directories, "
+                           "so choose another --out (nothing was changed)")
+    try:
+        have = read_spec(out)
+    except BuildError:
+        if force:
+            return "rebuild"
+        raise
+    if have is None:
+        return "reuse"  # marked, interrupted before its spec was written
+    diff = _spec_diff(have, dataclasses.asdict(spec))
+    if not diff:
+        return "reuse"
+    if not force:
+        raise BuildError(f"--out: {out} was built with a different spec ({', '.join(diff)}); "
+                           "use --force to rebuild it or another --out")
+    return "rebuild"
 
 
 # ----------------------------------------------------------------------------- data
@@ -411,24 +522,19 @@ def _spec_diff(have: dict, want: dict) -> list[str]:
 
 
 def build(out: str | Path, spec: BuildSpec, *, force: bool = False, check_connectivity: bool = True) -> dict:
-    """Build (or complete) the organism in ``out``; returns the report (also written there)."""
+    """Build (or complete) the organism in ``out``; returns the report (also written there).
+
+    ``out`` must be absent, empty or an earlier build (``check_out``); ``force`` rebuilds an
+    earlier build of another spec. Raises ``BuildError`` before writing anything otherwise."""
     out = Path(out)
-    if spec.rm_init not in ("short_sft", "instruct", "base"):
-        raise ValueError(f"rm_init: expected short_sft, instruct or base, got {spec.rm_init!r}")
+    check_spec(spec)
+    action = check_out(out, spec, force)
     want = dataclasses.asdict(spec)
-    if (out / "spec.json").exists():
-        diff = _spec_diff(json.loads((out / "spec.json").read_text()), want)
-        if diff:
-            if not force:
-                raise ValueError(f"--out: {out} was built with a different spec ({', '.join(diff)}); "
-                                 "use --force to rebuild it or another --out")
-            shutil.rmtree(out)
-    elif out.exists() and any(out.iterdir()):
-        if not force:
-            raise ValueError(f"--out: {out} exists and is not a testbed build; use --force or another --out")
-        shutil.rmtree(out)
+    if action == "rebuild":
+        shutil.rmtree(out)  # an earlier build (checked by check_out): this command's own output
     out.mkdir(parents=True, exist_ok=True)
-    (out / "spec.json").write_text(json.dumps(want, indent=2) + "\n")
+    mark_output(out, COMMAND)
+    atomic_write(out / "spec.json", json.dumps(want, indent=2) + "\n")
     t0 = time.time()
     if not (out / "data").exists():
         synthesize(spec, out)
@@ -453,35 +559,47 @@ def build(out: str | Path, spec: BuildSpec, *, force: bool = False, check_connec
     else:
         report["connectivity_skipped"] = "--no-connectivity"
     report["seconds"] = round(time.time() - t0, 1)
-    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "build_report.md").write_text(_markdown(report))
+    atomic_write(out / "build_report.json", json.dumps(report, indent=2) + "\n")
+    atomic_write(out / "build_report.md", _markdown(report))
     return report
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``rlhf testbed build [--out DIR] [--small] [--seed N] [--arch llama|qwen2] [--force]``."""
+    """``rlhf testbed build [--out DIR] [--small | --long] [--seed N] [--arch llama|qwen2] [--force]``.
+
+    Bad input raises ``BuildError`` before anything is written (one line at the CLI boundary).
+    Exit code 0, or 1 when the linear-connectivity check is not met."""
     ap = argparse.ArgumentParser(prog="rlhf testbed build", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/testbed", help="cache directory (default: runs/testbed)")
     ap.add_argument("--small", action="store_true", help="CI-sized build (a couple of minutes)")
     ap.add_argument("--long", action="store_true", help="long-trace variant (8-15 digits with a verification pass)")
-    ap.add_argument("--seed", type=int, default=0, help="data and initialization seed")
+    ap.add_argument("--seed", type=int, default=0, help="data and initialization seed (>= 0)")
     ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
     ap.add_argument("--no-connectivity", action="store_true", help="skip the merge sweeps")
-    ap.add_argument("--force", action="store_true", help="rebuild a cache made with a different spec")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (tiny models: 1 is usually fastest)")
+    ap.add_argument("--force", action="store_true",
+                    help="rebuild an earlier build of this command made with a different spec")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads, >= 1 (tiny models: 1 is usually fastest)")
     args = ap.parse_args(argv)
-    import torch
-
-    torch.set_num_threads(args.threads)
+    if args.small and args.long:
+        raise BuildError("--small, --long: choose one preset")
+    if args.seed < 0:
+        raise BuildError(f"--seed: expected an integer >= 0, got {args.seed}")
+    if args.threads < 1:
+        raise BuildError(f"--threads: expected an integer >= 1, got {args.threads}")
     kw = dict(SMALL) if args.small else {}
     if args.long:
         kw.update(LONG)
     spec = BuildSpec(arch=args.arch, seed=args.seed, **kw)
+    check_spec(spec)
+    check_out(args.out, spec, args.force)  # before torch and the first write
+    import torch
+
+    torch.set_num_threads(args.threads)
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    try:
-        report = build(args.out, spec, force=args.force, check_connectivity=not args.no_connectivity)
-    except ValueError as e:
-        print(f"rlhf testbed build: {e}", file=sys.stderr)
-        return 2
-    print((Path(args.out) / "build_report.md").read_text())
-    return 0 if report.get("connected", True) else 1
+    report = build(args.out, spec, force=args.force, check_connectivity=not args.no_connectivity)
+    out = Path(args.out)
+    print((out / "build_report.md").read_text())
+    connected = report.get("connected", True)
+    print(f"rlhf testbed build: wrote {out}/ (tokenizer/, data/, models/{{{','.join(MODELS)}}}/, "
+          f"build_report.md and .json)" + ("" if connected else "; linear connectivity NOT met (exit code 1)"))
+    return 0 if connected else 1
