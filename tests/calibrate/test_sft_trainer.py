@@ -55,3 +55,28 @@ def test_cli_error_is_one_line(files, tmp_path, capsys):
     assert cli.main(["sft", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.strip() == "rlhf sft: sft.epochs: must be >= 1, got 0"
+
+
+@pytest.mark.slow
+def test_output_is_owned_and_force_replaces_only_an_sft_output(files, tmp_path, capsys):
+    """Issue 12 point 1: the output carries the `rlhf sft` marker; without --force an existing output
+    is refused, with --force an earlier sft output is replaced, anything else is never touched."""
+    from bairlhf.outputs import owner
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**files, "method": "full", "batch_size": 1, "micro_batch_size": 1, "max_len": 64}))
+    assert cli.main(["sft", str(cfg)]) == 0
+    out = tmp_path / "out"
+    assert owner(out) == "rlhf sft" and (out / "model.safetensors").is_file()
+    assert capsys.readouterr().out.strip().splitlines()[-1].startswith("rlhf sft: wrote the full checkpoint")
+    assert cli.main(["sft", str(cfg)]) == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    (out / "stale.txt").write_text("from the earlier run")
+    assert cli.main(["sft", str(cfg), "--force"]) == 0
+    assert owner(out) == "rlhf sft" and not (out / "stale.txt").exists()
+    assert not list(tmp_path.glob(".out.*"))  # no temporaries or moved-aside copies left
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("not ours")
+    assert cli.main(["sft", str(cfg), "--out", str(theirs), "--force"]) == 2
+    assert "was not written by `rlhf sft`" in capsys.readouterr().err and (theirs / "keep.txt").is_file()
