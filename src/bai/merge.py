@@ -439,8 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(os.path.expanduser(args.out)).resolve()
     for d in dirs if dirs != [out] else []:
         print(f"  {d}")
-    what = (f"{len(dirs)} checkpoints ({', '.join(d.name for d in dirs)})" if len(dirs) > 1 or dirs[0] != out
-            else "1 checkpoint")
+    what = f"{len(dirs)} checkpoint{'s' * (len(dirs) > 1)}"
+    if dirs != [out]:
+        what += f" ({', '.join(d.name for d in dirs)})"
     print(f"bai merge: wrote {what} to {out} in {time.perf_counter() - t0:.1f}s")
     return 0
 
