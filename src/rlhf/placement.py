@@ -230,16 +230,20 @@ def spec_from_ppo_config(cfg, gpus_per_node: int | None = None) -> PlacementSpec
 def create_placement_groups(plan: PlacementPlan, timeout_s: float = 120.0) -> list:
     """One ``STRICT_PACK`` placement group per used node, one GPU bundle per GPU; waits until ready."""
     import ray
-    from ray.util.placement_group import placement_group
+    from ray.util.placement_group import placement_group, remove_placement_group
 
     tag = uuid.uuid4().hex[:8]  # group names are cluster-unique: runs may share a Ray cluster
     pgs = [placement_group([bundle_resources(plan, n, g) for g in range(plan.spec.gpus_per_node)],
                            strategy="STRICT_PACK", name=f"rlhf-{tag}-node-{n}") for n in range(plan.nodes_used)]
     ready, _ = ray.wait([pg.ready() for pg in pgs], num_returns=len(pgs), timeout=timeout_s)
     if len(ready) != len(pgs):
-        raise RuntimeError(f"placement: only {len(ready)} of {len(pgs)} node placement groups became ready in "
-                           f"{timeout_s:.0f}s; does the cluster have {plan.nodes_used} nodes with "
-                           f"{plan.spec.gpus_per_node} free GPUs each?")
+        for pg in pgs:
+            remove_placement_group(pg)
+        b = bundle_resources(plan, 0, 0)
+        what = (f"{plan.spec.gpus_per_node} free GPUs and {b['CPU'] * plan.spec.gpus_per_node:g} free CPUs each"
+                if plan.spec.gpu else f"{b['CPU'] * plan.spec.gpus_per_node:g} free CPUs each (a CPU-only run)")
+        raise PlacementError(f"cluster: only {len(ready)} of {len(pgs)} node placement groups became ready in "
+                             f"{timeout_s:.0f}s; the plan needs {plan.nodes_used} nodes with {what}")
     return pgs
 
 

@@ -1,19 +1,22 @@
-"""The single-controller PPO loop: `rlhf train CONFIG.yaml [key.sub=value ...] [--resume RUN_DIR]`.
+"""The single-controller PPO loop: `rlhf train CONFIG.yaml [key.sub=value ...] [--resume RUN_DIR] [--force]`.
 
-Read top to bottom: ``cli_main`` parses the command line; ``train`` prepares the run directory
-(models built or merged, config resolved), starts the Ray workers, restores the last checkpoint
-when resuming, then calls ``ppo_step`` once per step. A step samples prompts, generates, scores
+Read top to bottom: ``cli_main`` parses the command line; ``train`` first validates everything
+without writing (config, prompts, reward imports, model weights, the checkpoint to resume, the
+run directory's ownership, the cluster's resources), then creates the run directory (tiny models
+built or BAI merge run, ``config.yaml``), starts the Ray workers, restores the last checkpoint
+when resuming, and calls ``ppo_step`` once per step. A step samples prompts, generates, scores
 (actor, reference, critic, reward), computes token rewards and GAE on the driver, trains actor
 and critic over mini-batches, pushes the new actor weights to the rollout engine, logs metrics
 and checkpoints every K steps. A Ray worker that dies restarts the workers from the last
-checkpoint (bounded retries); a non-finite loss stops the run with its last checkpoint intact.
+checkpoint (bounded retries); a worker whose constructor fails and a non-finite loss stop the
+run with its last checkpoint intact. Every appended run file is cut back to the checkpoint's
+step on resume and restart, so a resumed run's files equal an uninterrupted run's.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import shutil
 import sys
@@ -24,9 +27,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rlhf.config import ConfigError, PPOConfig, load_config, save_config
+from bairlhf.outputs import atomic_write, check_output, mark_output, owner
+from rlhf.config import ConfigError, PPOConfig, load_config, save_config, to_dict
 from rlhf.data import PromptSampler, encode_prompts, load_prompts
 
+COMMAND = "rlhf train"
+RESUMABLE_KEYS = ("run_dir", "trainer.total_steps", "trainer.save_every", "trainer.keep_checkpoints",
+                  "trainer.probe_every", "trainer.max_restarts", "cluster.address")
+"""The keys ``--resume`` may change (length, checkpoint and probe cadence, restarts, where Ray runs);
+any other change would make the resumed run differ from the one ``config.yaml`` records."""
 NON_DETERMINISTIC_PREFIXES = ("timing/", "perf/")
 
 
@@ -50,74 +59,176 @@ class LoopState:
     """``rlhf.metrics.StabilityMonitor`` (detector state)."""
 
 
-def resolve_models(cfg: PPOConfig, run_dir: Path):
-    """Model directories of the run: build the tiny models or run the BAI merge on first use."""
+def model_paths(cfg: PPOConfig, run_dir: Path):
+    """Model directories of the run (the tiny actor and the BAI merge live in the run directory)."""
     from rlhf.workers.group import ModelPaths
 
     m = cfg.model
     actor = m.actor
     if m.bai_recipe is not None:
         actor = str(run_dir / "models" / "bai_actor")
-        if not Path(actor).exists():
-            from bai.config import MergeError, load_config as load_merge_config
-            from bai.merge import merge
-
-            try:
-                if load_merge_config(m.bai_recipe).sweep:
-                    raise ConfigError(f"model.bai_recipe: {m.bai_recipe} is a sweep; PPO needs one merge "
-                                      "(`rlhf sweep` runs one PPO job per ratio)")
-                merge(m.bai_recipe, actor)
-            except MergeError as e:
-                raise ConfigError(f"model.bai_recipe: {e}") from e
-            shutil.copy(m.bai_recipe, run_dir / "bai_recipe.yaml")  # the run records its recipe
     elif actor == "tiny":
         actor = str(run_dir / "models" / "tiny_actor")
-        if not Path(actor).exists():
-            from rlhf import tiny
-
-            t = m.tiny
-            tok = tiny.train_tokenizer(template=t.template)
-            tmp = Path(actor + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tiny.make_tiny_model(tmp, arch=t.arch, tokenizer=tok, seed=t.seed, hidden_size=t.hidden_size,
-                                 num_layers=t.num_layers, num_heads=t.num_heads)
-            tmp.rename(actor)
     critic = m.critic or cfg.reward.model or actor
     return ModelPaths(actor=actor, reference=m.reference or actor, critic=critic, tokenizer=m.tokenizer or actor)
 
 
-def check_inputs(cfg: PPOConfig, paths) -> None:
-    """Refuse bad inputs before any work: missing weights, pickles, a reward tokenizer that differs."""
+def build_models(cfg: PPOConfig, run_dir: Path, tok) -> None:
+    """Build the tiny actor (with tokenizer ``tok``) or run the BAI merge, once per run directory."""
+    m = cfg.model
+    actor = Path(model_paths(cfg, run_dir).actor)
+    if actor.exists() or (m.bai_recipe is None and m.actor != "tiny"):
+        return
+    if m.bai_recipe is not None:
+        from bai.config import MergeError
+        from bai.merge import merge
+
+        try:
+            merge(m.bai_recipe, str(actor))
+        except MergeError as e:
+            raise ConfigError(f"model.bai_recipe: {e}") from e
+        shutil.copy(m.bai_recipe, run_dir / "bai_recipe.yaml")  # the run records its recipe
+        return
+    from rlhf import tiny
+
+    t, tmp = m.tiny, actor.with_name(actor.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tiny.make_tiny_model(tmp, arch=t.arch, tokenizer=tok, seed=t.seed, hidden_size=t.hidden_size,
+                         num_layers=t.num_layers, num_heads=t.num_heads)
+    tmp.rename(actor)
+
+
+def check_inputs(cfg: PPOConfig, run_dir: Path):
+    """Refuse bad inputs before any work; returns the tokenizer (the tiny one built in memory)."""
     from transformers import AutoTokenizer
 
-    for key, p in [("model.actor", paths.actor), ("model.reference", paths.reference), ("model.critic", paths.critic),
-                   ("reward.model", cfg.reward.model)]:
-        if p is None:
-            continue
-        files = [f.name for f in Path(p).glob("*")]
-        if not any(f.endswith(".safetensors") for f in files):
-            has_bin = any(f.endswith(".bin") for f in files)
-            if not (has_bin and cfg.model.allow_pickle):
-                why = "only pickled .bin weights (set model.allow_pickle: true)" if has_bin else "no model weights"
-                raise ConfigError(f"{key}: {p} holds {why}")
+    from rlhf.workers.preflight import check_model_dir, check_reward_functions
+
+    check_reward_functions(cfg, run_dir)
+    paths, m = model_paths(cfg, run_dir), cfg.model
+    if m.bai_recipe is not None:
+        from bai.config import MergeError, load_config as load_merge_config
+
+        try:
+            if load_merge_config(m.bai_recipe).sweep:
+                raise ConfigError(f"model.bai_recipe: {m.bai_recipe} is a sweep; PPO needs one merge "
+                                  "(`rlhf sweep` runs one PPO job per ratio)")
+        except MergeError as e:
+            raise ConfigError(f"model.bai_recipe: {e}") from e
+    seen, to_build = set(), m.actor == "tiny" or m.bai_recipe is not None
+    for key, p in [("model.actor", paths.actor), ("model.reference", paths.reference),
+                   ("model.critic", paths.critic), ("reward.model", cfg.reward.model)]:
+        if p is None or p in seen or (to_build and p == paths.actor and not Path(p).exists()):
+            continue  # the tiny / merged actor is built after validation
+        seen.add(p)
+        check_model_dir(key, p, m.allow_pickle)
+    built = not Path(paths.tokenizer).exists() and m.tokenizer is None
+    if built:
+        from rlhf import tiny
+
+        tok = tiny.train_tokenizer(template=m.tiny.template)
+    else:
+        tok = AutoTokenizer.from_pretrained(paths.tokenizer)
     if cfg.reward.model is not None:
-        ours = AutoTokenizer.from_pretrained(paths.tokenizer).get_vocab()
         theirs = AutoTokenizer.from_pretrained(cfg.reward.model).get_vocab()
-        if ours != theirs:
+        if tok.get_vocab() != theirs:
             raise ConfigError(f"reward.model: tokenizer of {cfg.reward.model} differs from the actor's "
-                              f"({len(theirs)} vs {len(ours)} tokens)")
+                              f"({len(theirs)} vs {len(tok.get_vocab())} tokens)")
+    return tok
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) and v else {f"{prefix}{k}": v})
+    return out
+
+
+def resume_changes(old: PPOConfig, new: PPOConfig) -> dict[str, tuple]:
+    """Dotted key -> (recorded value, new value) for every key the two configs disagree on."""
+    a, b = _flat(to_dict(old)), _flat(to_dict(new))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
+
+
+def check_run_dir(cfg: PPOConfig, resume: bool, force: bool) -> tuple[bool, dict]:
+    """Decide, before any write, whether this call resumes ``run_dir`` (it holds a ``config.yaml``
+    and ``resume``) or starts a new run there; returns (resuming, key -> (old, new) changes).
+
+    A new run needs a missing or empty directory, or ``force`` and a directory an earlier ``rlhf
+    train`` created (its marker) that holds none of this run's inputs. A resume may change only
+    ``RESUMABLE_KEYS``; any other difference is refused, listing the keys."""
+    run_dir = Path(cfg.run_dir)
+    if resume and (run_dir / "config.yaml").exists():
+        old = load_config(run_dir / "config.yaml", check_paths=False)
+        changes = resume_changes(old, cfg)
+        bad = {k: v for k, v in changes.items() if k not in RESUMABLE_KEYS}
+        if bad:
+            listed = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in bad.items())
+            raise ConfigError(f"--resume: {run_dir} was started with other values of {listed}; a resume may "
+                              f"change only {', '.join(RESUMABLE_KEYS)} (start a new run_dir for the rest)")
+        return True, changes
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+        if not force:
+            hint = ("continue it with --resume or replace it with --force" if owner(run_dir) == COMMAND
+                    else f"it was not created by `{COMMAND}`; choose a new run_dir")
+            raise ConfigError(f"run_dir: {run_dir} already exists; {hint}")
+        m, inputs = cfg.model, [cfg.model.reference, cfg.model.critic, cfg.model.tokenizer, cfg.model.bai_recipe,
+                                cfg.reward.model, None if cfg.data.path.startswith("builtin:") else cfg.data.path]
+        inputs.append(None if m.actor == "tiny" or m.bai_recipe else m.actor)
+        try:
+            check_output(run_dir, COMMAND, inputs, force=True)
+        except ConfigError:
+            raise
+        except Exception as e:  # UserError from bairlhf.outputs
+            raise ConfigError(f"run_dir: {e}") from None
+    return False, {}
+
+
+def open_run_dir(cfg: PPOConfig, resuming: bool, changes: dict, overrides, tok) -> None:
+    """The first writes: (re)create the run directory with its marker, clear stale temporaries,
+    build the models, write ``config.yaml`` and, on resume, append to ``resumes.jsonl``."""
+    run_dir = Path(cfg.run_dir)
+    created = not run_dir.exists()
+    if not resuming and run_dir.exists() and any(run_dir.iterdir()):  # --force, checked by check_run_dir
+        old = run_dir.with_name(f".{run_dir.name}.old-{time.time_ns()}")
+        run_dir.rename(old)
+        shutil.rmtree(old)
+        created = True
+    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        mark_output(run_dir, COMMAND)
+        for stale in [*run_dir.glob("checkpoints/.tmp_step_*"), *run_dir.glob("models/*.tmp")]:
+            shutil.rmtree(stale, ignore_errors=True)
+        build_models(cfg, run_dir, tok)
+    except BaseException:
+        if created:
+            shutil.rmtree(run_dir, ignore_errors=True)  # no half-built run directory stays behind
+        raise
+    save_config(cfg, run_dir / "config.yaml")
+    if resuming:
+        ckpt = latest_checkpoint(run_dir)
+        rec = {"time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "from": ckpt.name if ckpt else None,
+               "overrides": list(overrides), "changed": {k: list(v) for k, v in changes.items()}}
+        with open(run_dir / "resumes.jsonl", "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """The driver's Python, numpy and torch RNG states as plain JSON."""
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(mt), gauss], "numpy": [name, keys.tolist(), int(pos), int(has_gauss),
+                                                            float(cached)], "torch": torch.get_rng_state().tolist()}
 
 
 def set_rng_state(s: dict) -> None:
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
-    torch.set_rng_state(s["torch"])
+    version, mt, gauss = s["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(torch.tensor(s["torch"], dtype=torch.uint8))
 
 
 def seed_everything(seed: int) -> None:
@@ -303,9 +414,10 @@ def probe_step(cfg: PPOConfig, w, probe_ids: list[list[int]], run_dir: Path, ste
 
 
 def save_checkpoint(cfg: PPOConfig, w, state: LoopState, run_dir: Path, tok) -> Path:
-    """``checkpoints/step_XXXXXX``: actor (HF format, loadable directly), critic, engine states,
-    RNG, data position, KL coefficient, detector state. Written to a temporary sibling, then renamed."""
-    import ray
+    """``checkpoints/step_XXXXXX``: actor (HF format, loadable directly), critic, engine states, and
+    ``trainer_state.json`` (step, data position, KL coefficient, detector and RNG states; no pickle).
+    Written to a temporary sibling, then renamed; ``latest`` is replaced atomically."""
+    from rlhf.workers.preflight import TRAINER_STATE
 
     root = run_dir / "checkpoints"
     final = root / f"step_{state.step:06d}"
@@ -313,16 +425,16 @@ def save_checkpoint(cfg: PPOConfig, w, state: LoopState, run_dir: Path, tok) -> 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     fetch([a.save_pretrained.remote(str(tmp / "actor")) for a in w.actor]
-            + [c.save_pretrained.remote(str(tmp / "critic")) for c in w.critic]
-            + [a.save_state.remote(str(tmp / "actor_state")) for a in w.actor]
-            + [c.save_state.remote(str(tmp / "critic_state")) for c in w.critic])
+          + [c.save_pretrained.remote(str(tmp / "critic")) for c in w.critic]
+          + [a.save_state.remote(str(tmp / "actor_state")) for a in w.actor]
+          + [c.save_state.remote(str(tmp / "critic_state")) for c in w.critic])
     tok.save_pretrained(str(tmp / "actor"))
-    torch.save({"step": state.step, "sampler": state.sampler.state_dict(), "kl_coef": state.kl_coef,
-                "monitor": state.monitor.state_dict(), "rng": rng_state()}, tmp / "trainer_state.pt")
+    atomic_write(tmp / TRAINER_STATE, json.dumps({
+        "step": state.step, "sampler": state.sampler.state_dict(), "kl_coef": state.kl_coef,
+        "monitor": state.monitor.state_dict(), "rng": rng_state()}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
-    (root / "latest.tmp").write_text(final.name)
-    (root / "latest.tmp").rename(root / "latest")
+    atomic_write(root / "latest", final.name)
     for old in sorted(root.glob("step_*"))[:-max(cfg.trainer.keep_checkpoints, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -334,47 +446,66 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 
 
 def restore(w, state: LoopState, ckpt: Path) -> None:
-    """Load engine states into the workers and the loop state from a checkpoint."""
-    import ray
+    """Load engine states into the workers and the loop state from a checkpoint (checked by
+    ``preflight.check_checkpoint`` before any worker started)."""
+    from rlhf.workers.preflight import read_trainer_state
 
     fetch([a.load_state.remote(str(ckpt / "actor_state")) for a in w.actor]
-            + [c.load_state.remote(str(ckpt / "critic_state")) for c in w.critic])
-    s = torch.load(ckpt / "trainer_state.pt", weights_only=False)
-    state.step, state.kl_coef = s["step"], s["kl_coef"]
+          + [c.load_state.remote(str(ckpt / "critic_state")) for c in w.critic])
+    s = read_trainer_state(ckpt)
+    state.step, state.kl_coef = int(s["step"]), float(s["kl_coef"])
     state.sampler.load_state_dict(s["sampler"])
     state.monitor.load_state_dict(s["monitor"])
     set_rng_state(s["rng"])
 
 
+def truncate_run_files(run_dir: Path, step: int) -> None:
+    """Cut ``probes.jsonl`` back to ``step`` (``MetricLogger`` does metrics and stability events)."""
+    from rlhf.metrics.logger import truncate_jsonl
+
+    truncate_jsonl(run_dir / "probes.jsonl", step)
+
+
 # ----------------------------------------------------------------------------- the run
 
-def train(cfg: PPOConfig, resume: bool = False) -> Path:
-    """Run (or resume) PPO; returns the run directory."""
-    import ray
+def fresh_state(cfg: PPOConfig, n_prompts: int) -> LoopState:
+    from rlhf.metrics import StabilityMonitor
+
+    seed_everything(cfg.seed)
+    return LoopState(step=0, sampler=PromptSampler(n_prompts, cfg.seed), kl_coef=cfg.ppo.kl_coef,
+                     monitor=StabilityMonitor(cfg.metrics))
+
+
+def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=()) -> Path:
+    """Run (or, with ``resume`` and a ``config.yaml`` in ``run_dir``, continue) PPO; returns the run
+    directory. Nothing is written before every input has been checked."""
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
-    from rlhf.metrics import MetricLogger, StabilityMonitor
+    from rlhf.metrics import MetricLogger
+    from rlhf.placement import make_plan, spec_from_ppo_config
     from rlhf.workers import group
+    from rlhf.workers.preflight import check_checkpoint, check_resources
 
     run_dir = Path(cfg.run_dir)
-    if not resume and latest_checkpoint(run_dir) is not None:
-        raise ConfigError(f"run_dir: {run_dir} already holds checkpoints; use --resume {run_dir} or a new run_dir")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    seed_everything(cfg.seed)
-    paths = resolve_models(cfg, run_dir)
-    check_inputs(cfg, paths)
-    save_config(cfg, run_dir / "config.yaml")
-    tok = AutoTokenizer.from_pretrained(paths.tokenizer)
+    # 1. validate, writing nothing
+    resuming, changes = check_run_dir(cfg, resume, force)
     raw = load_prompts(cfg.data.path, cfg.data.prompt_key, cfg.data.num_builtin)
+    tok = check_inputs(cfg, run_dir)
+    ckpt = latest_checkpoint(run_dir) if resuming else None
+    if ckpt is not None:
+        check_checkpoint(ckpt)
+    group.init_ray(cfg.cluster.address)
+    if cfg.cluster.address is None:  # a fixed local cluster: refuse a plan that cannot fit now, naming the resource
+        check_resources(make_plan(spec_from_ppo_config(cfg)))
+    # 2. the run directory
+    open_run_dir(cfg, resuming, changes, overrides, tok)
+    paths = model_paths(cfg, run_dir)
+    tok = AutoTokenizer.from_pretrained(paths.tokenizer)
     prompt_ids = encode_prompts(raw, tok, cfg.data.chat_template, cfg.data.think_prefill, cfg.data.max_prompt_tokens)
     probe_ids = prompt_ids[:cfg.trainer.num_probes]
-
-    if not ray.is_initialized():
-        ray.init(address=cfg.cluster.address, include_dashboard=False, log_to_driver=False)
-    state = LoopState(step=0, sampler=PromptSampler(len(prompt_ids), cfg.seed), kl_coef=cfg.ppo.kl_coef,
-                      monitor=StabilityMonitor(cfg.metrics))
-    restarts, w, logger = 0, None, None
+    # 3. the loop, restarted from the last checkpoint when a worker dies
+    state, restarts, w, logger = fresh_state(cfg, len(prompt_ids)), 0, None, None
     try:
         while True:
             try:
@@ -383,8 +514,8 @@ def train(cfg: PPOConfig, resume: bool = False) -> Path:
                 if ckpt is not None:
                     restore(w, state, ckpt)
                     sync_weights(w)
-                logger = MetricLogger(run_dir, resume_step=state.step if ckpt is not None else None,
-                                      monitor=state.monitor)
+                truncate_run_files(run_dir, state.step)
+                logger = MetricLogger(run_dir, resume_step=state.step, monitor=state.monitor)
                 bar = tqdm(total=cfg.trainer.total_steps, initial=state.step, desc="ppo", unit="step")
                 while state.step < cfg.trainer.total_steps:
                     metrics = ppo_step(cfg, w, state, prompt_ids, tok.pad_token_id)
@@ -401,22 +532,23 @@ def train(cfg: PPOConfig, resume: bool = False) -> Path:
             except FloatingPointError as e:
                 ckpt = latest_checkpoint(run_dir)
                 raise RunStopped(f"stopping: {e}; the last checkpoint ({ckpt or 'none yet'}) is kept") from None
-            except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError,
-                    ray.exceptions.ActorDiedError) as e:
+            except group.WorkerStartError as e:
+                ckpt = latest_checkpoint(run_dir)
+                raise RunStopped(f"{e}; the last checkpoint ({ckpt or 'none yet'}) is kept") from None
+            except group.WORKER_DEATHS as e:
                 restarts += 1
+                why = " ".join(str(e).split())[:300]
                 if restarts > cfg.trainer.max_restarts:
-                    raise RunStopped(f"a Ray worker died {restarts} times; giving up "
-                                       f"(trainer.max_restarts = {cfg.trainer.max_restarts})") from e
-                print(f"[rlhf train] a worker died ({type(e).__name__}); restart {restarts}/"
+                    raise RunStopped(f"a Ray worker died {restarts} times; giving up (trainer.max_restarts = "
+                                     f"{cfg.trainer.max_restarts}); last: {why}") from e
+                print(f"[{COMMAND}] a worker died ({type(e).__name__}: {why}); restart {restarts}/"
                       f"{cfg.trainer.max_restarts} from the last checkpoint", file=sys.stderr)
                 if logger is not None:
                     logger.close()
                     logger = None
                 group.shutdown(w, graceful=False)  # survivors may sit in a collective with the dead rank
                 w = None
-                state = LoopState(step=0, sampler=PromptSampler(len(prompt_ids), cfg.seed), kl_coef=cfg.ppo.kl_coef,
-                                  monitor=StabilityMonitor(cfg.metrics))
-                seed_everything(cfg.seed)
+                state = fresh_state(cfg, len(prompt_ids))
     finally:
         if logger is not None:
             logger.close()
@@ -424,29 +556,34 @@ def train(cfg: PPOConfig, resume: bool = False) -> Path:
 
 
 def cli_main(argv: list[str] | None = None) -> int:
-    """`rlhf train [CONFIG.yaml] [key.sub=value ...] [--resume RUN_DIR]`."""
-    ap = argparse.ArgumentParser(prog="rlhf train", description="Run PPO from a YAML config.")
+    """`rlhf train [CONFIG.yaml] [key.sub=value ...] [--resume RUN_DIR] [--force]`.
+
+    Bad input raises ``ConfigError`` (the ``rlhf`` error boundary prints one line, exit 2) before
+    anything is written; a run that stops on purpose exits 1; the last line says what was written."""
+    ap = argparse.ArgumentParser(prog=COMMAND, description="Run PPO from a YAML config.")
     ap.add_argument("args", nargs="*", help="CONFIG.yaml (default: configs/ppo/tiny_cpu.yaml) then key.sub=value overrides")
-    ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint "
+                    f"(only {', '.join(k for k in RESUMABLE_KEYS if k != 'run_dir')} may be overridden)")
+    ap.add_argument("--force", action="store_true", help="replace run_dir when an earlier `rlhf train` created it")
     ns = ap.parse_args(argv)
     args = list(ns.args)
     config = args.pop(0) if args and "=" not in args[0] else None
+    if ns.resume:
+        if config is not None or ns.force:
+            raise ConfigError("--resume: give either CONFIG [--force] or --resume RUN_DIR (the run's config.yaml is used)")
+        cfg_path = Path(ns.resume) / "config.yaml"
+        if not cfg_path.exists():
+            raise ConfigError(f"--resume: {cfg_path} does not exist")
+        cfg = load_config(cfg_path, args + [f"run_dir={ns.resume}"])
+    else:
+        cfg = load_config(config, args)
     try:
-        if ns.resume:
-            if config is not None:
-                raise ConfigError("--resume: give either a CONFIG or --resume RUN_DIR (the run's config.yaml is used)")
-            cfg_path = Path(ns.resume) / "config.yaml"
-            if not cfg_path.exists():
-                raise ConfigError(f"--resume: {cfg_path} does not exist")
-            cfg = load_config(cfg_path, args + [f"run_dir={ns.resume}"])
-        else:
-            cfg = load_config(config, args)
-        run_dir = train(cfg, resume=bool(ns.resume))
-    except ConfigError as e:
-        print(f"rlhf train: {e}", file=sys.stderr)
-        return 2
+        run_dir = train(cfg, resume=bool(ns.resume), force=ns.force, overrides=args)
     except RunStopped as e:
-        print(f"rlhf train: {e}", file=sys.stderr)
+        print(f"{COMMAND}: {e}", file=sys.stderr)
         return 1
-    print(f"run directory: {run_dir}\nTensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    ckpt = latest_checkpoint(run_dir)
+    print(f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    print(f"{COMMAND}: wrote {run_dir} ({cfg.trainer.total_steps} steps: metrics.jsonl, tensorboard/, "
+          f"checkpoints/{ckpt.name if ckpt else '-'}, config.yaml)")
     return 0

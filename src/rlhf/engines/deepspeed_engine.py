@@ -6,6 +6,11 @@ is torch AdamW (fused) handed to DeepSpeed as a client optimizer (no JIT op buil
 warms up linearly then stays constant; gradient clipping is DeepSpeed's. Gradient accumulation
 is DeepSpeed's: ``backward`` never rescales the loss (the PPO losses are already normalised by
 the global token count), ``step`` only updates at the accumulation boundary.
+
+State files are loaded without pickle code execution: ``safe_load`` is ``torch.load(weights_only=
+True)`` with an allowlist of the three DeepSpeed classes its checkpoints hold (``SAFE_GLOBALS``),
+and ``load_state`` routes DeepSpeed's own loads through it (DeepSpeed itself passes
+``weights_only=False``).
 """
 
 from __future__ import annotations
@@ -43,6 +48,36 @@ class EngineSpec:
     """bf16 mixed precision (bf16 weights and activations, fp32 master weights and AdamW states;
     on CPU too, where bf16 matrix multiplies run several times faster than fp32 on CPUs with
     AVX512-BF16 / AMX)."""
+
+
+SAFE_GLOBALS = ("deepspeed.runtime.zero.config:ZeroStageEnum", "deepspeed.runtime.fp16.loss_scaler:LossScaler",
+                "deepspeed.utils.tensor_fragment:fragment_address")
+"""The non-tensor classes DeepSpeed 0.19 writes into ZeRO 0-3 / bf16 state files (measured); any other
+global in a state file is refused."""
+
+
+def safe_load(path: str | Path, map_location="cpu"):
+    """``torch.load`` of a DeepSpeed state file with ``weights_only=True`` and ``SAFE_GLOBALS``."""
+    import importlib
+
+    allowed = [getattr(importlib.import_module(m), n) for m, n in (g.split(":") for g in SAFE_GLOBALS)]
+    with torch.serialization.safe_globals(allowed):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def first_non_finite(obj, where: str = "") -> str | None:
+    """The path (``where.key[i]...``) of the first floating tensor in ``obj`` (nested dicts, lists,
+    tuples) that holds NaN or inf, or ``None``."""
+    if torch.is_tensor(obj):
+        return where if obj.is_floating_point() and not bool(torch.isfinite(obj).all()) else None
+    if isinstance(obj, float):
+        return None  # python floats (loss scales, lrs) are bookkeeping, checked by the engine itself
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for k, v in items:
+        bad = first_non_finite(v, f"{where}.{k}" if where else str(k))
+        if bad is not None:
+            return bad
+    return None
 
 
 def _free_port() -> int:
@@ -157,6 +192,9 @@ class DeepSpeedTrainEngine:
         self.engine.save_checkpoint(str(out_dir), tag="state", save_latest=False)
 
     def load_state(self, in_dir: str | Path) -> None:
+        """Restore ``save_state``'s files; every file is read by ``safe_load`` (no pickle code runs)."""
+        ce = self.engine.checkpoint_engine
+        ce.load = lambda path, map_location=None: safe_load(path, map_location)  # DeepSpeed's own: weights_only=False
         path, _ = self.engine.load_checkpoint(str(in_dir), tag="state")
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {in_dir}")

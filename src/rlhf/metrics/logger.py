@@ -50,8 +50,9 @@ def read_jsonl(path: str | Path) -> list[dict]:
     return out
 
 
-def _truncate_jsonl(path: Path, resume_step: int) -> list[dict]:
-    """Keep records with step <= resume_step; rewrite via a temporary sibling + rename."""
+def truncate_jsonl(path: Path, resume_step: int) -> list[dict]:
+    """Keep records with step <= resume_step (any appended run file: metrics, stability events,
+    probes); rewrite via a temporary sibling + rename."""
     kept = [r for r in read_jsonl(path) if int(r.get("step", -1)) <= resume_step]
     if path.exists():
         tmp = path.with_name(path.name + ".tmp")
@@ -79,8 +80,8 @@ class MetricLogger:
         self.metrics_path = self.run_dir / METRICS_FILE
         self.events_path = self.run_dir / EVENTS_FILE
         if resume_step is not None:
-            kept = _truncate_jsonl(self.metrics_path, resume_step)
-            _truncate_jsonl(self.events_path, resume_step)
+            kept = truncate_jsonl(self.metrics_path, resume_step)
+            truncate_jsonl(self.events_path, resume_step)
             if monitor is not None and not monitor.history:
                 for r in kept:
                     inputs = {k: v for k, v in r.items()

@@ -10,6 +10,7 @@ reward and the rollout worker sit on bundle 0), each taking its share of the GPU
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import ray
@@ -20,6 +21,38 @@ from rlhf.engines.deepspeed_engine import EngineSpec
 from rlhf.placement import create_placement_groups, engine_bundles, make_plan, scheduling, spec_from_ppo_config
 from rlhf.workers.model_workers import (ActorWorker, CriticWorker, ReferenceWorker, RewardWorker,
                                         RolloutWorker)
+
+WORKER_DEATHS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ActorDiedError)
+"""What a dead worker raises in the driver (the trainer restarts from the last checkpoint)."""
+
+
+class WorkerStartError(RuntimeError):
+    """A worker's constructor raised: not a crash to restart from, the message says why."""
+
+
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """Join ``address``, or start a local Ray bound to 127.0.0.1 (GCS, raylet, object manager and
+    worker ports listen on the loopback interface only; no dashboard). Ray resolves a
+    ``_node_ip_address`` of 127.0.0.1 to the machine's IP unless its cluster mode is off
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read at import, hence the constant too)."""
+    if ray.is_initialized():
+        return
+    kwargs.setdefault("include_dashboard", False)
+    kwargs.setdefault("log_to_driver", False)
+    if address is None:
+        import ray._private.ray_constants as ray_constants
+
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # the processes Ray starts inherit it
+        ray_constants.ENABLE_RAY_CLUSTER = False
+        kwargs["_node_ip_address"] = "127.0.0.1"
+    ray.init(address=address, **kwargs)
+
+
+def _creation_error(e: Exception) -> str:
+    """The last line of a failed constructor's remote traceback (``Type: message``)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else type(e).__name__
+
 
 @dataclass
 class ModelPaths:
@@ -93,12 +126,22 @@ def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Worker
                                             cfg.seed, t))
     reference = ReferenceWorker.options(**_options(cfg, plan, pgs, "reference", 0)).remote(paths.reference, temp, t, dtype)
     reward = RewardWorker.options(**_options(cfg, plan, pgs, "reward", 0)).remote(
-        paths.tokenizer, cfg.reward.model, cfg.reward.function, t, cfg.reward.metrics, dtype)
+        paths.tokenizer, cfg.reward.model, cfg.reward.function, t, cfg.reward.metrics, dtype,
+        cfg.reward.allow_local_code, os.path.abspath(cfg.run_dir), os.getcwd())
     vllm = cfg.rollout.engine == "vllm"  # the vLLM engine actors hold the GPU share, not their driver
     rollout = RolloutWorker.options(**_options(cfg, plan, pgs, "rollout", 0, gpu=not vllm)).remote(
         cfg.rollout.engine, paths.actor, pad_id, eos_id, t, vllm_overrides(cfg, plan, pgs) if vllm else None, dtype)
     w = Workers(actor=actor, critic=critic, reference=reference, reward=reward, rollout=rollout, groups=pgs)
-    ray.get(_init_engines(actor) + _init_engines(critic) + [x.pid.remote() for x in w.all()])  # errors surface now
+    names = ["actor"] * len(actor) + ["critic"] * len(critic) + ["reference", "reward", "rollout"]
+    for name, x in zip(names, w.all()):  # constructor errors surface now, named, and are not retried
+        try:
+            ray.get(x.pid.remote())
+        except ray.exceptions.RayActorError as e:
+            if not e.actor_init_failed:
+                raise
+            shutdown(w, graceful=False)
+            raise WorkerStartError(f"the {name} worker failed to start: {_creation_error(e)}") from None
+    ray.get(_init_engines(actor) + _init_engines(critic))
     if weight_sync_mode(cfg) == "broadcast":
         w.weight_specs = open_weight_sync(w, "nccl" if cfg.cluster.gpus_per_worker > 0 else "gloo")
     return w

@@ -290,7 +290,8 @@ class RewardWorker:
     rule-based ``module:function`` applied to the decoded texts."""
 
     def __init__(self, tokenizer_path: str, model_path: str | None, function: str | None, threads: int = 1,
-                 metrics: str | None = None, dtype: str = "float32"):
+                 metrics: str | None = None, dtype: str = "float32", allow_local: bool = False,
+                 run_dir: str | None = None, driver_cwd: str | None = None):
         from transformers import AutoTokenizer
 
         _worker_setup(threads)
@@ -304,11 +305,13 @@ class RewardWorker:
         else:
             from rlhf.rewards import load_reward_function
 
-            self.fn = load_reward_function(function)
+            self.fn = load_reward_function(function, "reward.function", [run_dir] if run_dir else [], allow_local,
+                                           [driver_cwd] if driver_cwd else [])
         if metrics is not None:
             from rlhf.rewards import load_reward_function
 
-            self.metrics_fn = load_reward_function(metrics)
+            self.metrics_fn = load_reward_function(metrics, "reward.metrics", [run_dir] if run_dir else [], allow_local,
+                                                   [driver_cwd] if driver_cwd else [])
 
     @torch.no_grad()
     def score(self, batch: dict, prompts: list[list[int]], responses: list[list[int]],

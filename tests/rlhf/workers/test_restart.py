@@ -13,7 +13,7 @@ import os
 import pytest
 
 from rlhf.config import load_config
-from rlhf.rewards import CRASH_MARKER
+from rlhf_faults import CRASH_MARKER
 from rlhf.trainer import train
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def test_worker_death_restarts_from_checkpoint_zero3_bai_init(ray_cluster, tmp_p
         f.write("5")  # the reward worker dies on its 5th call (step 5); last checkpoint: step 4
     try:
         cfg = load_config(None, [f"run_dir={run_dir}", f"model.bai_recipe={recipe}", "trainer.total_steps=6", "trainer.save_every=2",
-                                 "trainer.probe_every=0", "reward.function=rlhf.rewards:crash_once",
+                                 "trainer.probe_every=0", "reward.function=rlhf_faults:crash_once",
                                  "deepspeed.zero_stage=3", "cluster.actor_workers=2", "cluster.critic_workers=2",
                                  "cluster.colocate=false", "ppo.micro_batch_size=2", "ppo.mini_batch_size=8"])
         train(cfg)
@@ -66,7 +66,7 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(ray_cluster, tmp_
     run_dir = tmp_path / "run"
     # also the ppo.old_logp_source=rollout path: the actor rescores at step 0 only (the rollout check)
     cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=4", "trainer.save_every=2",
-                             "trainer.probe_every=0", "reward.function=rlhf.rewards:nan_reward",
+                             "trainer.probe_every=0", "reward.function=rlhf_faults:nan_reward",
                              "ppo.old_logp_source=rollout"])
     with pytest.raises(RunStopped, match=r"non-finite reward scores at step 3.*step_000002.*is kept"):
         train(cfg)
