@@ -559,6 +559,8 @@ def numeric_fields(cls, where: str = "") -> list[tuple[str, object, str | None, 
 def ranges_markdown() -> str:
     """``docs/config_ranges.md``: the valid range of every numeric field and the choices of every
     enum, of the ``rlhf train`` config (``PPOConfig``), ``rlhf sft`` and ``rlhf rm``."""
+    import re
+
     from bairlhf.typed_config import field_ranges
     from rlhf.rm import RMConfig
     from rlhf.sft import SFTConfig
@@ -574,7 +576,8 @@ def ranges_markdown() -> str:
         lines += [f"## {title}", "", "### Numeric fields", "", "| key | valid range | default | meaning |",
                   "|---|---|---|---|"]
         for key, default, r, doc in numeric_fields(cls):
-            lines.append(f"| `{key}` | {r or 'any'} | `{default}` | {doc.split('. ')[0].rstrip('.')} |")
+            meaning = re.split(r"(?<![.])[.]\s+(?=[A-Z])", doc)[0].rstrip(".").replace("|", "\\|")  # 1st sentence
+            lines.append(f"| `{key}` | {r or 'any'} | `{default}` | {meaning} |")
         choices = {k: v for k, v in field_ranges(cls).items() if " | " in v}
         if choices:
             lines += ["", "### Choices", "", "| key | one of |", "|---|---|"]
