@@ -125,3 +125,45 @@ def test_run_label_sources(tmp_path):
     assert run_label(tmp_path / "r2", {"actor": {"init": "/m/sft", "ratio": 0.2}}) == "sft (α=0.2, β=0.8)"
     assert run_label(tmp_path / "r3", {}) == "r3"
     assert run_label(tmp_path / "r4", {"model": {"actor": "out/models/alpha_0.25/"}}) == "BAI merge (α=0.25, β=0.75)"
+
+
+@pytest.mark.slow
+def test_trainer_buckets_follow_the_metrics_config_into_metrics_and_report(tmp_path, capsys, monkeypatch):
+    """metrics.bucket_width / num_buckets reach the trainer's batch_metrics (issue 12): a tiny run
+    with width 7 and 5 buckets logs exactly bucket_00..04, placed by length, and the report labels
+    them by 7s (not the defaults' 100 x 20)."""
+    import json
+    import re
+
+    import ray
+
+    from rlhf.config import load_config
+    from rlhf.trainer import train
+
+    monkeypatch.chdir(tmp_path)          # not the checkout: reward modules come from the installed package
+    run_dir = tmp_path / "run"
+    cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=2", "trainer.save_every=2",
+                             "trainer.probe_every=0", "rollout.max_new_tokens=32", "ppo.ppo_epochs=1",
+                             "metrics.bucket_width=7", "metrics.num_buckets=5", "metrics.bucket_min_count=1"])
+    assert (cfg.metrics.bucket_width, cfg.metrics.num_buckets) == (7, 5)
+    try:
+        train(cfg)
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2]
+    for r in recs:
+        counts = {k: v for k, v in r.items() if k.startswith("reward/bucket_") and k.endswith("_count")}
+        assert sorted(counts) == [f"reward/bucket_{i:02d}_count" for i in range(5)], sorted(counts)
+        assert sum(counts.values()) == r["rollout/num_responses"]
+        used = [i for i in range(5) if counts[f"reward/bucket_{i:02d}_count"] > 0]
+        assert used[0] == min(int(r["rollout/length_min"]) // 7, 4)
+        assert used[-1] == min(int(r["rollout/length_max"]) // 7, 4)
+    out = tmp_path / "rep"
+    assert rlhf_main(["report", str(run_dir), "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    label = re.compile(r"\| (length (\[\d+, \d+\)|>= \d+)) \|")
+    labels = {m.group(1) for ln in summary.splitlines() if (m := label.match(ln))}
+    want = {f"length [{7 * i}, {7 * i + 7})" for i in range(4)} | {"length >= 28"}
+    assert labels and labels <= want, labels
