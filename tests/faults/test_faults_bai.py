@@ -49,23 +49,36 @@ def _tree(d: Path) -> dict[str, bytes]:
     return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
 
 
+_DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def _start(args: list[str], slowdown: float | None = None) -> subprocess.Popen:
-    env = dict(os.environ)
+    """``bai ARGS`` in a fresh process (its own process group port: an in-process run of this
+    test session may have left MASTER_PORT & co. in the environment); stderr kept for failures."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     if slowdown:
         env["BAI_MERGE_SLOWDOWN_S"] = str(slowdown)
-    return subprocess.Popen([sys.executable, "-m", "bai.cli", *args], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return subprocess.Popen([sys.executable, "-m", "bai.cli", *args], env=env, text=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def _kill_when(proc: subprocess.Popen, ready, what: str, limit_s: float = 600) -> None:
     """SIGKILL ``proc`` as soon as ``ready()`` is true (``limit_s`` only guards a hung test)."""
+    import threading
+
+    err: list[str] = []
+    drain = threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True)   # never blocks the child
+    drain.start()
     deadline = time.monotonic() + limit_s
     while proc.poll() is None and not ready():
         if time.monotonic() > deadline:
             proc.kill()
             pytest.fail(f"{what}: the stage was not reached")
         time.sleep(0.02)
-    assert proc.poll() is None, f"{what}: the process ended before it could be killed (rc {proc.returncode})"
+    if proc.poll() is not None:
+        drain.join(5)
+        pytest.fail(f"{what}: the process ended (rc {proc.returncode}) before it could be killed:\n"
+                    + "".join(err)[-3000:])
     proc.send_signal(signal.SIGKILL)
     proc.wait()
 
