@@ -140,6 +140,11 @@ def set_(**kv):
     return change
 
 
+def out_is_ppo_config(data, d):
+    (d / "ppo.yaml").write_text(PPO.read_text())
+    data.update(out=str(d / "ppo.yaml"), ppo_config=str(d / "ppo.yaml"))
+
+
 SWEEP = ["rlhf", "sweep", "{d}/sweep.yaml"]
 
 SWEEP_CASES = [
@@ -174,9 +179,7 @@ SWEEP_CASES = [
          both(sweep(), mkdir_with("out"))),
     Case("out_user_dir_force", SWEEP + ["--force"], "was not written by `rlhf sweep`",
          both(sweep(), mkdir_with("out"))),
-    Case("out_is_ppo_config", SWEEP, "is the input",
-         sweep(lambda data, d: data.update(out=str(d / "ppo.yaml"), ppo_config=str(d / "ppo.yaml"))
-               or (d / "ppo.yaml").write_text(PPO.read_text()) and None)),
+    Case("out_is_ppo_config", SWEEP, "is the input", sweep(out_is_ppo_config)),
     Case("out_contains_sweep_file", SWEEP, "contains the input", sweep(set_(out="."))),
     Case("out_inside_base_model", SWEEP + ["--force"], "lies inside the input",
          sweep(lambda data, d: data.update(out=str(Path(FAMILY["base"]) / "sweep_out")))),
