@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bairlhf.errors import UserError
 from bairlhf.outputs import atomic_write, check_output, mark_output, owner
 from rlhf.config import ConfigError, PPOConfig, load_config, save_config, to_dict
 from rlhf.data import PromptSampler, encode_prompts, load_prompts
@@ -100,8 +101,6 @@ def build_models(cfg: PPOConfig, run_dir: Path, tok) -> None:
 
 def check_inputs(cfg: PPOConfig, run_dir: Path):
     """Refuse bad inputs before any work; returns the tokenizer (the tiny one built in memory)."""
-    from transformers import AutoTokenizer
-
     from rlhf.workers.preflight import check_model_dir, check_reward_functions
 
     check_reward_functions(cfg, run_dir)
@@ -117,7 +116,7 @@ def check_inputs(cfg: PPOConfig, run_dir: Path):
             raise ConfigError(f"model.bai_recipe: {e}") from e
     seen, to_build = set(), m.actor == "tiny" or m.bai_recipe is not None
     for key, p in [("model.actor", paths.actor), ("model.reference", paths.reference),
-                   ("model.critic", paths.critic), ("reward.model", cfg.reward.model)]:
+                   ("reward.model", cfg.reward.model), ("model.critic", paths.critic)]:
         if p is None or p in seen or (to_build and p == paths.actor and not Path(p).exists()):
             continue  # the tiny / merged actor is built after validation
         seen.add(p)
@@ -128,13 +127,23 @@ def check_inputs(cfg: PPOConfig, run_dir: Path):
 
         tok = tiny.train_tokenizer(template=m.tiny.template)
     else:
-        tok = AutoTokenizer.from_pretrained(paths.tokenizer)
+        tok = _tokenizer("model.tokenizer" if m.tokenizer else "model.actor", paths.tokenizer)
     if cfg.reward.model is not None:
-        theirs = AutoTokenizer.from_pretrained(cfg.reward.model).get_vocab()
+        theirs = _tokenizer("reward.model", cfg.reward.model).get_vocab()
         if tok.get_vocab() != theirs:
             raise ConfigError(f"reward.model: tokenizer of {cfg.reward.model} differs from the actor's "
                               f"({len(theirs)} vs {len(tok.get_vocab())} tokens)")
     return tok
+
+
+def _tokenizer(key: str, path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as e:
+        raise ConfigError(f"{key}: no usable tokenizer in {path} ({type(e).__name__}: "
+                          f"{' '.join(str(e).split())[:160]})") from None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -172,14 +181,14 @@ def check_run_dir(cfg: PPOConfig, resume: bool, force: bool) -> tuple[bool, dict
             hint = ("continue it with --resume or replace it with --force" if owner(run_dir) == COMMAND
                     else f"it was not created by `{COMMAND}`; choose a new run_dir")
             raise ConfigError(f"run_dir: {run_dir} already exists; {hint}")
-        m, inputs = cfg.model, [cfg.model.reference, cfg.model.critic, cfg.model.tokenizer, cfg.model.bai_recipe,
-                                cfg.reward.model, None if cfg.data.path.startswith("builtin:") else cfg.data.path]
-        inputs.append(None if m.actor == "tiny" or m.bai_recipe else m.actor)
-        try:
-            check_output(run_dir, COMMAND, inputs, force=True)
-        except ConfigError:
-            raise
-        except Exception as e:  # UserError from bairlhf.outputs
+    m = cfg.model
+    inputs = [m.reference, m.critic, m.tokenizer, m.bai_recipe, cfg.reward.model,
+              None if cfg.data.path.startswith("builtin:") else cfg.data.path,
+              None if m.actor == "tiny" or m.bai_recipe else m.actor]
+    if not (run_dir.is_dir() and not any(run_dir.iterdir())):  # an empty directory holds nothing to lose
+        try:  # is, contains or lies inside an input; an existing one must be an earlier `rlhf train` run
+            check_output(run_dir, COMMAND, inputs, force=force)
+        except UserError as e:
             raise ConfigError(f"run_dir: {e}") from None
     return False, {}
 

@@ -85,6 +85,8 @@ def check_checkpoint(ckpt: Path) -> dict:
     """Validate everything ``restore`` will load from ``ckpt``; returns the trainer state."""
     from rlhf.engines.deepspeed_engine import first_non_finite, safe_load
 
+    if not ckpt.is_dir():
+        raise ConfigError(f"--resume: {ckpt.parent / 'latest'} names {ckpt.name}, which does not exist")
     state = read_trainer_state(ckpt)
     for role in ("actor", "critic"):
         check_model_dir(f"checkpoint {role}", ckpt / role)
