@@ -232,13 +232,14 @@ def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
 
     Three stages overlap: a reader thread fills the next chunk's input buffers while the main
     thread computes the current one and a writer thread appends the previous results to the open
-    shards (preadv, torch kernels and file writes all release the GIL). Compute uses one torch
+    shards (preadv, torch kernels and file writes all release the GIL). Progress goes through
+    ``bairlhf.progress`` (a bar on a terminal, a line every few percent in a log). Compute uses one torch
     thread: the work is bandwidth-bound, and OpenMP teams on busy shared cores stall badly.
     Whole-tensor methods (TIES, DARE, SLERP) run without read-ahead to keep one tensor per input.
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from tqdm.auto import tqdm
+    from bairlhf.progress import progress as progress_bar
 
     combine = _combiner(p.cfg)
     elementwise = p.cfg.method in ELEMENTWISE
@@ -276,7 +277,7 @@ def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    bar = tqdm(total=p.in_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
+    bar = progress_bar(total=p.in_bytes, unit="B", unit_scale=True, unit_divisor=1024, disable=not progress,
                desc=f"bai merge ({p.cfg.method}, {len(out_dirs)} output{'s' * (len(out_dirs) > 1)})")
     try:
         with ThreadPoolExecutor(1) as rpool, ThreadPoolExecutor(1) as wpool:

@@ -67,6 +67,10 @@ def field_ranges(cls, where: str = "") -> dict[str, str]:
             inner = [a for a in typing.get_args(base) if a is not type(None)]
             if len(inner) == 1:
                 base, extras = _unannotate(inner[0])
+        if typing.get_origin(base) is list and typing.get_args(base) and not extras:
+            item, item_extras = _unannotate(typing.get_args(base)[0])   # list[Annotated[float, Range]]
+            if item_extras:
+                base, extras = item, item_extras
         for r in extras:
             if isinstance(r, Range):
                 out[key] = str(r)

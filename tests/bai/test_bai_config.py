@@ -77,3 +77,39 @@ def test_bad_model_lists(dirs):
 def test_helpers():
     assert parse_size("5GB") == 5 * 10**9 and parse_size("40KiB") == 40 * 1024 and parse_size(123) == 123
     assert alpha_dirname(0.1) == "alpha_0.1" and alpha_dirname(0.30000000000000004) == "alpha_0.3"
+
+
+def numeric_fields(cls, where: str = "") -> list[str]:
+    """Dotted keys of every int/float field (or list of them) of a config dataclass tree."""
+    import dataclasses
+    import typing
+
+    out = []
+    for name, tp in typing.get_type_hints(cls, include_extras=True).items():
+        key = f"{where}.{name}" if where else name
+        todo, seen = [tp], []
+        while todo:
+            t = todo.pop()
+            if typing.get_origin(t) is typing.Annotated:
+                t = typing.get_args(t)[0]
+            if t in (int, float):
+                seen.append(t)
+            elif dataclasses.is_dataclass(t):
+                out += numeric_fields(t, key)
+            else:
+                todo += [a for a in typing.get_args(t) if a is not type(None)]
+        if seen:
+            out.append(key)
+    return out
+
+
+def test_every_numeric_field_has_a_documented_range():
+    from bairlhf.typed_config import field_ranges
+
+    from bai.config import MergeConfig
+
+    ranges = field_ranges(MergeConfig)
+    keys = numeric_fields(MergeConfig)
+    assert {"alphas", "t", "density", "lam", "seed", "shard_size", "models.weight"} <= set(keys)
+    assert [k for k in keys if k not in ranges] == []
+    assert ranges["alphas"] == "[0, 1]" and ranges["density"] == "(0, 1]"

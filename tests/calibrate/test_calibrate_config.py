@@ -91,3 +91,22 @@ def test_shipped_configs_validate(base):
         presets.add(cfg.sft.preset)
         assert "{input}" in cfg.prompt_template
     assert presets - {None} == set(TABLE2_PRESETS)
+
+
+def test_every_numeric_field_has_a_documented_range():
+    import importlib.util
+    from pathlib import Path
+
+    from bairlhf.typed_config import field_ranges
+
+    from bai.calibrate import CalibrateConfig
+
+    spec = importlib.util.spec_from_file_location(
+        "bai_config_tests", Path(__file__).resolve().parents[1] / "bai" / "test_bai_config.py")
+    helpers = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(helpers)
+    ranges = field_ranges(CalibrateConfig)
+    keys = helpers.numeric_fields(CalibrateConfig)
+    assert {"search.rho_min", "sft.lr", "sft.lora.dropout", "estimator.threshold", "seed"} <= set(keys)
+    assert [k for k in keys if k not in ranges] == []
+    assert ranges["search.rho_min"] == "(0, 1]"
