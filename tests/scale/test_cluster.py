@@ -34,6 +34,7 @@ def test_slurm_dry_run_starts_head_workers_and_driver():
     assert len(workers) == 7 and {l.split("-w ")[1].split()[0] for l in workers} == set("gpu-" + c for c in "bcdefgh")
     assert "GPU', 0)" in out and "g >= 64" in out  # waits for all 64 GPUs
     assert lines[-1].endswith("rlhf train configs/ppo/tiny_cpu.yaml trainer.total_steps=5 cluster.address=gpu-a:6379")
+    assert all("RAY_AUTH_MODE=token RAY_AUTH_TOKEN_PATH=" in l for l in lines if "ray start" in l)
     bad = sh(SBATCH, "serve", "x.yaml", env={"DRY_RUN": "1"}, check=False)
     assert bad.returncode == 2 and "must be train or sweep" in bad.stderr
 
@@ -53,6 +54,8 @@ def test_kuberay_manifest_and_dry_run():
     w_gpus = workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]
     assert head_gpus == 8 and w_gpus == 8 and workers["replicas"] == 7  # 8 pods x 8 GPUs = 64
     assert spec["rayVersion"] == "2.60.0"
+    assert spec["authOptions"] == {"mode": "token"}  # no unauthenticated dashboard / job API (issue 12)
+    assert "RAY_AUTH_MODE: disabled" not in MANIFEST.read_text()
     images = {c["image"] for g in [spec["headGroupSpec"], workers] for c in g["template"]["spec"]["containers"]}
     assert images == {"reg/bai-rlhf:1"}
     assert not [l for l in out.splitlines() if "${" in l and not l.lstrip().startswith("#")]
