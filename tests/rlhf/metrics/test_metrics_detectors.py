@@ -251,3 +251,13 @@ def test_bucket_labels():
     cfg = StabilityConfig(bucket_width=7, num_buckets=5)
     assert cfg.bucket_label(0) == "length [0, 7)" and cfg.bucket_label(3) == "length [21, 28)"
     assert cfg.bucket_label(4) == "length >= 28"
+
+
+def test_every_metrics_field_has_a_range():
+    import dataclasses
+
+    from bairlhf.typed_config import field_ranges
+
+    ranges = field_ranges(StabilityConfig, "metrics")
+    assert set(ranges) == {f"metrics.{f.name}" for f in dataclasses.fields(StabilityConfig)}
+    assert ranges["metrics.num_buckets"] == "[1, 100]" and ranges["metrics.plateau_tol"] == "(0, 0.5)"
