@@ -415,13 +415,20 @@ def summary_markdown(runs: list[Run]) -> str:
 
 # ----------------------------------------------------------------------------- entry point
 
+def legacy_report(path: Path) -> bool:
+    """An ``rlhf report`` output from before marker files: a directory holding nothing but the
+    report's own files (``FIGURES``); ``--force`` may replace it."""
+    kids = list(path.iterdir()) if path.is_dir() else []
+    return bool(kids) and all(k.is_file() and k.name in FIGURES for k in kids)
+
+
 def write_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
     """Load every run first (bad input stops before anything is written), then build the output
     in a temporary sibling directory and swap it into place (``bairlhf.outputs``: ``--force``
     replaces only an earlier report, never an input run directory or anything around one)."""
     out = Path(out)
     run_dirs = [Path(d) for d in run_dirs]
-    check_output(out, COMMAND, inputs=run_dirs, force=force)
+    check_output(out, COMMAND, inputs=run_dirs, force=force, legacy=legacy_report)
     runs = [load_run(d) for d in run_dirs]
     first = runs[0].cfg
     for run in runs[1:]:

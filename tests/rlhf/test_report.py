@@ -95,6 +95,20 @@ def test_report_force_replaces_only_its_own_output_never_a_run(runs, tmp_path, c
     assert _tree(runs[0]) == before and not (runs[0] / "figs").exists()     # the run is untouched
 
 
+def test_report_force_replaces_an_unmarked_report_of_older_versions(runs, tmp_path, capsys):
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in ("summary.md", "reward.png"):
+        (old / name).write_text("old report")
+    assert rlhf_main(["report", str(runs[0]), "--out", str(old), "--force"]) == 0
+    assert (old / "summary.md").read_text().startswith("# Run report")
+    (tmp_path / "mixed").mkdir()
+    (tmp_path / "mixed" / "summary.md").write_text("old")
+    (tmp_path / "mixed" / "notes.txt").write_text("mine")           # not only report files: refused
+    assert rlhf_main(["report", str(runs[0]), "--out", str(tmp_path / "mixed"), "--force"]) == 2
+    assert (tmp_path / "mixed" / "notes.txt").read_text() == "mine"
+
+
 def test_report_on_a_live_run_with_a_partial_line(tmp_path, capsys):
     live = tmp_path / "live"
     _write_run(live, True, None, steps=25)
