@@ -395,6 +395,8 @@ CALIBRATE_CASES = [
     Case("cal-sft-preset", CAL, "config.sft.preset: unknown preset 'nope'", cw(sft={"preset": "nope"})),
     Case("cal-sft-batch-multiple", CAL, "config.sft.batch_size: 6 is not a multiple",
          cw(sft={"batch_size": 6, "micro_batch_size": 4})),
+    Case("cal-sft-max-len", CAL, "config.sft.max_len: all 4 records are longer than 3 tokens", cw(sft={"max_len": 3})),
+    Case("cal-empty-trace-prefill", CAL, "does not continue it", cw(reasoning={"empty_trace": "</think>\n"})),
     Case("cal-seed", CAL, "config.seed: must be >= 0, got -3", cw(seed=-3)),
     Case("cal-prompt-template", CAL, "config.prompt_template: must contain {input}", cw(prompt_template="no slot")),
     Case("cal-reasoning-marker", CAL, "reasoning.start: tokenizer has no reasoning marker '<reason>'",

@@ -137,3 +137,40 @@ def test_full_finetune_merges_linearly(world, tmp_path):
     for k in orig:
         assert torch.allclose(m03[k], 0.7 * orig[k] + 0.3 * sft[k], atol=1e-6), k
     assert not any((tmp_path / "full" / ".probes").iterdir())  # probe checkpoints are deleted
+
+
+def test_force_replaces_only_its_own_run(world, tmp_path, capsys):
+    """--force onto an input, a directory holding inputs, a foreign directory: exit 2, nothing
+    changed; onto an earlier `bai calibrate` run: replaced once the new run is complete."""
+    from bairlhf.outputs import owner
+
+    def tree(d):
+        return {str(p.relative_to(d)): p.stat().st_mtime_ns for p in sorted(d.rglob("*"))}
+
+    root = world["root"]
+    raw = {**world["raw"], "sft": {**world["raw"]["sft"], "epochs": 1}, "search": {"method": "grid", "grid_k": 1},
+           "estimator": {"method": "logit"}}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    foreign = tmp_path / "notes"
+    foreign.mkdir()
+    (foreign / "todo.txt").write_text("mine")
+    before_root, before_tmp = tree(root), tree(tmp_path)
+    for out, expect in ((root / "reasoner", "is the input"), (root, "contains the input"),
+                        (tmp_path, "contains the input"), (foreign, "was not written by `bai calibrate`")):
+        capsys.readouterr()
+        assert bai_cli.main(["calibrate", str(cfg), "--out", str(out), "--force"]) == 2, out
+        err = capsys.readouterr().err.strip()
+        assert expect in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert tree(root) == before_root and tree(tmp_path) == before_tmp
+    out = tmp_path / "run"
+    shutil.copytree(world["run"], out)
+    (out / "stale.txt").write_text("from the earlier run")
+    assert owner(out) == "bai calibrate"
+    capsys.readouterr()
+    assert bai_cli.main(["calibrate", str(cfg), "--out", str(out), "--force"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("bai calibrate: alpha*") and str(out) in last
+    assert not (out / "stale.txt").exists() and owner(out) == "bai calibrate"
+    assert [p["sft_weight"] for p in json.loads((out / "report.json").read_text())["probes"]] == [0.0, 1.0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml", "notes", "run"]

@@ -90,15 +90,18 @@ def preflight(cfg: CalibrateConfig):
     data_mod.marker_id(tok, cfg.reasoning.start, "config.reasoning.start")
     data_mod.marker_id(tok, cfg.reasoning.end, "config.reasoning.end")
     records = data_mod.sft_records(train, cfg)
-    try:   # rlhf.sft raises plain ValueError for bad input
-        sft_mod.validate_config(sft_config(cfg, Path(".")), "config.sft", need_paths=False)
+    sft_cfg = dataclasses.replace(sft_config(cfg, Path(".")), data=cfg.train_data)
+    try:   # rlhf.sft's own checks (its errors are ValueErrors), on exactly what the SFT step will see
+        sft_mod.validate_config(sft_cfg, "config.sft", need_paths=False)
     except ValueError as e:
         raise CalibrateError(str(e)) from None
     try:
-        sft_mod.tokenize_example(tok, records[0]["messages"], records[0]["response"], cfg.reasoning.start)
+        sft_mod.build_examples(tok, records, sft_cfg)     # every record tokenizes; not all are too long
     except ValueError as e:
-        raise CalibrateError(f"config.reasoning.empty_trace: the chat template of {cfg.model} does not fit the "
-                             f"empty-trace target of the first record of {cfg.train_data}: {e}") from None
+        msg = str(e)
+        raise CalibrateError(f"config.{msg}" if msg.startswith("sft.") else
+                             f"{msg} (config.reasoning.empty_trace must continue the chat template's prefill)"
+                             ) from None
     path = data_mod.decision_path(tok, data_mod.build_messages(cal[0], cfg), cfg)
     if cfg.estimator.prefix_tokens < len(path.ids) and (cfg.estimator.method == "prefix" or cfg.estimator.compare):
         raise CalibrateError(f"config.estimator.prefix_tokens: {cfg.estimator.prefix_tokens} is shorter than the empty "
