@@ -190,6 +190,8 @@ def open_checkpoint(path: Path, *, allow_pickle: bool = False, key: str = "path"
         if not f.is_file():
             raise MergeError(f"{index}: lists {f.name}, which does not exist")
         tensors.update(read_header(f))
+    if not tensors:
+        raise MergeError(f"{key}: {path} holds no tensors (its weight files are empty)")
     if weight_map is not None:
         for name, shard in weight_map.items():
             if name not in tensors or tensors[name].file.name != shard:

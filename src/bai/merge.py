@@ -111,7 +111,8 @@ def _embed_name(ck: Checkpoint) -> str | None:
 
 
 def _tied(ck: Checkpoint) -> bool:
-    cfg = ck.config if "tie_word_embeddings" in ck.config else ck.config.get("text_config", {})
+    text = ck.config.get("text_config")
+    cfg = ck.config if "tie_word_embeddings" in ck.config or not isinstance(text, dict) else text
     return bool(cfg.get("tie_word_embeddings", True))   # PretrainedConfig's default
 
 

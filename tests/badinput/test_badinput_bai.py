@@ -275,6 +275,9 @@ MERGE_CASES = [
          corrupt(lambda m: (m / "config.json").write_text("[1, 2]"))),
     Case("merge-config-json-syntax", MERGE, "config.json is not valid JSON",
          corrupt(lambda m: (m / "config.json").write_text("{\"model_type\": "))),
+    Case("merge-no-tensors", MERGE, "holds no tensors", lambda d: (
+        (d / "st").mkdir(), shutil.copy(A["sft_b"] / "config.json", d / "st"),
+        (d / "st" / "model.safetensors").write_bytes(struct.pack("<Q", 2) + b"{}"), write_recipe(d, sft_b=d / "st"))),
     Case("merge-nan-weights", MERGE, "contains NaN or inf values", corrupt(_nan)),
     Case("merge-pickle-refused", MERGE, "has only pickled .bin weights", pickled_dir(None)),
     Case("merge-pickle-corrupt", MERGE, "cannot load pickled weights", pickled_dir(b"PK\x03\x04 corrupt")),
