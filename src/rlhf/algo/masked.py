@@ -48,11 +48,25 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
                   eps: float = 1e-8) -> torch.Tensor:
     """``(x - mean) / sqrt(var + eps)`` over the masked tokens of the whole batch.
 
-    With ``shift_mean=False`` the mean is added back (scale only). Padding positions are 0.
+    ``mean`` and the Bessel-corrected ``var`` are ``masked_mean`` / ``masked_var`` (weighted by
+    ``mask``), computed here in fewer passes over the batch (one masked copy, one centred copy
+    that becomes the result in place). With ``shift_mean=False`` the mean is added back (scale
+    only). Padding positions are 0.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
-    out = (x - mean) * torch.rsqrt(var + eps)
+    _check_same_shape(x, mask)
+    on = mask != 0
+    m = mask.to(x.dtype) if x.is_floating_point() else mask.float()
+    zero = torch.zeros((), dtype=m.dtype, device=x.device)
+    weighted = torch.where(on, x, zero).mul_(m)           # x * m on tokens, 0 on padding (NaN dropped)
+    count = m.sum()
+    mean = weighted.sum() / count.clamp_min(1.0)
+    del weighted
+    centered = (x - mean).masked_fill_(~on, 0.0)
+    sq = centered * centered
+    var = sq.mul_(m).sum() / count.clamp_min(1.0)
+    del sq
+    var = torch.where(count > 1, var * count / (count - 1).clamp_min(1.0), torch.zeros_like(var))
+    out = centered.mul_(torch.rsqrt(var + eps))
     if not shift_mean:
-        out = out + mean
-    return torch.where(mask != 0, out, torch.zeros_like(out))
+        out = (out + mean).masked_fill_(~on, 0.0)
+    return out
