@@ -167,13 +167,18 @@ def _gae_time_major(rewards, values, mask, gamma, lams):
     return _gae_masked(rewards, values, lay.on, gamma, lams), lay._replace(left_pad=False)
 
 
+def _batch_major(a_tm):
+    """A fresh contiguous [B, T] copy of a time-major [T, B] tensor (never a view of it)."""
+    return torch.empty(a_tm.shape[::-1], dtype=a_tm.dtype, device=a_tm.device).copy_(a_tm.t())
+
+
 def _advantages_out(a_tm, lay):
-    adv = a_tm.t().contiguous()
+    adv = _batch_major(a_tm)
     return adv.masked_fill_(lay.off, 0.0) if lay.left_pad else adv
 
 
 def _returns_out(a_tm, values, lay):
-    return a_tm.t().contiguous().add_(values.float()).masked_fill_(lay.off, 0.0)
+    return _batch_major(a_tm).add_(values.float()).masked_fill_(lay.off, 0.0)
 
 
 def gae_multi(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
