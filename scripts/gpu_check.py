@@ -280,7 +280,12 @@ def llama_param_count(cfg: dict) -> int:
     kv = int(cfg.get("num_key_value_heads") or heads)
     hd = int(cfg.get("head_dim") or h // heads)
     attn = h * heads * hd * 2 + h * kv * hd * 2
-    layer = attn + 3 * h * inter + 2 * h
+    if cfg.get("model_type") == "qwen2":  # q, k, v biases
+        attn += heads * hd + 2 * kv * hd
+    elif cfg.get("attention_bias"):  # Llama: q, k, v and o biases
+        attn += heads * hd + 2 * kv * hd + h
+    mlp = 3 * h * inter + (2 * inter + h if cfg.get("mlp_bias") else 0)
+    layer = attn + mlp + 2 * h
     emb = v * h * (1 if cfg.get("tie_word_embeddings", False) else 2)
     return emb + n_l * layer + h
 
