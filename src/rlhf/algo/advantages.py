@@ -40,19 +40,25 @@ def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
     Returns ``(rewards [B, T], kl [B, T])`` with ``kl`` the unscaled per-token estimate, both
     zero on padding. ``logp`` is the sampling policy's (old) logprob of the taken tokens.
     """
+    _check_reward_inputs(scores, logp, ref_logp, mask)
+    return _token_rewards(scores, logp, ref_logp, mask != 0, last_token_index(mask), kl_coef, kl_kind)
+
+
+def _token_rewards(scores, logp, ref_logp, on, last, kl_coef, kl_kind):
+    kl = kl_penalty(logp, ref_logp, kl_kind)
+    kl = torch.where(on, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    rewards = kl * (-kl_coef)
+    rows = torch.arange(on.shape[0], device=on.device)
+    rewards[rows, last] += scores.to(rewards.dtype)
+    return rewards, kl
+
+
+def _check_reward_inputs(scores, logp, ref_logp, mask):
     if logp.shape != mask.shape or ref_logp.shape != mask.shape:
         raise ValueError(f"logp {tuple(logp.shape)}, ref_logp {tuple(ref_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must share one [B, T] shape")
     if scores.shape != mask.shape[:1]:
         raise ValueError(f"scores must be [B]={mask.shape[0]}, got shape {tuple(scores.shape)}")
-    last = last_token_index(mask)
-    on = mask != 0
-    kl = kl_penalty(logp, ref_logp, kl_kind)
-    kl = torch.where(on, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
-    rewards = kl * (-kl_coef)
-    rows = torch.arange(mask.shape[0], device=mask.device)
-    rewards[rows, last] += scores.to(rewards.dtype)
-    return rewards, kl
 
 
 def _check_gae_inputs(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
@@ -69,6 +75,7 @@ class MaskLayout(NamedTuple):
     last: torch.Tensor        # int64 [B], last response token (T - 1 for an empty row)
     contiguous: bool          # every row's tokens form one run (no holes)
     left_pad: bool            # some non-empty row starts after position 0
+    nonempty: torch.Tensor    # bool [B], rows with at least one response token
 
 
 def mask_layout(mask: torch.Tensor) -> MaskLayout:
@@ -77,7 +84,7 @@ def mask_layout(mask: torch.Tensor) -> MaskLayout:
     B, T = on.shape
     if T == 0:
         empty = torch.zeros(B, dtype=torch.long, device=mask.device)
-        return MaskLayout(on, ~on, empty, True, False)
+        return MaskLayout(on, ~on, empty, True, False, torch.zeros(B, dtype=torch.bool, device=mask.device))
     u = on.view(torch.uint8)
     first = u.argmax(dim=1)                           # first maximum = first token (0 when empty)
     last = T - 1 - u.flip(1).argmax(dim=1)
@@ -85,7 +92,7 @@ def mask_layout(mask: torch.Tensor) -> MaskLayout:
     nonempty = count > 0
     contiguous = bool(((count == last - first + 1) | ~nonempty).all())
     left_pad = bool((nonempty & (first > 0)).any())
-    return MaskLayout(on, ~on, last, contiguous, left_pad)
+    return MaskLayout(on, ~on, last, contiguous, left_pad, nonempty)
 
 
 def rows_are_contiguous(on: torch.Tensor) -> bool:
@@ -158,10 +165,10 @@ def _gae_masked(rewards, values, on, gamma, lams):
     return adv
 
 
-def _gae_time_major(rewards, values, mask, gamma, lams):
+def _gae_time_major(rewards, values, mask, gamma, lams, lay=None):
     """Checked inputs -> (time-major advantages [L, T, B], mask layout)."""
     _check_gae_inputs(rewards, values, mask)
-    lay = mask_layout(mask)
+    lay = mask_layout(mask) if lay is None else lay
     if lay.contiguous:   # exact zeros on right padding; left padding is masked on the way out
         return _gae_contiguous(rewards, values, lay, gamma, lams), lay
     return _gae_masked(rewards, values, lay.on, gamma, lams), lay._replace(left_pad=False)

@@ -49,24 +49,35 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     """``(x - mean) / sqrt(var + eps)`` over the masked tokens of the whole batch.
 
     ``mean`` and the Bessel-corrected ``var`` are ``masked_mean`` / ``masked_var`` (weighted by
-    ``mask``), computed here in fewer passes over the batch (one masked copy, one centred copy
-    that becomes the result in place). With ``shift_mean=False`` the mean is added back (scale
-    only). Padding positions are 0.
+    ``mask``), computed here in fewer passes over the batch: one masked copy that is centred and
+    scaled in place into the result, and the weight multiplications skipped for a 0/1 mask
+    (multiplying by 1 is exact). With ``shift_mean=False`` the mean is added back (scale only).
+    Padding positions are 0.
     """
     _check_same_shape(x, mask)
-    on = mask != 0
+    return _masked_whiten(x, mask, mask != 0, shift_mean, eps)
+
+
+def _masked_whiten(x, mask, on, shift_mean, eps):
+    off = ~on
     m = mask.to(x.dtype) if x.is_floating_point() else mask.float()
-    zero = torch.zeros((), dtype=m.dtype, device=x.device)
-    weighted = torch.where(on, x, zero).mul_(m)           # x * m on tokens, 0 on padding (NaN dropped)
+    binary = mask.dtype == torch.bool or bool((mask == 1).logical_or_(off).all())
     count = m.sum()
-    mean = weighted.sum() / count.clamp_min(1.0)
-    del weighted
-    centered = (x - mean).masked_fill_(~on, 0.0)
+    n = count.clamp_min(1.0)
+    zero = torch.zeros((), dtype=m.dtype, device=x.device)
+    centered = torch.where(on, x, zero)                    # x on tokens, 0 on padding (NaN dropped)
+    if binary:
+        mean = centered.sum() / n
+    else:
+        mean = (centered * m).sum() / n
+    centered.sub_(mean).masked_fill_(off, 0.0)
     sq = centered * centered
-    var = sq.mul_(m).sum() / count.clamp_min(1.0)
+    if not binary:
+        sq.mul_(m)
+    var = sq.sum() / n
     del sq
     var = torch.where(count > 1, var * count / (count - 1).clamp_min(1.0), torch.zeros_like(var))
     out = centered.mul_(torch.rsqrt(var + eps))
     if not shift_mean:
-        out = (out + mean).masked_fill_(~on, 0.0)
+        out = out.add_(mean).masked_fill_(off, 0.0)
     return out

@@ -147,3 +147,33 @@ def test_mask_layout_and_last_token_index():
     assert algo.last_token_index(mask[[0, 1, 3]]).tolist() == [1, 2, 3]
     with pytest.raises(ValueError, match=r"rows \[2\]"):
         algo.last_token_index(mask)
+
+
+@pytest.mark.parametrize("kind", ["right", "left", "holes", "middle"])
+@pytest.mark.parametrize("kl_kind", ["k1", "k3"])
+def test_ppo_advantages_equals_the_separate_calls_bitwise(kind, kl_kind):
+    g = torch.Generator().manual_seed(11)
+    B, T = 48, 33
+    mask = _ragged(kind, B, T, g)
+    mask[mask.sum(1) == 0, T // 2] = 1                                 # every row has a token
+    logp = (-torch.rand(B, T, generator=g) * 3).masked_fill(mask == 0, float("nan"))
+    ref = logp + 0.1 * torch.randn(B, T, generator=g)
+    values = torch.randn(B, T, generator=g).masked_fill(mask == 0, float("inf"))
+    scores = torch.randn(B, generator=g)
+    for gamma, lam_a, lam_c in LAMBDAS:
+        out = algo.ppo_advantages(scores, logp, ref, values, mask, kl_coef=0.05, kl_kind=kl_kind, gamma=gamma,
+                                  lam_actor=lam_a, lam_critic=lam_c)
+        rewards, kl = algo.token_rewards(scores, logp, ref, mask, 0.05, kl_kind)
+        adv, _ = _legacy_gae(rewards, values, mask, gamma, lam_a)
+        _, ret = _legacy_gae(rewards, values, mask, gamma, lam_c)
+        assert torch.equal(out.rewards, rewards) and torch.equal(out.kl, kl)
+        assert torch.equal(out.advantages, adv) and torch.equal(out.returns, ret)
+        assert (out.whitened - _legacy_whiten(adv, mask)).abs().max().item() <= 1e-6
+        assert torch.equal(out.whitened, algo.masked_whiten(adv, mask))
+    assert algo.ppo_advantages(scores, logp, ref, values, mask, kl_coef=0.05, whiten=False).whitened is None
+    empty = mask.clone()
+    empty[5] = 0
+    with pytest.raises(ValueError, match=r"rows \[5\]"):
+        algo.ppo_advantages(scores, logp, ref, values, empty, kl_coef=0.05)
+    with pytest.raises(ValueError, match="scores"):
+        algo.ppo_advantages(scores[:3], logp, ref, values, mask, kl_coef=0.05)
