@@ -781,7 +781,7 @@ def _vllm_check(args, nccl: bool) -> dict:
     n_gpu = torch.cuda.device_count()
     if nccl and n_gpu < 2:
         raise StepSkip("needs 2 GPUs: NCCL refuses two ranks on one GPU")
-    init_ray(num_cpus=4, num_gpus=1)  # the engine gets GPU 0; the sender below uses GPU 1 (NCCL) or 0 (gloo)
+    init_ray(num_cpus=4, num_gpus=1)  # one GPU for the engine; the sender below picks its own (NCCL) or shares it
     eng = make_engine(args.model, num_gpus=1.0, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=2048,
                       python=sys.executable)
     try:
@@ -808,7 +808,9 @@ def _vllm_check(args, nccl: bool) -> dict:
             _check(bool((engine_value() == 2.0).all()), f"reload: vLLM's {key} is not the value sent")
             note.append("reload ok")
         backend = acc.weight_sync_backend(True, shares_gpu=not nccl)
-        sender = torch.device("cuda", 1 if nccl else 0)
+        # NCCL needs the sender on another GPU than the engine: the one with the most free memory
+        # (vLLM has taken gpu_memory_utilization of its own); gloo on one GPU shares device 0
+        sender = torch.device("cuda", max(range(n_gpu), key=lambda i: torch.cuda.mem_get_info(i)[0]) if nccl else 0)
         torch.cuda.set_device(sender)
         port = _free_port()
         refs = eng.init_weight_sync("127.0.0.1", port, backend)

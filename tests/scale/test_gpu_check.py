@@ -105,9 +105,13 @@ def test_bad_usage(case, tmp_path, capsys, monkeypatch):
 
 # ---------------------------------------------------------------------------- this machine (no CUDA)
 
+_HERE: dict = {}
+
+
 def _no_cuda_here():
-    facts = gc.gather_facts(gc._python(gc.parse_args([])))
-    if gc.has_cuda(facts):
+    if "cuda" not in _HERE:
+        _HERE["cuda"] = gc.has_cuda(gc.gather_facts(gc._python(gc.parse_args([]))))
+    if _HERE["cuda"]:
         pytest.skip("this machine has a CUDA device")
 
 
