@@ -450,7 +450,7 @@ def save_checkpoint(cfg: PPOConfig, w, state: LoopState, run_dir: Path, tok) -> 
 
 
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    f = run_dir / "checkpoints" / "latest"
+    f = run_dir / "checkpoints" / "latest"  # written atomically after the step directory is complete
     return run_dir / "checkpoints" / f.read_text().strip() if f.exists() else None
 
 
@@ -466,13 +466,6 @@ def restore(w, state: LoopState, ckpt: Path) -> None:
     state.sampler.load_state_dict(s["sampler"])
     state.monitor.load_state_dict(s["monitor"])
     set_rng_state(s["rng"])
-
-
-def truncate_run_files(run_dir: Path, step: int) -> None:
-    """Cut ``probes.jsonl`` back to ``step`` (``MetricLogger`` does metrics and stability events)."""
-    from rlhf.metrics.logger import truncate_jsonl
-
-    truncate_jsonl(run_dir / "probes.jsonl", step)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -492,6 +485,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
     from transformers import AutoTokenizer
 
     from rlhf.metrics import MetricLogger
+    from rlhf.metrics.logger import truncate_jsonl
     from rlhf.placement import make_plan, spec_from_ppo_config
     from rlhf.workers import group
     from rlhf.workers.preflight import check_checkpoint, check_resources
@@ -523,7 +517,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
                 if ckpt is not None:
                     restore(w, state, ckpt)
                     sync_weights(w)
-                truncate_run_files(run_dir, state.step)
+                truncate_jsonl(run_dir / "probes.jsonl", state.step)  # the logger cuts metrics and events
                 logger = MetricLogger(run_dir, resume_step=state.step, monitor=state.monitor)
                 bar = tqdm(total=cfg.trainer.total_steps, initial=state.step, desc="ppo", unit="step")
                 while state.step < cfg.trainer.total_steps:

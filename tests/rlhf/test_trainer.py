@@ -31,7 +31,9 @@ def _deterministic(rec):
 def ray_address():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    from rlhf.workers.group import init_ray
+
+    init_ray(None, num_cpus=8)  # loopback only, as `rlhf train` starts it
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 
@@ -122,7 +124,7 @@ def test_reward_model_with_another_tokenizer_is_refused(tmp_path):
                              "reward.function=null"])
     with pytest.raises(ConfigError, match=r"^reward.model: tokenizer of .* differs from the actor's"):
         train(cfg)
-    assert not (tmp_path / "run" / "checkpoints").exists()
+    assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
 def test_missing_weights_are_refused(tmp_path):
@@ -134,7 +136,7 @@ def test_missing_weights_are_refused(tmp_path):
 
 
 def test_cli_reports_bad_override(capsys):
-    from rlhf.trainer import cli_main
+    from rlhf.cli import main
 
-    assert cli_main(["trainer.total_stepz=3"]) == 2
+    assert main(["train", "trainer.total_stepz=3"]) == 2
     assert "trainer.total_stepz: unknown key" in capsys.readouterr().err

@@ -80,10 +80,50 @@ def worker_pids(root: int, cls: str) -> list[int]:
     return out
 
 
-def kill_worker(root: int, cls: str) -> int:
-    """SIGKILL one worker of class ``cls`` below ``root``; returns its pid (raises if none runs)."""
-    pids = worker_pids(root, cls)
+def kill_worker(root: int, cls: str, exclude=()) -> int:
+    """SIGKILL one worker of class ``cls`` below ``root`` (not one of ``exclude``, e.g. a dying one
+    of an earlier generation); returns its pid (raises if none runs)."""
+    pids = [p for p in worker_pids(root, cls) if p not in set(exclude)]
     if not pids:
         raise LookupError(f"no ray::{cls} process below pid {root}")
     os.kill(pids[0], signal.SIGKILL)
     return pids[0]
+
+
+def listening_sockets(pids) -> list[tuple[str, int, str]]:
+    """(local IP address, port, process name) of each listening TCP socket (IPv4 and IPv6) that
+    processes ``pids`` hold; IPv4-mapped IPv6 addresses are shown as IPv4."""
+    import ipaddress
+
+    owners = {}
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                try:
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                except OSError:
+                    continue
+                if link.startswith("socket:["):
+                    owners[link[8:-1]] = name
+        except OSError:
+            continue
+    out = []
+    for table, v6 in (("/proc/net/tcp", False), ("/proc/net/tcp6", True)):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if f[3] != "0A" or f[9] not in owners:  # 0A: LISTEN
+                continue
+            hexaddr, hexport = f[1].split(":")
+            raw = bytes.fromhex(hexaddr)
+            if v6:  # four little-endian 32-bit words
+                ip = ipaddress.IPv6Address(b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4)))
+                addr = str(ip.ipv4_mapped or ip)
+            else:
+                addr = str(ipaddress.IPv4Address(raw[::-1]))
+            out.append((addr, int(hexport, 16), owners[f[9]]))
+    return out

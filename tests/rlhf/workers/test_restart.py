@@ -23,7 +23,9 @@ pytestmark = pytest.mark.slow
 def ray_cluster():
     import ray
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    from rlhf.workers.group import init_ray
+
+    init_ray(None, num_cpus=8)
     yield
     ray.shutdown()
 
@@ -89,3 +91,28 @@ def test_failed_rollout_check_at_step_zero_stops_with_a_clear_error(ray_cluster,
     with pytest.raises(RunStopped, match=r"kl/rollout_vs_trainer = .* at step 0 exceeds trainer.rollout_check_tol"):
         train(cfg)
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_worker_constructor_error_is_reported_not_retried(ray_cluster, tmp_path, monkeypatch, capfd):
+    """A module the driver can import but the workers cannot (put on sys.path after Ray started):
+    the reward worker's constructor fails; the run stops at once with the worker's own message."""
+    from rlhf.trainer import RunStopped
+
+    mods = tmp_path / "late"
+    mods.mkdir()
+    (mods / "late_reward.py").write_text("def score(p, r, f):\n    return [0.0] * len(r)\n")
+    monkeypatch.syspath_prepend(str(mods))
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "trainer.total_steps=2", "reward.function=late_reward:score"])
+    with pytest.raises(RunStopped, match=r"the reward worker failed to start: .*reward.function: cannot load "
+                                         r"'late_reward:score': ModuleNotFoundError"):
+        train(cfg)
+    assert "restart" not in capfd.readouterr().err  # not retried as a worker death
+
+
+def test_placement_that_cannot_fit_names_the_cpus(ray_cluster, tmp_path):
+    from rlhf.placement import PlacementError
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", "cluster.cpus_per_worker=4"])
+    with pytest.raises(PlacementError, match=r"needs 20 CPUs \(a CPU-only run\), the Ray cluster has 8"):
+        train(cfg)
+    assert not (tmp_path / "run").exists()
