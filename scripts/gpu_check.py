@@ -630,6 +630,18 @@ def run_one_step(args) -> int:
     return 0
 
 
+SMOKE = os.environ.get("GPU_CHECK_SMOKE_CPU") == "1"
+"""Developer aid only (never set by the check): run the step bodies on the CPU with tiny shapes, to
+exercise their code paths (imports, engine APIs, result files) on a machine without a GPU."""
+
+
+def _sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _check(cond: bool, what: str) -> None:
     if not cond:
         raise StepFail(what)
@@ -638,7 +650,7 @@ def _check(cond: bool, what: str) -> None:
 def _require_cuda():
     import torch
 
-    _check(torch.cuda.is_available(), f"torch {torch.__version__} sees no CUDA device")
+    _check(SMOKE or torch.cuda.is_available(), f"torch {torch.__version__} sees no CUDA device")
     return torch
 
 
@@ -709,24 +721,26 @@ def _model_config(model: str) -> dict:
 def step_deepspeed(args) -> dict:
     """A few ZeRO-2 bf16 optimizer steps of the real model through the project's DeepSpeed engine."""
     torch = _require_cuda()
-    name = acc.ds_accelerator(True, os.environ)
-    _check(name == "cuda", f"DS_ACCELERATOR resolves to {name!r}, not cuda")
+    want = "cpu" if SMOKE else "cuda"
+    name = acc.ds_accelerator(torch.cuda.is_available(), os.environ)
+    _check(name == want, f"DS_ACCELERATOR resolves to {name!r}, not {want}")
     os.environ["DS_ACCELERATOR"] = name
     from deepspeed.accelerator import get_accelerator
     from transformers import AutoModelForCausalLM
 
     from rlhf.engines.deepspeed_engine import DeepSpeedTrainEngine, EngineSpec
 
-    _check(get_accelerator().device_name() == "cuda", f"DeepSpeed picked {get_accelerator().device_name()!r}")
+    _check(get_accelerator().device_name() == want, f"DeepSpeed picked {get_accelerator().device_name()!r}")
     cfg = _model_config(args.model)
-    B, S = 8, 512
+    B, S = (2, 32) if SMOKE else (8, 512)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     eng = DeepSpeedTrainEngine(model, EngineSpec(lr=1e-4, zero_stage=2, micro_batch_size=B, bf16=True))
     import torch.distributed as dist
 
-    _check(dist.get_backend() == acc.dist_backend("cuda"), f"process group backend {dist.get_backend()}, not nccl")
+    _check(dist.get_backend() == acc.dist_backend(want), f"process group backend {dist.get_backend()}, "
+           f"not {acc.dist_backend(want)}")
     p0 = next(eng.module.parameters())
-    _check(p0.device.type == "cuda", f"parameters on {p0.device}, not CUDA")
+    _check(p0.device.type == want, f"parameters on {p0.device}, not {want}")
     _check(p0.dtype == torch.bfloat16, f"parameters are {p0.dtype}, not bf16")
     before = p0.detach().float().clone()
     g = torch.Generator().manual_seed(0)
@@ -734,14 +748,14 @@ def step_deepspeed(args) -> dict:
     times, losses = [], []
     eng.train(True)
     for _ in range(4):
-        torch.cuda.synchronize()
+        _sync()
         t = time.perf_counter()
         loss = eng.module(input_ids=ids, labels=ids, use_cache=False).loss
         eng.backward(loss)
         eng.step()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     _check(all(math.isfinite(x) for x in losses), f"non-finite loss {losses}")
     _check(losses[-1] < losses[0], f"loss did not fall on a repeated batch: {losses}")
     _check(not torch.equal(before, p0.detach().float()), "parameters did not change")
@@ -768,7 +782,7 @@ def _vllm_check(args, nccl: bool) -> dict:
     torch = _require_cuda()
     import importlib.util
 
-    if importlib.util.find_spec("vllm") is None:
+    if importlib.util.find_spec("vllm") is None and not SMOKE:
         raise StepSkip("vllm is not importable in this interpreter (install step)")
     import ray
     from transformers import AutoModelForCausalLM
@@ -781,12 +795,13 @@ def _vllm_check(args, nccl: bool) -> dict:
     n_gpu = torch.cuda.device_count()
     if nccl and n_gpu < 2:
         raise StepSkip("needs 2 GPUs: NCCL refuses two ranks on one GPU")
-    init_ray(num_cpus=4, num_gpus=1)  # one GPU for the engine; the sender below picks its own (NCCL) or shares it
-    eng = make_engine(args.model, num_gpus=1.0, dtype="bfloat16", gpu_memory_utilization=0.3, max_model_len=2048,
-                      python=sys.executable)
+    # one GPU for the engine; the sender below picks its own (NCCL) or shares it
+    init_ray(num_cpus=4, num_gpus=0 if SMOKE else 1)
+    eng = make_engine(args.model, num_gpus=0.0 if SMOKE else 1.0, dtype="bfloat16", gpu_memory_utilization=0.3,
+                      max_model_len=2048, python=None if SMOKE else sys.executable)
     try:
-        prompts = _prompts(args.model, 64)
-        params = SamplingParams(max_new_tokens=256, temperature=1.0, seed=0)
+        prompts = _prompts(args.model, 4 if SMOKE else 64)
+        params = SamplingParams(max_new_tokens=8 if SMOKE else 256, temperature=1.0, seed=0)
         eng.generate(prompts[:4], SamplingParams(max_new_tokens=8, seed=0))  # warm-up
         t = time.perf_counter()
         gens = eng.generate(prompts, params)
@@ -807,11 +822,14 @@ def _vllm_check(args, nccl: bool) -> dict:
             eng.update_weights(named.items())
             _check(bool((engine_value() == 2.0).all()), f"reload: vLLM's {key} is not the value sent")
             note.append("reload ok")
-        backend = acc.weight_sync_backend(True, shares_gpu=not nccl)
+        backend = acc.weight_sync_backend(not SMOKE, shares_gpu=not nccl)
         # NCCL needs the sender on another GPU than the engine: the one with the most free memory
         # (vLLM has taken gpu_memory_utilization of its own); gloo on one GPU shares device 0
-        sender = torch.device("cuda", max(range(n_gpu), key=lambda i: torch.cuda.mem_get_info(i)[0]) if nccl else 0)
-        torch.cuda.set_device(sender)
+        if SMOKE:
+            sender = torch.device("cpu")
+        else:
+            sender = torch.device("cuda", max(range(n_gpu), key=lambda i: torch.cuda.mem_get_info(i)[0]) if nccl else 0)
+            torch.cuda.set_device(sender)
         port = _free_port()
         refs = eng.init_weight_sync("127.0.0.1", port, backend)
         group = ws.open_group("127.0.0.1", port, 0, eng.sync_world_size, backend, timeout_s=120)
@@ -868,9 +886,10 @@ def step_megatron(args) -> dict:
     cfg = _model_config(args.model)
     settings = SimpleNamespace(tensor_parallel=1, pipeline_parallel=1, distributed_optimizer=False,
                                recompute=False, bf16=True)
-    B, P, T = 8, 64, 448
+    B, P, T = (2, 8, 24) if SMOKE else (8, 64, 448)
     eng = MegatronEngine(args.model, "policy", settings, lr=1e-4, micro_batch_size=B)
-    _check(eng.device.type == "cuda", f"megatron engine on {eng.device}, not CUDA")
+    want = "cpu" if SMOKE else "cuda"
+    _check(eng.device.type == want, f"megatron engine on {eng.device}, not {want}")
     g = torch.Generator().manual_seed(0)
     gens = [Generation(torch.randint(10, int(cfg["vocab_size"]), (P,), generator=g).tolist(),
                        torch.randint(10, int(cfg["vocab_size"]), (T,), generator=g).tolist(), [0.0] * T, True)
@@ -884,11 +903,11 @@ def step_megatron(args) -> dict:
 
     times, losses = [], []
     for _ in range(4):
-        torch.cuda.synchronize()
+        _sync()
         t = time.perf_counter()
         recs = eng.forward_backward(batch, loss_fn)
         eng.step()
-        torch.cuda.synchronize()
+        _sync()
         times.append(time.perf_counter() - t)
         losses.append(sum(r["loss"] for r in recs))
     _check(all(math.isfinite(x) for x in losses), f"non-finite loss {losses}")
