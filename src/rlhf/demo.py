@@ -253,7 +253,8 @@ def run_ppo(root: Path, tb: Path, recipe: dict, steps: int, alpha: float, seed: 
     common = [f"model.critic={models / 'rm'}", f"reward.model={models / 'rm'}",
               f"data.path={tb / 'data' / 'prompts.jsonl'}", f"trainer.total_steps={steps}", f"seed={seed}"]
     inits = {"mix_sft": [f"model.actor={models / 'mix'}"],
-             f"bai_alpha_{alpha}": [f"model.bai_recipe={recipe_path}"]}
+             # the organism's models share one tokenizer: name it (the merged actor is built later)
+             f"bai_alpha_{alpha}": [f"model.bai_recipe={recipe_path}", f"model.tokenizer={models / 'base'}"]}
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False)
     runs = []

@@ -1,5 +1,7 @@
 """`rlhf testbed build --small` end to end, then a few real PPO steps on the organism (CI path)."""
 
+import contextlib
+import io
 import json
 
 import pytest
@@ -7,10 +9,15 @@ import pytest
 from rlhf.testbed import build
 
 
+STDOUT = {}
+
+
 @pytest.fixture(scope="module")
 def small_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("testbed") / "build"
-    assert build.main(["--small", "--out", str(out)]) in (0, 1)  # 1: a connectivity dip (tiny CI models)
+    with contextlib.redirect_stdout(io.StringIO()) as buf:
+        assert build.main(["--small", "--out", str(out)]) in (0, 1)  # 1: a connectivity dip (tiny CI models)
+    STDOUT["build"] = buf.getvalue()
     return out
 
 
@@ -24,6 +31,8 @@ def test_small_build_writes_models_data_and_report(small_build):
     AutoModelForSequenceClassification.from_pretrained(str(small_build / "models" / "rm"))
     assert json.loads((small_build / "models" / "rm" / "rm_stats.json").read_text())["std"] > 0
     report = json.loads((small_build / "build_report.json").read_text())
+    assert STDOUT["build"].strip().splitlines()[-1].startswith(f"rlhf testbed build: wrote {small_build}/")
+    assert build.owner(small_build) == build.COMMAND
     assert set(report["eval"]) == {"base", "instruct", "reasoning", "mix"}
     assert {r["pair"] for r in report["connectivity"]} == {"base-instruct", "base-reasoning", "instruct-reasoning"}
     mix = [json.loads(l)["response"] for l in (small_build / "data" / "mix.jsonl").read_text().splitlines()]
