@@ -14,7 +14,8 @@ on the full batch in one process. This measures, on 4096 responses of up to 2,00
   separately.
 
 Before and after run interleaved (before, after, before, ...) so machine load hits both alike;
-prints medians and minima, the load average (``os.getloadavg``) before and after, and the
+prints medians and minima of the wall time, the median process CPU time (all threads: on a
+loaded machine wall time includes waiting for a core, CPU time does not), the load average (``os.getloadavg``) before and after, and the
 largest difference between the two results (0 = bitwise equal).
 
     python benchmarks/driver_math.py [--batch 4096] [--max-len 2000] [--repeats 5] [--threads 2]
@@ -135,10 +136,17 @@ def make_batch(B: int, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
     }
 
 
-def timed(fn, *args):
-    t = time.perf_counter()
+CPU: dict[str, list[float]] = {}
+
+
+def timed(fn, *args, name: str | None = None):
+    """Wall time of ``fn(*args)``; its process CPU time (all threads) goes to ``CPU[name]``."""
+    c, t = time.process_time(), time.perf_counter()
     out = fn(*args)
-    return time.perf_counter() - t, out
+    wall = time.perf_counter() - t
+    if name is not None:
+        CPU.setdefault(name, []).append(time.process_time() - c)
+    return wall, out
 
 
 def run(b: dict, repeats: int, with_metrics: bool = True) -> dict[str, list[float]]:
@@ -148,14 +156,14 @@ def run(b: dict, repeats: int, with_metrics: bool = True) -> dict[str, list[floa
     times: dict[str, list[float]] = {"before": [], "after": [], "after_separate": [], "batch_metrics": []}
     for _ in range(repeats):
         for name, fn in (("before", before), ("after", after), ("after_separate", after_separate)):
-            dt, out = timed(fn, b)
+            dt, out = timed(fn, b, name=name)
             times[name].append(dt)
         if with_metrics:
             adv, returns, _ = out
             dt, _ = timed(lambda: batch_metrics(
                 mask=b["mask"], scores=b["scores"], finished=b["finished"], old_logp=b["old_logp"],
                 ref_logp=b["ref_logp"], rollout_logp=b["rollout_logp"], values=b["values"], returns=returns,
-                advantages=adv))
+                advantages=adv), name="batch_metrics")
             times["batch_metrics"].append(dt)
     return times
 
@@ -181,13 +189,14 @@ def main() -> None:
     print(f"batch {args.batch} x {args.max_len} ({tokens:,} response tokens), torch threads {torch.get_num_threads()}, "
           f"{args.repeats} interleaved repeats, {os.cpu_count()} CPUs, load average "
           f"{load0[0]:.2f} -> {load1[0]:.2f} (1 min)")
-    print("  serial driver work: token rewards + GAE (lam_actor, lam_critic) + whitening     median      min")
+    print("  serial driver work: token rewards + GAE (lam_actor, lam_critic) + whitening"
+          "     median      min   CPU s (median, all threads)")
     for name, label in (("before", "before (previous code: 2 masked GAE passes)"),
                         ("after", "after  (ppo_advantages: one pass, both lambdas)"),
                         ("after_separate", "after  (token_rewards + gae_pair + masked_whiten)"),
                         ("batch_metrics", "batch_metrics (other owner; not changed here)")):
         ts = times[name]
-        print(f"  {label:<76} {statistics.median(ts):7.3f} s {min(ts):7.3f} s")
+        print(f"  {label:<76} {statistics.median(ts):7.3f} s {min(ts):7.3f} s {statistics.median(CPU[name]):7.3f} s")
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"speed-up after / before: {med['before'] / med['after']:.2f}x; whole serial driver work "
           f"(after + batch_metrics): {med['after'] + med['batch_metrics']:.3f} s median "

@@ -14,13 +14,18 @@ critic statistics), ``StabilityMonitor.update`` with a 3,000-step history (the e
 run, its worst case: every detector re-runs on the whole history, 20 buckets included) and
 ``MetricLogger.log`` (JSONL + TensorBoard). Prints medians and the ratio.
 
+The driver's own serial math (rewards, both GAE passes, whitening) is also timed before (the
+previous code, kept in ``driver_math.py``) and after (``rlhf.algo.ppo_advantages``), next to
+``batch_metrics``; ``benchmarks/driver_math.py`` measures the same interleaved with more detail.
+
     python benchmarks/metrics_cost.py [--batch 4096] [--max-len 2000] [--history 3000] [--repeats 3]
-                                      [--vocab 32000] [--head-rows 1]
+                                      [--vocab 32000] [--head-rows 1] [--threads 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -29,31 +34,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from driver_math import after as driver_after  # benchmarks/ is on sys.path when run as a script
+from driver_math import before as driver_before
+from driver_math import make_batch
 from rlhf import algo
 from rlhf.metrics import MetricLogger, StabilityMonitor, batch_metrics
 
 
-def make_batch(B: int, T: int, seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    lengths = torch.randint(50, T + 1, (B,), generator=g)
-    mask = (torch.arange(T)[None, :] < lengths[:, None]).float()
-    old = -torch.rand(B, T, generator=g) * 3
-    return {
-        "mask": mask, "lengths": lengths, "finished": lengths < T,
-        "scores": torch.randn(B, generator=g),
-        "old_logp": old, "ref_logp": old + 0.05 * torch.randn(B, T, generator=g),
-        "rollout_logp": old + 1e-3 * torch.randn(B, T, generator=g),
-        "new_logp": old + 0.02 * torch.randn(B, T, generator=g),
-        "values": torch.randn(B, T, generator=g), "new_values": torch.randn(B, T, generator=g),
-    }
-
-
 def step_math(b: dict) -> dict:
-    """The step's own PPO tensor work (the peer)."""
-    rewards, _ = algo.token_rewards(b["scores"], b["old_logp"], b["ref_logp"], b["mask"], 0.01)
-    adv, _ = algo.gae(rewards, b["values"], b["mask"], 1.0, 0.95)
-    _, returns = algo.gae(rewards, b["values"], b["mask"], 1.0, 1.0)
-    white = algo.masked_whiten(adv, b["mask"])
+    """The step's own PPO tensor work (the peer): the driver's rewards, GAE for both lambdas and
+    whitening (``algo.ppo_advantages``), then the policy and value losses over the whole batch."""
+    adv, returns, white = driver_after(b)
     algo.policy_loss(b["new_logp"], b["old_logp"], white, b["mask"], 0.2, 0.28)
     algo.value_loss(b["new_values"], b["values"], returns, b["mask"], 0.2)
     return {"advantages": adv, "returns": returns}
@@ -91,7 +82,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary of the head peer (Llama-2: 32000)")
     ap.add_argument("--head-rows", type=int, default=1, help="rows per measured head micro-batch")
+    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     b = make_batch(args.batch, args.max_len)
     out = step_math(b)
@@ -124,14 +117,20 @@ def main() -> None:
                                        algo.entropy_from_logits(logits)), args.repeats)
     del logits
     t_head = t_head_rows * args.batch / args.head_rows
+    t_driver_before = median_time(lambda: driver_before(b), args.repeats)
+    t_driver_after = median_time(lambda: driver_after(b), args.repeats)
     t_metrics = median_time(metrics_once, args.repeats)
     t_detect = median_time(detectors_once, args.repeats)
     added = t_metrics + t_detect + t_log
     tokens = int(b["mask"].sum())
     print(f"batch {args.batch} x {args.max_len} ({tokens:,} response tokens), detector history {args.history} steps, "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} (1 min, "
+          f"{os.cpu_count()} CPUs)")
     print(f"  step PPO math (peer: rewards, 2x GAE, whiten, losses)  {t_step * 1e3:9.1f} ms")
+    print(f"  driver rewards+2xGAE+whiten, before (previous code)    {t_driver_before * 1e3:9.1f} ms")
+    print(f"  driver rewards+2xGAE+whiten, after (ppo_advantages)    {t_driver_after * 1e3:9.1f} ms")
     print(f"  batch_metrics                                          {t_metrics * 1e3:9.1f} ms")
+    print(f"  serial driver work (after + batch_metrics)             {(t_driver_after + t_metrics) * 1e3:9.1f} ms")
     print(f"  StabilityMonitor.update (22 series x {args.history} steps)    {t_detect * 1e3:9.1f} ms")
     print(f"  MetricLogger.log (JSONL + TensorBoard, {len(record)} metrics)   {t_log * 1e3:9.1f} ms")
     scale = f"{args.head_rows} row(s) measured x {args.batch // args.head_rows}"
