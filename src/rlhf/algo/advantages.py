@@ -120,6 +120,8 @@ def _gae_contiguous(rewards, values, lay, gamma, lams):
     on, off, last = lay.on, lay.off, lay.last
     B, T = on.shape
     L = len(lams)
+    if T == 0:
+        return torch.empty((L, 0, B), dtype=torch.float32, device=on.device)
     r, v = rewards.float(), values.float()
     delta = torch.empty((B, T), dtype=torch.float32, device=r.device)
     if T > 1:

@@ -112,6 +112,11 @@ def test_gae_pair_equals_plain_python_loop():
         assert torch.allclose(adv, ref_adv, atol=1e-6) and torch.allclose(ret, ref_ret, atol=1e-6)
 
 
+def test_gae_empty_time_axis():
+    adv, ret = algo.gae_pair(torch.zeros(3, 0), torch.zeros(3, 0), torch.zeros(3, 0), 1.0, 0.9, 1.0)
+    assert adv.shape == ret.shape == (3, 0)
+
+
 def test_gae_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="must share one"):
         algo.gae_pair(torch.zeros(2, 3), torch.zeros(2, 4), torch.ones(2, 3), 1.0, 0.9, 1.0)
