@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--peak-tflops", type=_positive, help="dense bf16 peak of one GPU in TFLOP/s for MFU "
                     "(default: from the GPU name, accelerator.PEAK_TFLOPS_BF16)")
     ap.add_argument("--train-steps", type=int, default=3, help="PPO steps of the train steps (>= 1, default 3)")
+    ap.add_argument("--rollout-check-tol", type=_positive, help="trainer.rollout_check_tol of the train steps "
+                    "(default: the config's; a larger value lets a bf16 run past the step-0 check so its speed is measured)")
     ap.add_argument("--from-results", metavar="JSON", help="render the table of an earlier results.json and exit")
     # internal: the body of one step, run by the parent in a subprocess
     ap.add_argument("--run-step", choices=STEP_NAMES, help=argparse.SUPPRESS)
@@ -464,8 +466,19 @@ def gather_facts(python: str) -> dict:
 
 
 def _tail(text: str, n: int = 1) -> str:
-    lines = [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+    """The last ``n`` non-empty lines of a log (progress-bar redraws split off), at most 300 chars."""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", text or "") if ln.strip()]
     return " / ".join(lines[-n:])[-300:] if lines else ""
+
+
+def error_line(stderr: str, prog: str = "rlhf train:") -> str:
+    """The CLI's own error line (``rlhf train: ...``) from a command's stderr, else its last line."""
+    lines = [ln.strip() for ln in re.split(r"[\r\n]+", stderr or "") if ln.strip()]
+    for ln in reversed(lines):
+        i = ln.find(prog)
+        if i >= 0:
+            return ln[i:][:300]
+    return _tail(stderr)
 
 
 def run_step_subprocess(step: Step, args, python: str, workdir: Path, model: str | None, timeout: float,
@@ -477,6 +490,8 @@ def run_step_subprocess(step: Step, args, python: str, workdir: Path, model: str
     log_file.parent.mkdir(parents=True, exist_ok=True)
     cmd = [python, str(Path(__file__).resolve()), "--run-step", step.name, "--result", str(res_file),
            "--workdir", str(workdir), "--train-steps", str(args.train_steps)]
+    if args.rollout_check_tol is not None:
+        cmd += ["--rollout-check-tol", repr(args.rollout_check_tol)]
     if model:
         cmd += ["--model", model]
     t0 = time.monotonic()
@@ -775,7 +790,8 @@ def _prompts(model: str, n: int) -> list[list[int]]:
 
     tok = AutoTokenizer.from_pretrained(model)
     msgs = [[{"role": "user", "content": f"Write a short story about the number {i}."}] for i in range(n)]
-    return [list(tok.apply_chat_template(m, add_generation_prompt=True, tokenize=True)) for m in msgs]
+    texts = [tok.apply_chat_template(m, add_generation_prompt=True, tokenize=False) for m in msgs]
+    return [list(tok(t, add_special_tokens=False)["input_ids"]) for t in texts]
 
 
 def _vllm_check(args, nccl: bool) -> dict:
@@ -848,7 +864,7 @@ def _vllm_check(args, nccl: bool) -> dict:
         out = {"note": "; ".join(note), "sync_s": sync_s}
         if not nccl:
             out["rollout_tok_s"] = n_tok / dt
-            out["note"] = f"{len(prompts)} x <=256 tokens; " + out["note"]
+            out["note"] = f"{len(prompts)} x <={params.max_new_tokens} tokens; " + out["note"]
         return out
     finally:
         eng.shutdown()
@@ -931,8 +947,13 @@ def train_overrides(model: str, engine: str, run_dir: str, steps: int) -> list[s
 def _train(args, engine: str) -> dict:
     _require_cuda()
     run_dir = Path(args.workdir) / f"run_{engine}"
-    cmd = [sys.executable, "-m", "rlhf.cli", "train", *train_overrides(args.model, engine, str(run_dir),
-                                                                          args.train_steps)]
+    ov = train_overrides(args.model, engine, str(run_dir), args.train_steps)
+    if args.rollout_check_tol is not None:
+        ov.append(f"trainer.rollout_check_tol={args.rollout_check_tol}")
+    if SMOKE:  # later overrides win
+        ov += ["cluster.gpus_per_worker=0", "cluster.cpus_per_worker=0.25", "rollout.max_new_tokens=8",
+               "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4", "ppo.micro_batch_size=4"]
+    cmd = [sys.executable, "-m", "rlhf.cli", "train", *ov]
     print("[train]", " ".join(cmd), flush=True)
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=str(ROOT))
     sys.stdout.write(p.stdout)
@@ -943,7 +964,7 @@ def _train(args, engine: str) -> dict:
     m.update(flops_per_token=model_flops_per_token(cfg, 128 + 64), trainable_models=2)
     if p.returncode != 0:
         # keep the numbers (the step-0 mismatch of a tolerance stop is the point of the row)
-        raise StepFail(f"rlhf train exit {p.returncode}: {_tail(p.stderr)}", m)
+        raise StepFail(f"exit {p.returncode}: {error_line(p.stderr)}", m)
     _check(m["steps"] == args.train_steps, f"{m['steps']} of {args.train_steps} steps logged")
     m["note"] = f"{args.train_steps} steps; k3 max|dlogp| {m.get('mismatch_max_abs', float('nan')):.3g}"
     return m

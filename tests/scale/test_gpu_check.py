@@ -76,6 +76,7 @@ BAD = [  # (id, argv, expected substring of the one stderr line, setup)
     ("timeout-negative", ["--timeout", "vllm=-5"], "must be a finite number > 0", None),
     ("train-steps-zero", ["--train-steps", "0"], "--train-steps", None),
     ("peak-negative", ["--peak-tflops", "-1"], "--peak-tflops", None),
+    ("tol-zero", ["--rollout-check-tol", "0"], "--rollout-check-tol", None),
     ("model-missing", ["--model", "{d}/nope"], "--model", None),
     ("python-missing", ["--python", "{d}/nope/python"], "--python", None),
     ("from-results-missing", ["--from-results", "{d}/none.json"], "--from-results", None),
@@ -364,3 +365,17 @@ def test_train_overrides_form_a_valid_config(tmp_path):
     assert cfg.deepspeed.bf16 and cfg.rollout.engine == "vllm" and cfg.trainer.total_steps == 3
     assert cfg.cluster.gpus_per_worker == 1 and cfg.ppo.ppo_epochs == gc.PPO_EPOCHS
     assert cfg.ppo.rollout_batch_size == gc.TRAIN_BATCH
+
+
+def test_error_line_finds_the_cli_message_among_progress_bars():
+    err = ("ppo:   0%|          | 0/2 [00:00<?, ?step/s]rlhf train: kl/rollout_vs_trainer = 0.00155 at step 0 "
+           "exceeds trainer.rollout_check_tol = 0.001: the rollout engine\n\rppo:   0%|   | 0/2 [00:02<?, ?step/s]\n")
+    assert gc.error_line(err).startswith("rlhf train: kl/rollout_vs_trainer = 0.00155")
+    assert gc.error_line("a\nlast line\n") == "last line"
+    assert gc._tail("x\r y \r\n") == "y"
+    assert gc.error_line("") == ""
+
+
+def test_rollout_check_tol_reaches_the_train_overrides():
+    a = gc.parse_args(["--rollout-check-tol", "0.01"])
+    assert a.rollout_check_tol == 0.01 and gc.parse_args([]).rollout_check_tol is None
