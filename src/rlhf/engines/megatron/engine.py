@@ -105,6 +105,8 @@ class MegatronEngine:
 
         import torch.distributed as dist
 
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         self._own_group = init_distributed()
         world = dist.get_world_size()
         if world % (self.tp * self.pp):
@@ -396,12 +398,12 @@ class MegatronEngine:
         skip = None
         if self.pp > 1 and self.spec.tied and self.role == "policy" and self.last_stage and not self.first_stage:
             skip = self.model.output_layer.weight  # the first stage's embedding counts the tied weight
-        sq = torch.zeros((), dtype=torch.float64)
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
         for p in self.params:
             if p is skip:
                 continue
             if getattr(p, "tensor_model_parallel", False) or self.tp_rank == 0:
-                sq += p.grad.detach().double().pow(2).sum().cpu()
+                sq += p.grad.detach().double().pow(2).sum()
         if self.tp * self.pp > 1:
             dist.all_reduce(sq, group=self.ps.get_model_parallel_group())
         return float(sq.sqrt())
