@@ -250,8 +250,9 @@ def skip_reason(step: Step, facts: dict, opts: dict, done: dict[str, Result], le
     if step.name == "megatron" and not opts.get("megatron_present", True):
         return "rlhf.engines.megatron not present in this checkout"
     inst = done.get("install")
-    if inst is not None and inst.status == "fail" and step.name != "model":
-        return "install failed (see its row)"
+    if inst is not None and inst.status == "fail" and step.name != "model" and \
+            not facts.get("torch", {}).get("cuda_available"):
+        return "install failed and torch sees no CUDA device (see the install row)"
     for need in step.needs:
         r = done.get(need)
         if need == "model" and opts.get("model_given"):
@@ -569,8 +570,8 @@ def run_check(args) -> int:
             else:
                 timeout = min(timeouts.get(step.name, step.timeout_s), left)
                 r = run_step_subprocess(step, args, python, work, model, timeout, env)
-                if step.name == "install" and r.status == "pass":
-                    facts["torch"] = _probe_torch(python)  # the steps after see the CUDA build
+                if step.name == "install" and r.status != "skip":
+                    facts["torch"] = _probe_torch(python)  # the steps after see what is there now
                 if step.name == "model" and r.status == "pass":
                     model = r.metrics.pop("model_dir", None)
         fill_mfu(r, peak)
@@ -670,15 +671,17 @@ def _require_cuda():
 
 
 def install_commands(python: str, torch_pin: str, vllm_version: str, constraints: Path) -> list[list[str]]:
-    """The pip commands of the install step: the CUDA build of the pinned torch (a plain
-    ``pip install`` would keep a ``+cpu`` build, which satisfies ``==2.13.0``), then CUDA vLLM
-    with the project's constraints (its transformers range replaces the project's), then this
-    project again (editable). Everything comes from the configured pip registry."""
+    """The pip commands of the install step: remove the CPU torch (an installed ``2.13.0+cpu``
+    satisfies ``==2.13.0``, so a plain install would keep it), install the pinned torch from the
+    registry (PyPI's Linux wheel is the CUDA build, with its ``nvidia-*`` libraries), then CUDA vLLM
+    with the project's constraints (vLLM's transformers range replaces the project's), then this
+    project again (editable, no dependency changes). Everything comes from the configured pip registry."""
     pip = [python, "-m", "pip", "install", "--no-input"]
     return [
-        pip + ["--force-reinstall", "--no-deps", torch_pin],
+        [python, "-m", "pip", "uninstall", "-y", "torch"],
+        pip + ["-c", str(constraints), torch_pin],
         pip + ["-c", str(constraints), f"vllm=={vllm_version}"],
-        pip + ["-c", str(constraints), "-e", str(ROOT), "--no-deps"],
+        pip + ["-c", str(constraints), "--no-deps", "-e", str(ROOT)],
     ]
 
 
@@ -704,11 +707,11 @@ def step_install(args) -> dict:
     cons.write_text(gpu_constraints((ROOT / "constraints.txt").read_text(), VLLM_VERSION))
     cmds = install_commands(sys.executable, pin, VLLM_VERSION, cons)
     if torch.version.cuda:
-        cmds = cmds[1:]  # torch is already a CUDA build
+        cmds = cmds[2:]  # torch is already a CUDA build
     for cmd in cmds:
         print("[install]", " ".join(cmd), flush=True)
         p = subprocess.run(cmd)
-        _check(p.returncode == 0, f"pip failed (exit {p.returncode}): {' '.join(cmd[4:])}")
+        _check(p.returncode == 0, f"pip failed (exit {p.returncode}): {' '.join(cmd[3:])}")
     probe = subprocess.run([sys.executable, "-c", "import torch, vllm; print(torch.__version__, torch.version.cuda, "
                             "vllm.__version__, torch.cuda.is_available())"], capture_output=True, text=True)
     _check(probe.returncode == 0, f"after install: {_tail(probe.stderr)}")

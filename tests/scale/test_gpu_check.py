@@ -174,6 +174,14 @@ def test_every_step_runs_on_a_gpu_machine_except_nccl_on_one_gpu():
     assert _reason("vllm_nccl", gpu_facts(2)) is None
 
 
+def test_failed_install_without_cuda_torch_skips_the_gpu_steps():
+    facts = gpu_facts()
+    facts["torch"] = dict(CPU_FACTS["torch"])
+    done = {"install": R("install", "fail", "pip")}
+    assert "install failed" in _reason("deepspeed", facts, done=done)
+    assert _reason("model", facts, done=done) is None
+
+
 def test_no_cuda_wins_over_everything():
     for n in GPU_STEPS:
         assert _reason(n, CPU_FACTS, {"dry_run": True, "steps": set(), "no_install": True}, left=0) == gc.NO_CUDA
@@ -195,7 +203,7 @@ R = gc.Result
     ("install", {"no_install": True}, {}, 600, "--no-install"),
     ("model", {"model_given": True}, {}, 600, "--model given"),
     ("megatron", {"megatron_present": False}, {}, 600, "rlhf.engines.megatron not present"),
-    ("deepspeed", {}, {"install": R("install", "fail", "pip")}, 600, "install failed"),
+    ("deepspeed", {}, {"install": R("install", "fail", "pip")}, 600, None),  # torch sees CUDA: go on
     ("model", {}, {"install": R("install", "fail", "pip")}, 600, None),
     ("deepspeed", {}, {"install": R("install", "skip", "already installed")}, 600, None),
     ("deepspeed", {}, {"model": R("model", "fail", "x")}, 600, "needs model (fail)"),
@@ -344,10 +352,11 @@ def test_install_plan():
     cons = gc.gpu_constraints("# c\ntorch==2.13.0\ntransformers>=5.0,<6\nray==2.60.0\n", "0.32.0")
     assert "transformers" not in cons and "torch==2.13.0" in cons and cons.endswith("vllm==0.32.0\n")
     cmds = gc.install_commands("py", "torch==2.13.0", "0.32.0", Path("c.txt"))
-    assert cmds[0][-3:] == ["--force-reinstall", "--no-deps", "torch==2.13.0"]  # replaces a +cpu build
-    assert cmds[1][-1] == "vllm==0.32.0" and "-c" in cmds[1]
-    assert "-e" in cmds[2]
-    assert all(c[:4] == ["py", "-m", "pip", "install"] for c in cmds)
+    assert cmds[0] == ["py", "-m", "pip", "uninstall", "-y", "torch"]  # a +cpu build satisfies ==2.13.0
+    assert cmds[1][-1] == "torch==2.13.0" and "--no-deps" not in cmds[1]  # its nvidia-* libraries come too
+    assert cmds[2][-1] == "vllm==0.32.0" and "-c" in cmds[2]
+    assert cmds[3][-2:] == ["-e", str(gc.ROOT)] and "--no-deps" in cmds[3]
+    assert all(c[:4] == ["py", "-m", "pip", "install"] for c in cmds[1:])
     assert all("--index-url" not in c and "--extra-index-url" not in c for c in cmds)  # the registry pip is set up with
 
 
