@@ -23,6 +23,14 @@ def dist_env(monkeypatch):
         monkeypatch.setenv(k, v)
 
 
+class _Evil:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
 def _loss(engine, ids):
     out = engine.forward(input_ids=ids, labels=ids)
     return out.loss
@@ -65,6 +73,16 @@ def test_train_save_load_exact(tiny_llama, tmp_path, dist_env, zero, bf16):
         again = eng.full_state_dict()
         for k in ref:
             assert torch.equal(ref[k], again[k]), k
+        # state files load with weights_only=True: one that would run code on unpickling is refused
+        import pickle
+        import shutil
+
+        shutil.copytree(tmp_path / "state", tmp_path / "evil")
+        for f in (tmp_path / "evil").rglob("*model_states.pt"):
+            torch.save({"module": _Evil(tmp_path / "pwned")}, f)
+        with pytest.raises(pickle.UnpicklingError, match="posix.system|os.system"):
+            eng.load_state(tmp_path / "evil")
+        assert not (tmp_path / "pwned").exists()
     finally:
         eng.destroy()
     hf = AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf"), dtype=dtype)

@@ -85,9 +85,11 @@ def test_failed_rollout_check_at_step_zero_stops_with_a_clear_error(ray_cluster,
     from rlhf.trainer import RunStopped
 
     run_dir = tmp_path / "run"
-    # a tolerance below zero fails the check whatever the (tiny) measured mismatch: the failure path
+    # the smallest tolerance the config allows (> 0) fails on any measured mismatch, and bf16 rollouts
+    # (KV-cache generation) never match a bf16 full forward bit for bit: the failure path
     cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=2", "trainer.probe_every=0",
-                             "trainer.rollout_check_tol=-1", "ppo.old_logp_source=rollout"])  # checked there too
+                             "trainer.rollout_check_tol=1e-300", "deepspeed.bf16=true",
+                             "ppo.old_logp_source=rollout"])  # checked there too
     with pytest.raises(RunStopped, match=r"kl/rollout_vs_trainer = .* at step 0 exceeds trainer.rollout_check_tol"):
         train(cfg)
     assert not (run_dir / "checkpoints").exists()
