@@ -31,7 +31,7 @@ class WorkerStartError(RuntimeError):
 
 
 def init_ray(address: str | None = None, **kwargs) -> None:
-    """Join ``address``, or start a local Ray bound to 127.0.0.1 (GCS, raylet, object manager and
+    """Join ``address`` (or ``RAY_ADDRESS``), or start a local Ray bound to 127.0.0.1 (GCS, raylet, object manager and
     worker ports listen on the loopback interface only; no dashboard). Ray resolves a
     ``_node_ip_address`` of 127.0.0.1 to the machine's IP unless its cluster mode is off
     (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``, read at import, hence the constant too)."""
@@ -39,6 +39,7 @@ def init_ray(address: str | None = None, **kwargs) -> None:
         return
     kwargs.setdefault("include_dashboard", False)
     kwargs.setdefault("log_to_driver", False)
+    address = address or os.environ.get("RAY_ADDRESS")  # a job on a cluster (ray job submit, KubeRay)
     if address is None:
         import ray._private.ray_constants as ray_constants
 
