@@ -413,6 +413,7 @@ def describe(facts: dict, peak: float | None) -> str:
 
 
 def results_json(results: list[Result], facts: dict, peak: float | None, code: int) -> str:
+    """``results.json``: format version, facts, MFU peak, exit code and every step's record."""
     return json.dumps({"version": 1, "facts": facts, "peak_tflops": peak, "exit_code": code,
                        "steps": [asdict(r) for r in results]}, indent=1, sort_keys=True) + "\n"
 
@@ -497,12 +498,15 @@ def run_step_subprocess(step: Step, args, python: str, workdir: Path, model: str
         cmd += ["--model", model]
     t0 = time.monotonic()
     with open(log_file, "w") as log:
+        # its own process group, so a timeout ends the step's Ray / vLLM / DeepSpeed children too
+        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(ROOT),
+                             start_new_session=True)
         try:
-            p = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, text=True, timeout=timeout, env=env,
-                               cwd=str(ROOT), start_new_session=True)
-            rc = p.returncode
+            rc = p.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             rc = None
+        finally:
+            _kill_group(p)
     seconds = time.monotonic() - t0
     log_text = log_file.read_text(errors="replace")
     if rc is None:
@@ -515,6 +519,20 @@ def run_step_subprocess(step: Step, args, python: str, workdir: Path, model: str
     if rc != 0 and r.status == "pass":
         r.status, r.reason = "fail", f"exit {rc} after reporting pass: {_tail(log_text)}"
     return r
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    """End what is left of a step's process group (children a finished step left behind too)."""
+    import signal
+
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        p.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
 
 
 def _step_env(facts: dict) -> dict:

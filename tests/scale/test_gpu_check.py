@@ -388,3 +388,16 @@ def test_error_line_finds_the_cli_message_among_progress_bars():
 def test_rollout_check_tol_reaches_the_train_overrides():
     a = gc.parse_args(["--rollout-check-tol", "0.01"])
     assert a.rollout_check_tol == 0.01 and gc.parse_args([]).rollout_check_tol is None
+
+
+def test_step_subprocess_protocol_and_timeout(tmp_path):
+    """A step body runs in a subprocess and reports through its JSON file; a timeout is a FAIL naming it."""
+    _no_cuda_here()
+    args = gc.parse_args([])
+    env = gc._step_env(CPU_FACTS)
+    env.pop("GPU_CHECK_SMOKE_CPU", None)
+    r = gc.run_step_subprocess(gc.BY_NAME["deepspeed"], args, gc._python(args), tmp_path, None, 120, env)
+    assert (r.status, r.name) == ("fail", "deepspeed") and "sees no CUDA device" in r.reason, r
+    assert (tmp_path / "logs" / "deepspeed.log").is_file() and (tmp_path / "steps" / "deepspeed.json").is_file()
+    r = gc.run_step_subprocess(gc.BY_NAME["megatron"], args, gc._python(args), tmp_path, None, 0.01, env)
+    assert r.status == "fail" and r.reason.startswith("timed out after 0 s"), r
