@@ -539,6 +539,7 @@ def _step_env(facts: dict) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", RAY_AUTH_MODE=os.environ.get("RAY_AUTH_MODE", "disabled"),
                PYTHONPATH=str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("RAY_ADDRESS", None)  # a single-machine check: each step starts its own local Ray
     src = (ROOT / "src" / "rlhf" / "workers" / "model_workers.py")
     if has_cuda(facts) and not env.get("DS_ACCELERATOR") and src.is_file() and needs_ds_env(src.read_text()):
         env["DS_ACCELERATOR"] = "cuda"  # the workers' own default is still cpu (docs/gpu_check.md)

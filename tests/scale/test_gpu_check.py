@@ -401,3 +401,13 @@ def test_step_subprocess_protocol_and_timeout(tmp_path):
     assert (tmp_path / "logs" / "deepspeed.log").is_file() and (tmp_path / "steps" / "deepspeed.json").is_file()
     r = gc.run_step_subprocess(gc.BY_NAME["megatron"], args, gc._python(args), tmp_path, None, 0.01, env)
     assert r.status == "fail" and r.reason.startswith("timed out after 0 s"), r
+
+
+def test_step_env(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    monkeypatch.delenv("DS_ACCELERATOR", raising=False)
+    env = gc._step_env(gpu_facts())
+    assert "RAY_ADDRESS" not in env and env["HF_HUB_OFFLINE"] == "1"
+    src = (ROOT / "src" / "rlhf" / "workers" / "model_workers.py").read_text()
+    assert ("DS_ACCELERATOR" in env) == gc.needs_ds_env(src)  # set for the workers only while they default to cpu
+    assert "DS_ACCELERATOR" not in gc._step_env(CPU_FACTS)
