@@ -15,8 +15,9 @@ on the full batch in one process. This measures, on 4096 responses of up to 2,00
 
 Before and after run interleaved (before, after, before, ...) so machine load hits both alike;
 prints medians and minima of the wall time, the median process CPU time (all threads: on a
-loaded machine wall time includes waiting for a core, CPU time does not), the load average (``os.getloadavg``) before and after, and the
-largest difference between the two results (0 = bitwise equal).
+loaded machine wall time includes waiting for a core, CPU time does not; OpenMP threads that
+spin while waiting for each other count in both), the load average (``os.getloadavg``) before
+and after, and the largest difference between the two results (0 = bitwise equal).
 
     python benchmarks/driver_math.py [--batch 4096] [--max-len 2000] [--repeats 5] [--threads 2]
 """
