@@ -144,6 +144,9 @@ def _job(rank: int, world: int, port: int, layout: str, models: dict, out: str) 
         except MegatronEngineError as err:
             r["critic_refused_policy_state"] = "layout" in str(err)
         c.destroy()
+        c = make(o / f"{arch}_critic_hf", "critic")  # its own HF checkpoint (score.weight on disk) loads back
+        r["critic_reload_exact"] = bool(torch.equal(c.values(batch), vals))
+        c.destroy()
         r.update(critic_records=crecords, critic_step=cst)
         tensors["values"] = vals
         tensors.update({f"cg/{k}": v for k, v in cgrads.items()})
@@ -273,7 +276,7 @@ def test_megatron_engine_layout(layout, gqa_models, references, tmp_path):
             assert abs(loss - ref["policy_loss"]) < 1e-5 and abs(closs - ref["critic_loss"]) < 1e-5
             # exact resume: the step after load_state equals the step without it, bit for bit
             assert rr["resume_exact"] and rr["step2"] == rr["step2_after_load"]
-            assert rr["critic_refused_policy_state"]
+            assert rr["critic_refused_policy_state"] and rr["critic_reload_exact"]
         # save_pretrained writes ordinary HF checkpoints
         pol = AutoModelForCausalLM.from_pretrained(str(out / f"{arch}_policy_hf"), dtype=torch.float32)
         assert all(torch.equal(pol.state_dict()[k], v) for k, v in hf_policy.items())
