@@ -45,8 +45,8 @@ def token_rewards(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Tens
 
 
 def _token_rewards(scores, logp, ref_logp, on, last, kl_coef, kl_kind):
-    kl = kl_penalty(logp, ref_logp, kl_kind)
-    kl = torch.where(on, kl, torch.zeros((), dtype=kl.dtype, device=kl.device))
+    kl = kl_penalty(logp, ref_logp, kl_kind)     # a fresh tensor: zeroed in place (no extra [B, T] buffer)
+    kl.masked_fill_(~on, 0.0)
     rewards = kl * (-kl_coef)
     rows = torch.arange(on.shape[0], device=on.device)
     rewards[rows, last] += scores.to(rewards.dtype)
@@ -121,7 +121,7 @@ def _gae_contiguous(rewards, values, lay, gamma, lams):
     B, T = on.shape
     L = len(lams)
     if T == 0:
-        return torch.empty((L, 0, B), dtype=torch.float32, device=on.device)
+        return torch.empty((L, 0, B), dtype=torch.float32, device=on.device), []
     r, v = rewards.float(), values.float()
     delta = torch.empty((B, T), dtype=torch.float32, device=r.device)
     if T > 1:
@@ -133,7 +133,6 @@ def _gae_contiguous(rewards, values, lay, gamma, lams):
     r_last, v_last = r[rows, last], v[rows, last]
     delta[rows, last] = torch.where(on[rows, last], (r_last + 0.0) - v_last, torch.zeros_like(r_last))
     delta_tm = delta.t().contiguous()
-    del delta
     coef = torch.tensor([gamma * lam for lam in lams], dtype=torch.float32, device=r.device)[:, None]
     adv = torch.empty((L, T, B), dtype=torch.float32, device=r.device)
     if T:
@@ -142,7 +141,7 @@ def _gae_contiguous(rewards, values, lay, gamma, lams):
         a = adv[:, t]
         torch.mul(adv[:, t + 1], coef, out=a)
         a.add_(delta_tm[t])
-    return adv
+    return adv, [delta, delta_tm]
 
 
 def _gae_masked(rewards, values, on, gamma, lams):
@@ -164,30 +163,47 @@ def _gae_masked(rewards, values, on, gamma, lams):
         adv[:, t] = torch.where(m, a_t, zero)
         next_value = torch.where(m, v[t], next_value)
         next_adv = torch.where(m, a_t, next_adv)
-    return adv
+    return adv, [r, v]
 
 
 def _gae_time_major(rewards, values, mask, gamma, lams, lay=None):
-    """Checked inputs -> (time-major advantages [L, T, B], mask layout)."""
+    """Checked inputs -> (time-major advantages [L, T, B], mask layout, scratch).
+
+    ``scratch``: float32 buffers of B x T elements the recursion no longer needs, with distinct
+    storage (none is the advantages' buffer); the outputs are written into them, since a fresh
+    [B, T] allocation costs several times the copy itself (page faults on first touch).
+    """
     _check_gae_inputs(rewards, values, mask)
     lay = mask_layout(mask) if lay is None else lay
     if lay.contiguous:   # exact zeros on right padding; left padding is masked on the way out
-        return _gae_contiguous(rewards, values, lay, gamma, lams), lay
-    return _gae_masked(rewards, values, lay.on, gamma, lams), lay._replace(left_pad=False)
+        adv, scratch = _gae_contiguous(rewards, values, lay, gamma, lams)
+    else:
+        adv, scratch = _gae_masked(rewards, values, lay.on, gamma, lams)
+        lay = lay._replace(left_pad=False)
+    seen = {adv.data_ptr()}
+    distinct = []
+    for buf in scratch:                      # with B == 1 or T == 1 a transpose copy is a view
+        if buf.is_contiguous() and buf.numel() == lay.on.numel() and buf.data_ptr() not in seen:
+            seen.add(buf.data_ptr())
+            distinct.append(buf)
+    return adv, lay, distinct
 
 
-def _batch_major(a_tm):
-    """A fresh contiguous [B, T] copy of a time-major [T, B] tensor (never a view of it)."""
-    return torch.empty(a_tm.shape[::-1], dtype=a_tm.dtype, device=a_tm.device).copy_(a_tm.t())
+def _batch_major(a_tm, scratch=None):
+    """A contiguous [B, T] copy of a time-major [T, B] tensor, never a view of it: written into a
+    buffer popped from ``scratch`` when one is left, else freshly allocated."""
+    shape = a_tm.shape[::-1]
+    out = scratch.pop().view(shape) if scratch else torch.empty(shape, dtype=a_tm.dtype, device=a_tm.device)
+    return out.copy_(a_tm.t())
 
 
-def _advantages_out(a_tm, lay):
-    adv = _batch_major(a_tm)
+def _advantages_out(a_tm, lay, scratch=None):
+    adv = _batch_major(a_tm, scratch)
     return adv.masked_fill_(lay.off, 0.0) if lay.left_pad else adv
 
 
-def _returns_out(a_tm, values, lay):
-    return _batch_major(a_tm).add_(values.float()).masked_fill_(lay.off, 0.0)
+def _returns_out(a_tm, values, lay, scratch=None):
+    return _batch_major(a_tm, scratch).add_(values.float()).masked_fill_(lay.off, 0.0)
 
 
 def gae_multi(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float,
@@ -200,8 +216,8 @@ def gae_multi(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, g
     if not lams:
         raise ValueError("gae_multi needs at least one lambda")
     with torch.no_grad():
-        adv_tm, lay = _gae_time_major(rewards, values, mask, gamma, lams)
-        return [(_advantages_out(a, lay), _returns_out(a, values, lay)) for a in adv_tm]
+        adv_tm, lay, scratch = _gae_time_major(rewards, values, mask, gamma, lams)
+        return [(_advantages_out(a, lay, scratch), _returns_out(a, values, lay, scratch)) for a in adv_tm]
 
 
 def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0,
@@ -228,8 +244,8 @@ def gae_pair(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, ga
     """
     with torch.no_grad():
         lams = (lam_actor,) if lam_actor == lam_critic else (lam_actor, lam_critic)
-        adv_tm, lay = _gae_time_major(rewards, values, mask, gamma, lams)
-        return _advantages_out(adv_tm[0], lay), _returns_out(adv_tm[-1], values, lay)
+        adv_tm, lay, scratch = _gae_time_major(rewards, values, mask, gamma, lams)
+        return _advantages_out(adv_tm[0], lay, scratch), _returns_out(adv_tm[-1], values, lay, scratch)
 
 
 def adaptive_kl_coef(kl_coef: float, observed_kl: float, target_kl: float, horizon: int,

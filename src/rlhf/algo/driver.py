@@ -57,9 +57,12 @@ def ppo_advantages(scores: torch.Tensor, logp: torch.Tensor, ref_logp: torch.Ten
             raise ValueError(f"mask rows {rows[:8]} have no response token (every response has >= 1, its EOS)")
         rewards, kl = _token_rewards(scores, logp, ref_logp, lay.on, lay.last, kl_coef, kl_kind)
         lams = (lam_actor,) if lam_actor == lam_critic else (lam_actor, lam_critic)
-        adv_tm, lay = _gae_time_major(rewards, values, mask, gamma, lams, lay)
-        advantages = _advantages_out(adv_tm[0], lay)
-        returns = _returns_out(adv_tm[-1], values, lay)
-        del adv_tm
-        whitened = _masked_whiten(advantages, mask, lay.on, True, 1e-8) if whiten else None
+        adv_tm, lay, scratch = _gae_time_major(rewards, values, mask, gamma, lams, lay)
+        advantages = _advantages_out(adv_tm[0], lay, scratch)
+        returns = _returns_out(adv_tm[-1], values, lay, scratch)
+        whitened = None
+        if whiten:   # the time-major buffer is free now: the whitening's squares go there
+            sq = adv_tm[0].view(advantages.shape) if adv_tm.numel() else None
+            whitened = _masked_whiten(advantages, mask, lay.on, True, 1e-8, scratch=sq)
+        del adv_tm, scratch
     return DriverAdvantages(rewards, kl, advantages, returns, whitened)

@@ -58,7 +58,9 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
     return _masked_whiten(x, mask, mask != 0, shift_mean, eps)
 
 
-def _masked_whiten(x, mask, on, shift_mean, eps):
+def _masked_whiten(x, mask, on, shift_mean, eps, scratch=None):
+    """``masked_whiten`` with the boolean mask given; ``scratch`` (optional, x's shape, float32,
+    sharing no memory with x) receives the squared deviations instead of a new buffer."""
     off = ~on
     m = mask.to(x.dtype) if x.is_floating_point() else mask.float()
     binary = mask.dtype == torch.bool or bool((mask == 1).logical_or_(off).all())
@@ -71,7 +73,7 @@ def _masked_whiten(x, mask, on, shift_mean, eps):
     else:
         mean = (centered * m).sum() / n
     centered.sub_(mean).masked_fill_(off, 0.0)
-    sq = centered * centered
+    sq = centered * centered if scratch is None else torch.mul(centered, centered, out=scratch)
     if not binary:
         sq.mul_(m)
     var = sq.sum() / n
