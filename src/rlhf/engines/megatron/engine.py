@@ -4,7 +4,10 @@ with tensor, pipeline and data parallelism, trained with torch AdamW.
 One instance per rank, created in the process that owns it after the process-group env
 (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``) is set; ``WORLD_SIZE`` must be a multiple
 of ``tensor_parallel x pipeline_parallel``, the rest is data parallelism. Ranks of one model-parallel
-group (same ``dp_rank``) must be given the same rows.
+group (same ``dp_rank``) must be given the same rows. The engine joins the world group the env
+describes (``rlhf.engines.deepspeed_engine.init_distributed``) and destroys it in ``destroy()`` only
+when it created it; a process that builds several engines one after another should create the group
+itself first (re-creating a gloo world group on the same ``MASTER_PORT`` hangs its next new_group).
 
 Batches are the workers' dict (``rlhf.workers.batch``): ``input_ids`` / ``attention_mask`` ``[B, P+T]``
 with prompts left-padded to P and responses right-padded to T, ``responses`` and ``mask`` ``[B, T]``,
@@ -140,6 +143,11 @@ class MegatronEngine:
             self.optimizer, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
         self.steps = 0
         self._reduced = False
+
+    @property
+    def module(self) -> torch.nn.Module:
+        """This rank's megatron ``GPTModel`` (its TP shard of its PP stage)."""
+        return self.model
 
     # ------------------------------------------------------------------ build and load
 
@@ -621,6 +629,7 @@ class MegatronEngine:
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         self.scheduler.load_state_dict({**meta["scheduler"], "lr_lambdas": [None]})
         self.steps = int(meta["steps"])
+        self.zero_grad()
         torch.set_rng_state(tensors["rng/torch"])
         tensor_parallel.get_cuda_rng_tracker().set_states(
             {n: tensors[f"rng/tracker/{n}"] for n in meta["tracker_names"]})
