@@ -112,6 +112,7 @@ def _job(rank: int, world: int, port: int, layout: str, models: dict, out: str) 
         e = make(d, "policy")
         rec["shim"] = cuda_shim.applied()
         r["dp"] = [e.dp_rank, e.dp_size]
+        r["opt_sharded"] = e._shard is not None  # our ZeRO-1 at DP > 1 (distributed_optimizer: true)
         w0 = dict(e.export_weights())
         fwd = e.forward(batch)
         e.save_pretrained(o / f"{arch}_policy_hf")
@@ -277,6 +278,7 @@ def test_megatron_engine_layout(layout, gqa_models, references, tmp_path):
             # exact resume: the step after load_state equals the step without it, bit for bit
             assert rr["resume_exact"] and rr["step2"] == rr["step2_after_load"]
             assert rr["critic_refused_policy_state"] and rr["critic_reload_exact"]
+            assert rr["opt_sharded"] == (layout == "dp2") and rr["dp"] == ([r, 2] if layout == "dp2" else [0, 1])
         # save_pretrained writes ordinary HF checkpoints
         pol = AutoModelForCausalLM.from_pretrained(str(out / f"{arch}_policy_hf"), dtype=torch.float32)
         assert all(torch.equal(pol.state_dict()[k], v) for k, v in hf_policy.items())

@@ -15,13 +15,14 @@ with prompts left-padded to P and responses right-padded to T, ``responses`` and
 ``position_ids``, so the engine right-pads every row (shifts it left by its prompt padding) and reads
 the outputs back at the response positions; the attention mask is explicit (causal + key padding).
 
-Choices on CPU and GPU alike (stated, not hidden): the optimizer is torch AdamW (fused) over this
-rank's parameter shards, with full optimizer state on every data-parallel rank
-(``distributed_optimizer`` is recorded but megatron's distributed optimizer is not used: on CPU it
-needs process-wide ``Tensor.type`` patches); gradients are averaged over data-parallel ranks by one
-flat all-reduce per step, tied embeddings under PP are summed over the embedding group, gradient
-clipping is the global norm over all TP / PP shards (each tensor counted once), as DeepSpeed clips.
-``bf16`` runs the forward under ``torch.autocast(bfloat16)`` with fp32 weights and optimizer states.
+Choices on CPU and GPU alike (stated, not hidden): the optimizer is torch AdamW (fused), not
+megatron's (on CPU its grad clipping and distributed optimizer need process-wide ``Tensor.type``
+patches). ``distributed_optimizer`` (default) shards the AdamW state over data-parallel ranks with our
+own ZeRO-1 (``_DPShard``: each DP rank updates 1/dp of the flattened parameters, then all-gathers);
+off, every DP rank holds the full state. Gradients are averaged over data-parallel ranks by one flat
+all-reduce per step, tied embeddings under PP are summed over the embedding group, gradient clipping
+is the global norm over all TP / PP shards (each tensor counted once), as DeepSpeed clips. ``bf16``
+runs the forward under ``torch.autocast(bfloat16)`` with fp32 weights and optimizer states.
 """
 
 from __future__ import annotations
@@ -68,7 +69,7 @@ class MegatronEngine:
         role: ``"policy"`` (causal LM: logprobs / entropy) or ``"critic"`` (values from a ``score``
             head, named like ``AutoModelForSequenceClassification(num_labels=1)``).
         settings: a ``rlhf.config.MegatronConfig``-like object: ``tensor_parallel`` (>= 1),
-            ``pipeline_parallel`` (>= 1), ``distributed_optimizer`` (recorded, see module doc),
+            ``pipeline_parallel`` (>= 1), ``distributed_optimizer`` (shard AdamW states over DP ranks),
             ``recompute`` (full activation recompute, one layer at a time), ``bf16`` (autocast).
             None: all defaults (1, 1, True, False, False).
         lr: peak learning rate (> 0); linear warm-up over ``warmup_steps`` optimizer steps, then constant.
@@ -136,7 +137,12 @@ class MegatronEngine:
         self._load_hf()
         self.model.to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
+        self._shard = _DPShard(self.params, self.dp_rank, self.dp_size, self.ps.get_data_parallel_group()) \
+            if self.distributed_optimizer and self.dp_size > 1 else None
+        opt_params = [self._shard.master] if self._shard is not None else self.params
+        self._opt_names = ["dp_shard"] if self._shard is not None else \
+            [n for n, p in self.model.named_parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(opt_params, lr=lr, betas=tuple(betas), weight_decay=weight_decay,
                                            fused=True)
         warm = max(int(warmup_steps), 0)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -426,16 +432,21 @@ class MegatronEngine:
             if coef < 1.0:
                 for p in self.params:
                     p.grad.mul_(coef)
+        if self._shard is not None:
+            self._shard.set_grad()
         self.optimizer.step()
+        if self._shard is not None:
+            self._shard.gather_params()
         self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self._reduced = False
+        self.zero_grad()
         self.steps += 1
         return {"grad_norm": norm, "lr": float(self.scheduler.get_last_lr()[0])}
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients without stepping."""
         self.optimizer.zero_grad(set_to_none=True)
+        for p in self.params:
+            p.grad = None
         self._reduced = False
 
     def train(self, mode: bool = True) -> None:
@@ -552,7 +563,7 @@ class MegatronEngine:
 
     def _layout(self) -> dict:
         return {"version": STATE_VERSION, "role": self.role, "arch": self.spec.arch, "tp": self.tp, "pp": self.pp,
-                "dp": self.dp_size, "world": self.world_size}
+                "dp": self.dp_size, "world": self.world_size, "sharded_optimizer": self._shard is not None}
 
     def _state_paths(self, d: Path) -> tuple[Path, Path]:
         stem = f"megatron_tp{self.tp_rank}_pp{self.pp_rank}_dp{self.dp_rank}"
@@ -573,7 +584,7 @@ class MegatronEngine:
         for name, p in self.model.named_parameters():
             tensors[f"model/{name}"] = p.detach().cpu().contiguous()
         osd = self.optimizer.state_dict()
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        names = self._opt_names
         for idx, st in osd["state"].items():
             for k, v in st.items():
                 tensors[f"optim/{names[idx]}/{k}"] = v.detach().cpu().contiguous().reshape(v.shape)
@@ -613,7 +624,9 @@ class MegatronEngine:
                 if key not in tensors or tuple(tensors[key].shape) != tuple(p.shape):
                     raise MegatronEngineError(f"{tpath}: tensor {key!r} missing or of the wrong shape")
                 p.copy_(tensors[key])
-        names = [n for n, p in self.model.named_parameters() if p.requires_grad]
+        if self._shard is not None:
+            self._shard.load_master()
+        names = self._opt_names
         state = {}
         for idx, n in enumerate(names):
             st = {k.rsplit("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"optim/{n}/")}
@@ -644,6 +657,47 @@ class MegatronEngine:
             self.ps.destroy_model_parallel()
         if self._own_group and dist.is_initialized():
             dist.destroy_process_group()
+
+
+class _DPShard:
+    """The distributed optimizer, our own ZeRO-1: this rank's parameters flattened, and AdamW run only
+    on this data-parallel rank's 1/dp slice of them (``master``, fp32), so each rank holds 1/dp of
+    the optimizer state; after the step the slices are all-gathered back into the parameters. AdamW
+    is elementwise and the clip coefficient is global, so the result equals the replicated optimizer.
+    Gradients arrive already averaged over DP (one all-reduce: gloo has no reduce-scatter)."""
+
+    def __init__(self, params: list[torch.Tensor], rank: int, size: int, group):
+        self.params, self.rank, self.size, self.group = params, rank, size, group
+        self.total = sum(p.numel() for p in params)
+        self.chunk = -(-self.total // size)
+        self.master = torch.nn.Parameter(torch.zeros(self.chunk, dtype=torch.float32, device=params[0].device))
+        self.load_master()
+
+    def _flat(self, tensors) -> torch.Tensor:
+        flat = torch.zeros(self.chunk * self.size, dtype=torch.float32, device=self.master.device)
+        flat[:self.total] = torch.cat([t.reshape(-1).float() for t in tensors])
+        return flat
+
+    def load_master(self) -> None:
+        """``master`` = this rank's slice of the current parameters."""
+        with torch.no_grad():
+            self.master.copy_(self._flat(self.params)[self.rank * self.chunk:(self.rank + 1) * self.chunk])
+
+    def set_grad(self) -> None:
+        self.master.grad = self._flat([p.grad for p in self.params])[
+            self.rank * self.chunk:(self.rank + 1) * self.chunk].clone()
+
+    def gather_params(self) -> None:
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(self.master) for _ in range(self.size)]
+        dist.all_gather(parts, self.master.detach().contiguous(), group=self.group)
+        flat = torch.cat(parts)[:self.total]
+        with torch.no_grad():
+            off = 0
+            for p in self.params:
+                p.copy_(flat[off:off + p.numel()].view_as(p))
+                off += p.numel()
 
 
 class _nullcontext:
