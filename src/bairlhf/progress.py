@@ -37,7 +37,6 @@ QUIET_ENV = {
     "TRANSFORMERS_VERBOSITY": "error",      # transformers: no info/warnings (load reports are warnings)
     "HF_HUB_DISABLE_PROGRESS_BARS": "1",    # huggingface_hub bars, and transformers' own ("Loading weights")
     "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
-    "DATASETS_VERBOSITY": "error",
     "RAY_LOGGER_LEVEL": "warning",          # Ray's driver logger: no "Started a local Ray instance" lines
     "TORCH_CPP_LOG_LEVEL": "ERROR",         # c10 / gloo warnings from torch.distributed
 }
