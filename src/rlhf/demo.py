@@ -82,6 +82,18 @@ def _is_run_dir(path: Path) -> bool:
     return owner(path) in (None, "rlhf train") and bool(_names(path) & {"config.yaml", "metrics.jsonl", MARKER})
 
 
+def _legacy_sweep(sweep: Path) -> bool:
+    """An unmarked ``OUT/bai_sweep`` of an older demo: ``bai merge``'s own unmarked sweep layout
+    (``bai.merge.legacy_output``) plus the demo's ``eval.json``."""
+    from bai.merge import legacy_output
+
+    if not (sweep / "eval.json").is_file():
+        return legacy_output(sweep)
+    kids = [k for k in sweep.iterdir() if k.name != "eval.json"]
+    return bool(kids) and all(k.is_dir() and k.name.startswith("alpha_") and (k / "bai_merge.yaml").is_file()
+                              for k in kids)
+
+
 def check_out(root: Path, alpha: float) -> None:
     """Refuse, before anything is written, a ``--out`` the demo may not use or reuse (see the
     module docstring); ``alpha`` names the BAI run directory the demo will replace."""
@@ -109,9 +121,7 @@ def check_out(root: Path, alpha: float) -> None:
             raise DemoError(f"--out: {link} is not a link the demo made; move it away (nothing was changed)")
     sweep = root / "bai_sweep"
     if sweep.exists():
-        from bai.merge import legacy_output
-
-        if owner(sweep) != "bai merge" and not legacy_output(sweep):
+        if owner(sweep) != "bai merge" and not _legacy_sweep(sweep):
             raise DemoError(f"--out: {sweep} was not written by the demo's merge; move it away (nothing was changed)")
     report = root / "report"
     if report.exists() and owner(report) != "rlhf report" and not _names(report) <= LEGACY_REPORT:
@@ -198,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
               "sft_models": [{"path": str(models / "instruct"), "weight": 0.5},
                              {"path": str(models / "reasoning"), "weight": 0.5}]}
     t = time.perf_counter()
+    if owner(root / "bai_sweep") is None and (root / "bai_sweep" / "eval.json").is_file():
+        (root / "bai_sweep" / "eval.json").unlink()  # an older demo's: bai merge then sees its own legacy sweep
     dirs = bai.merge(recipe, root / "bai_sweep", force=True, progress=False)
     sweep = sweep_eval(tb, dirs)
     print(f"[demo] BAI two-stage merge (instruct+reasoning 50/50, then base at alpha) in one pass: "

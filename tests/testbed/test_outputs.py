@@ -98,8 +98,14 @@ def test_demo_out_reuses_only_its_own_directory(tmp_path):
     demo.check_out(root, 0.3)
     legacy = _fake_demo(tmp_path / "legacy", marked=False)
     (legacy / "bai_alpha_0.3.yaml").write_text("method: bai\n")
+    _write(legacy / "bai_sweep" / "alpha_0.1" / "bai_merge.yaml", "method: bai\n")
+    _write(legacy / "bai_sweep" / "eval.json", "{}")  # the older demo's evaluation, beside the merges
+    _write(legacy / "report" / "organism.png")
     assert demo.legacy_demo(legacy)
     demo.check_out(legacy, 0.3)
+    _write(legacy / "bai_sweep" / "notes.txt")
+    with pytest.raises(demo.DemoError, match="demo's merge"):
+        demo.check_out(legacy, 0.3)
     home = tmp_path / "home"
     (home / "testbed").mkdir(parents=True)
     (home / "photos").mkdir()
