@@ -71,3 +71,72 @@ def test_fresh_start_keeps_old_files_as_backup(tmp_path):
     assert len(read_jsonl(tmp_path / "metrics.jsonl.bak")) == 5
     _, kl = _scalars(tmp_path, "kl/policy_vs_sampling")
     assert [s for s, _ in kl] == [0, 1, 2]
+
+
+def _bucketed(step):
+    # 10-token buckets; the batch moves from ~45 tokens to ~15 tokens at step 3 (a collapse)
+    counts = [0, 0, 0, 1, 6, 1, 0, 0] if step < 3 else [0, 2, 6, 0, 0, 0, 0, 0]
+    rec = {f"reward/bucket_{i:02d}_count": float(c) for i, c in enumerate(counts)}
+    rec.update({"rollout/length_mean": 45.0 if step < 3 else 15.0, "rollout/length_std": 3.0,
+                "rollout/length_min": 38.0 if step < 3 else 11.0, "rollout/length_max": 52.0 if step < 3 else 19.0,
+                "reward/mean": 0.5})
+    return rec
+
+
+def test_length_histogram_from_bucket_counts():
+    from rlhf.metrics.logger import length_histogram
+
+    counts, edges = length_histogram(_bucketed(0), 10, 8)
+    assert counts == [0, 0, 0, 1, 6, 1] and edges == [0, 10, 20, 30, 40, 50, 60]   # trailing empties dropped
+    full = {f"reward/bucket_{i:02d}_count": 1.0 for i in range(3)} | {"rollout/length_max": 87.0}
+    assert length_histogram(full, 10, 3) == ([1.0, 1.0, 1.0], [0, 10, 20, 88.0])  # open last bucket closed at max + 1
+    assert length_histogram({"reward/mean": 1.0}, 10, 3) is None
+
+
+def test_tensorboard_length_histograms_per_step(tmp_path):
+    from rlhf.metrics import StabilityConfig
+
+    with MetricLogger(tmp_path, buckets=StabilityConfig(bucket_width=10, num_buckets=8)) as logger:
+        for s in range(5):
+            logger.log(s, _bucketed(s))
+    acc = EventAccumulator(str(tmp_path / "tensorboard"), size_guidance={"histograms": 0})   # 0: keep all
+    acc.Reload()
+    hists = acc.Histograms("rollout/length_hist")
+    assert [h.step for h in hists] == list(range(5))
+    h0, h4 = hists[0].histogram_value, hists[4].histogram_value
+    assert list(h0.bucket) == [0, 0, 0, 1, 6, 1] and list(h0.bucket_limit) == [10, 20, 30, 40, 50, 60]
+    assert list(h4.bucket) == [0, 2, 6] and h4.num == 8 and h4.min == 11 and h4.max == 19
+    assert h4.sum == pytest.approx(15.0 * 8)
+
+
+def test_loggers_selected_by_name(tmp_path):
+    with MetricLogger(tmp_path / "j", loggers=["jsonl"]) as logger:
+        logger.log(0, {"reward/mean": 1.0})
+    assert (tmp_path / "j" / "metrics.jsonl").exists() and not (tmp_path / "j" / "tensorboard").exists()
+    with pytest.raises(ValueError, match="mlflow"):
+        MetricLogger(tmp_path / "x", loggers=["jsonl", "mlflow"])
+
+
+def test_wandb_offline_run_holds_logged_keys_and_resume_keeps_its_id(tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")          # no network, no login
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    with MetricLogger(run_dir, loggers=["jsonl", "wandb"],
+                      monitor=StabilityMonitor({"bucket_width": 10, "num_buckets": 8})) as logger:
+        for s in range(3):
+            logger.log(s, _bucketed(s) | {"kl/policy_vs_sampling": 0.25 + s})
+    runs = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    data = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))
+    for key in (b"kl/policy_vs_sampling", b"reward/mean", b"rollout/length_hist", b"stability/length_collapse"):
+        assert key in data, key
+    assert b"2.25" in data                                # the value logged at step 2
+    run_id = (run_dir / "wandb" / "rlhf_run_id").read_text().strip()
+    assert runs[0].name.endswith(run_id)
+    assert not (run_dir / "tensorboard").exists()
+    with MetricLogger(run_dir, resume_step=1, loggers=["jsonl", "wandb"]) as logger:   # resumed: same W&B id
+        logger.log(2, _bucketed(2))
+    assert (run_dir / "wandb" / "rlhf_run_id").read_text().strip() == run_id
+    assert all(p.name.endswith(run_id) for p in (run_dir / "wandb").glob("offline-run-*"))
+    assert [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2]
