@@ -187,12 +187,21 @@ class PPOSettings:
     """Steps at the start where only the critic trains (>= 0)."""
     tis_cap: Annotated[float, POS] | None = None
     """Truncated importance sampling cap on exp(trainer - rollout logprob) (> 0; None: off)."""
+    mismatch_reject: Annotated[float, POS] | None = None
+    """Masked importance sampling: a sequence whose token-mean k3 between rollout and trainer
+    logprobs (its own ``kl/rollout_vs_trainer``) exceeds this value gets no policy gradient
+    (> 0; None: off). Logged as ``kl/rollout_vs_trainer_rejected_frac``. Needs ``old_logp_source:
+    trainer``."""
+    mismatch_sample_rows: Annotated[int, NONNEG] = 8
+    """With ``old_logp_source: rollout``: rows the actor rescores every step for the
+    ``kl/rollout_vs_trainer*`` metrics (>= 0; 0: step 0 only; all rows at step 0)."""
     old_logp_source: Literal["trainer", "rollout"] = "trainer"
     """Where PPO's old-policy logprobs come from: ``trainer`` (the actor rescores every batch, one
     extra forward) or ``rollout`` (the rollout engine's sampling logprobs, as TRL does; the actor's
-    scoring forward runs at step 0 only, for the ``kl/rollout_vs_trainer`` check, so
-    ``rollout/entropy`` and ``kl/rollout_vs_trainer*`` are logged at step 0 only; ``actor/entropy``
-    from the training forwards stays every step). ``rollout`` needs no top-k / top-p filtering
+    scoring forward runs on every row at step 0, for the ``kl/rollout_vs_trainer`` check, and on
+    ``mismatch_sample_rows`` rows later, so ``rollout/entropy`` and ``kl/rollout_vs_trainer*``
+    are logged every step from that subset; ``actor/entropy`` from the training
+    forwards stays every step). ``rollout`` needs no top-k / top-p filtering
     (the engine's logprobs are then of the filtered distribution) and no ``tis_cap``."""
 
 
@@ -300,8 +309,10 @@ class TrainerConfig:
     """Probe prompts (>= 1; the first N of the data)."""
     max_restarts: Annotated[int, NONNEG] = 2
     """Restarts from the last checkpoint after a Ray worker dies (>= 0)."""
-    rollout_check_tol: Annotated[float, POS] = 1e-3
-    """Max kl/rollout_vs_trainer allowed at step 0 (> 0)."""
+    rollout_check_tol: Annotated[float, POS] | None = None
+    """Max kl/rollout_vs_trainer allowed at step 0 (> 0). None: 1e-3, except 1e-2 for vLLM
+    rollouts in bf16 (vLLM's own bf16 kernels leave an irreducible 1.2-3e-3 on a real model, even
+    against an fp32 trainer, see docs/precision.md; a missed weight sync gives ~0.5)."""
     threads_per_worker: Annotated[int, ONE_UP] = 1
     """torch threads in each worker (>= 1)."""
 
@@ -400,6 +411,8 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
         _check(cfg.rollout.top_k == 0 and cfg.rollout.top_p == 1.0, "ppo.old_logp_source",
                "rollout needs rollout.top_k 0 and rollout.top_p 1.0 (the engine's logprobs are of the filtered "
                "distribution, the training forward's are not)")
+        _check(p.mismatch_reject is None, "ppo.mismatch_reject",
+               "needs ppo.old_logp_source: trainer (every row's trainer logprobs)")
         _check(p.tis_cap is None, "ppo.old_logp_source",
                "rollout makes ppo.tis_cap a no-op (old and rollout logprobs are the same); set tis_cap null")
     r = cfg.rollout
@@ -585,3 +598,11 @@ def ranges_markdown() -> str:
             lines += [f"| `{k}` | {sep.join(f'`{c}`' for c in v.split(' | '))} |" for k, v in choices.items()]
         lines.append("")
     return "\n".join(lines)
+
+
+def rollout_check_tol(cfg: PPOConfig) -> float:
+    """The step-0 ``kl/rollout_vs_trainer`` tolerance: ``trainer.rollout_check_tol``, or by precision."""
+    if cfg.trainer.rollout_check_tol is not None:
+        return cfg.trainer.rollout_check_tol
+    bf16 = cfg.megatron.bf16 if cfg.engine.actor == "megatron" else cfg.deepspeed.bf16
+    return 1e-2 if bf16 and cfg.rollout.engine == "vllm" else 1e-3

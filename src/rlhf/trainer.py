@@ -29,7 +29,7 @@ import torch
 
 from bairlhf.errors import UserError
 from bairlhf.outputs import atomic_write, check_output, mark_output, owner
-from rlhf.config import ConfigError, PPOConfig, load_config, save_config, to_dict
+from rlhf.config import ConfigError, PPOConfig, load_config, rollout_check_tol, save_config, to_dict
 from rlhf.data import PromptSampler, encode_prompts, load_prompts
 
 COMMAND = "rlhf train"
@@ -292,7 +292,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     """One PPO step; returns its metrics. Mutates ``state`` (step, data position, KL coefficient)."""
     import ray
 
-    from rlhf.algo import adaptive_kl_coef, gae, masked_whiten, token_rewards, truncated_is_weights
+    from rlhf.algo import adaptive_kl_coef, gae, masked_whiten, mismatch_keep_mask, token_rewards, truncated_is_weights
     from rlhf.engines.base import SamplingParams
     from rlhf.metrics import ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, reduce_update_stats
     from rlhf.workers.batch import collate
@@ -316,7 +316,10 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     bref = ray.put(batch)
     a_shards, c_shards = split(B, len(w.actor)), split(B, len(w.critic))
     rescore = p.old_logp_source == "trainer" or step == 0
-    lp_refs = [a.logprobs.remote(bref, rows, r.top_k, r.top_p) for a, rows in zip(w.actor, a_shards)] if rescore else []
+    sub = list(range(B)) if rescore else sorted(random.Random(cfg.seed * 7919 + step).sample(
+        range(B), min(B, p.mismatch_sample_rows)))  # old logprobs from the rollout: a sampled subset
+    lp_refs = [a.logprobs.remote(bref, [sub[i] for i in rows], r.top_k, r.top_p)
+               for a, rows in zip(w.actor, split(len(sub), len(w.actor))) if rows] if sub else []
     v_refs = [c.values.remote(bref, rows) for c, rows in zip(w.critic, c_shards)]
     ref_ref = w.reference.logprobs.remote(bref)
     score_ref = w.reward.score.remote(bref, [g.prompt_ids for g in gens], [g.response_ids for g in gens],
@@ -339,22 +342,26 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     _, returns = gae(rewards, values, mask, p.gamma, p.lam_critic)
     metrics = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=old_logp, ref_logp=ref_logp,
                             values=values, returns=returns, advantages=adv, config=cfg.metrics)
-    if rescore:  # compare the rollout with the trainer under the same top-k / top-p (``filtered_logp``)
-        again = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=filtered_logp,
-                              rollout_logp=batch["rollout_logp"])
+    if sub:  # compare the rollout with the trainer under the same top-k / top-p (``filtered_logp``)
+        again = batch_metrics(mask=mask[sub], scores=raw_scores[sub], finished=finished[sub], old_logp=filtered_logp,
+                              rollout_logp=batch["rollout_logp"][sub])
         metrics.update({k: v for k, v in again.items() if k.startswith("kl/rollout_vs_trainer")})
     if cfg.reward.metrics is not None:  # gold metrics beside the reward (e.g. exact accuracy)
         metrics.update(ray.get(w.reward.gold_metrics.remote([g.prompt_ids for g in gens],
                                                             [g.response_ids for g in gens], finished.tolist())))
-    if step == 0 and metrics["kl/rollout_vs_trainer"] > cfg.trainer.rollout_check_tol:
+    if step == 0 and metrics["kl/rollout_vs_trainer"] > rollout_check_tol(cfg):
         raise RunStopped(
             f"kl/rollout_vs_trainer = {metrics['kl/rollout_vs_trainer']:.3g} at step 0 exceeds "
-            f"trainer.rollout_check_tol = {cfg.trainer.rollout_check_tol}: the rollout engine and the trainer "
+            f"trainer.rollout_check_tol = {rollout_check_tol(cfg):g}: the rollout engine and the trainer "
             "disagree on the same weights (check temperature/top-p handling, dtype, weight loading)")
     batch.update(old_logp=old_logp, old_values=values, returns=returns,
                  advantages=masked_whiten(adv, mask) if p.whiten_advantages else adv)
     if p.tis_cap is not None:
         batch["is_weights"] = truncated_is_weights(old_logp, batch["rollout_logp"], mask, p.tis_cap)
+    if p.mismatch_reject is not None:  # masked IS: no policy gradient from sequences the engines disagree on
+        keep = mismatch_keep_mask(filtered_logp, batch["rollout_logp"], mask, p.mismatch_reject)
+        batch["is_weights"] = keep * batch.get("is_weights", mask.float())
+        metrics["kl/rollout_vs_trainer_rejected_frac"] = 1.0 - float(keep.amax(-1).mean())
 
     # 4. PPO updates: actor (after the critic warm-up) and critic, all ranks in parallel
     bref = ray.put(batch)
@@ -384,7 +391,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
         "perf/tokens_per_s": float(batch["attention_mask"].sum()) / max(t4 - t0, 1e-9),
     })
     if entropy is not None:
-        metrics["rollout/entropy"] = float((entropy * mask).sum() / mask.sum())
+        metrics["rollout/entropy"] = float((entropy * mask[sub]).sum() / mask[sub].sum())
     state.step += 1
     return metrics
 

@@ -12,7 +12,7 @@ from rlhf.algo.estimators import (
     get_estimator, group_ids_for, loss_num_tokens,
 )
 from rlhf.algo.kl import KL_KINDS, entropy_from_logits, kl_from_log_ratio, kl_penalty, logprobs_from_logits
-from rlhf.algo.losses import aggregate_token_loss, policy_loss, truncated_is_weights, value_loss
+from rlhf.algo.losses import aggregate_token_loss, mismatch_keep_mask, policy_loss, truncated_is_weights, value_loss
 from rlhf.algo.masked import masked_mean, masked_sum, masked_var, masked_whiten
 
 __all__ = [
@@ -20,5 +20,5 @@ __all__ = [
     "compute_advantages", "gae_multi", "gae_pair", "get_estimator", "group_ids_for", "loss_num_tokens",
     "KL_KINDS", "adaptive_kl_coef", "aggregate_token_loss", "entropy_from_logits", "gae", "kl_from_log_ratio",
     "kl_penalty", "last_token_index", "logprobs_from_logits", "masked_mean", "masked_sum", "masked_var",
-    "masked_whiten", "policy_loss", "ppo_advantages", "token_rewards", "truncated_is_weights", "value_loss",
+    "masked_whiten", "mismatch_keep_mask", "policy_loss", "ppo_advantages", "token_rewards", "truncated_is_weights", "value_loss",
 ]

@@ -123,3 +123,26 @@ def truncated_is_weights(old_logp: torch.Tensor, rollout_logp: torch.Tensor, mas
         lr = (old_logp.float() - rollout_logp.float()).clamp(-RATIO_LOGCLAMP, RATIO_LOGCLAMP)
         w = torch.exp(lr).clamp(max=cap)
         return torch.where(mask != 0, w, torch.zeros_like(w))
+
+
+def mismatch_keep_mask(trainer_logp: torch.Tensor, rollout_logp: torch.Tensor, mask: torch.Tensor,
+                       threshold: float) -> torch.Tensor:
+    """Sequence-level rejection of rollout/trainer mismatch (masked importance sampling).
+
+    For each sequence, the mismatch is the token mean of k3(x) = exp(-x) - 1 + x with
+    x = rollout_logp - trainer_logp over its response tokens (the per-sequence version of
+    ``kl/rollout_vs_trainer``). Returns ``[B, T]`` float weights: 1 on the response tokens of
+    sequences whose mismatch is <= ``threshold``, 0 on rejected sequences and on padding. Multiply it
+    into the importance weights (``policy_loss(..., is_weights=...)``): rejected sequences then
+    contribute no policy gradient, while the loss normalisation (global token count) is unchanged.
+    """
+    if trainer_logp.shape != rollout_logp.shape or trainer_logp.shape != mask.shape:
+        raise ValueError(f"trainer_logp {tuple(trainer_logp.shape)}, rollout_logp {tuple(rollout_logp.shape)} and "
+                         f"mask {tuple(mask.shape)} must share one shape")
+    with torch.no_grad():
+        m = (mask != 0).float()
+        x = (rollout_logp.float() - trainer_logp.float()).clamp(-RATIO_LOGCLAMP, RATIO_LOGCLAMP) * m
+        k3 = (torch.exp(-x) - 1 + x) * m
+        per_seq = k3.sum(-1) / m.sum(-1).clamp(min=1)
+        keep = (per_seq <= threshold).float()
+        return keep[:, None] * m

@@ -22,7 +22,11 @@ class HFRolloutEngine:
         from transformers import AutoModelForCausalLM
 
         dev = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype).to(dev)
+        # bf16: eager attention, as the trainer's policy forward uses; SDPA takes a different kernel for
+        # a one-token decode step than for the full forward, 1.7e-3 k3 apart on a real model
+        # (docs/precision.md); eager gives identical logprobs both ways.
+        attn = "eager" if dtype == torch.bfloat16 else None
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn).to(dev)
         self.model.eval()
         self.pad_id, self.eos_id = pad_token_id, eos_token_id
 

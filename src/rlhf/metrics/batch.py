@@ -132,6 +132,11 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
         out["kl/rollout_vs_trainer"] = kl_from_log_ratio(x, "k3").mean().item()
         out["kl/rollout_vs_trainer_k1"] = x.mean().item()
         out["kl/rollout_vs_trainer_max_abs"] = x.abs().max().item()
+        # token probability ratio trainer / rollout = exp(-x): its tails show the worst tokens
+        q = torch.quantile(torch.exp(-x.double()), torch.tensor([0.01, 0.5, 0.99], dtype=torch.float64))
+        out["kl/rollout_vs_trainer_ratio_p01"] = q[0].item()
+        out["kl/rollout_vs_trainer_ratio_p50"] = q[1].item()
+        out["kl/rollout_vs_trainer_ratio_p99"] = q[2].item()
     v = gather(values) if values is not None else None
     ret = gather(returns) if returns is not None else None
     if v is not None:
