@@ -315,6 +315,10 @@ class TrainerConfig:
     against an fp32 trainer, see docs/precision.md; a missed weight sync gives ~0.5)."""
     threads_per_worker: Annotated[int, ONE_UP] = 1
     """torch threads in each worker (>= 1)."""
+    loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl", "tensorboard"])
+    """Where metrics go (``rlhf.metrics.logger``): ``jsonl`` (``metrics.jsonl``, required: resume, the
+    detectors and ``rlhf report`` read it), ``tensorboard`` (``tensorboard/``) and ``wandb`` (``wandb/``,
+    offline unless ``WANDB_MODE`` says otherwise; needs the ``wandb`` package); each at most once."""
 
 
 @dataclass
@@ -439,6 +443,13 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
         if spec is not None:
             mod, _, fn = spec.partition(":")
             _check(bool(mod) and bool(fn), key, f"expected module:function, got {spec!r}")
+    lg = cfg.trainer.loggers
+    _check("jsonl" in lg and len(set(lg)) == len(lg), "trainer.loggers",
+           f"must list jsonl (metrics.jsonl is what resume, the detectors and rlhf report read), each logger once; got {lg}")
+    import importlib.util
+
+    _check("wandb" not in lg or importlib.util.find_spec("wandb") is not None, "trainer.loggers",
+           "wandb is not installed (pip install 'wandb>=0.17', the project's [wandb] extra)")
     from rlhf.data import check_builtin
 
     check_builtin(cfg.data.path)

@@ -75,6 +75,9 @@ class StabilityConfig:
     """Length-bucket width in tokens: bucket i holds lengths in [i w, (i + 1) w) (>= 1)."""
     num_buckets: Annotated[int, Range(1, 100)] = 20
     """Number of length buckets, the last open-ended (1 .. 100: names are ``bucket_00`` .. ``bucket_99``)."""
+    preflight_long_tokens: Annotated[int, Range(0, None)] = 0
+    """Pre-flight length-bias check: responses over this many tokens count as long (>= 0; 0: over
+    the first batch's median length)."""
 
     def __post_init__(self) -> None:
         if not self.collapse_fraction < self.recovery_fraction:
