@@ -8,7 +8,10 @@ buckets and detector thresholds), then writes
     length.png           mean response length with a +-std band, collapse marked (Figs. 3a, 4)
     kl.png               KL training-vs-sampling policy, to the reference, rollout-vs-trainer (Figs. 3c, 5),
                          with the length-collapse and reward-decline onsets marked
-    summary.md           per run: final reward, minimum length, collapse and hockey-stick verdicts
+    length_heatmap.png   per run: steps on x, length buckets on y, response counts as color (from
+                         ``reward/bucket_XX_count``), mean length and collapse onset drawn over it
+    summary.md           per run: final reward, minimum length, collapse and hockey-stick verdicts,
+                         and the pre-flight length-bias check of the first batch
 
 into ``--out`` (built in a temporary sibling directory, then renamed into place).
 
@@ -46,10 +49,11 @@ from rlhf.metrics.batch import bucket_key
 from rlhf.metrics.config import StabilityConfig
 from rlhf.metrics.detectors import detect_run, rolling_median
 from rlhf.metrics.logger import METRICS_FILE
+from rlhf.metrics.preflight import CORR, GAP, GAP_STD, SPEARMAN, THRESHOLD, bucket_mean_key, preflight_line
 
 COMMAND = "rlhf report"
 """The owner name in the marker file of a report directory."""
-FIGURES = ("reward_buckets.png", "reward.png", "length.png", "kl.png", "summary.md")
+FIGURES = ("reward_buckets.png", "reward.png", "length.png", "kl.png", "length_heatmap.png", "summary.md")
 
 
 class ReportError(UserError):
@@ -362,7 +366,87 @@ def plot_kl(runs: list[Run], path: Path) -> None:
     plt.close(fig)
 
 
+def length_counts(run: Run) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(steps, edges, counts)`` of a run's per-step length histogram from ``reward/bucket_XX_count``:
+    ``counts[b, s]`` responses of step ``steps[s]`` in bucket ``b`` = ``[edges[b], edges[b+1])`` tokens,
+    buckets above the highest non-empty one dropped, the open-ended last bucket closed at the run's
+    largest ``rollout/length_max`` + 1. Steps without bucket counts are left out."""
+    w, nb = run.cfg.bucket_width, run.cfg.num_buckets
+    steps, cols, top = [], [], 0.0
+    for r in run.records:
+        col = [r.get(bucket_key(i, "count")) for i in range(nb)]
+        if all(c is None for c in col):
+            continue
+        steps.append(int(r["step"]))
+        cols.append([float(c or 0.0) for c in col])
+        if r.get("rollout/length_max") is not None:
+            top = max(top, float(r["rollout/length_max"]) + 1.0)
+    if not cols:
+        return np.zeros(0, np.int64), np.zeros(1), np.zeros((0, 0))
+    counts = np.asarray(cols, dtype=np.float64).T
+    used = np.nonzero(counts.sum(1))[0]
+    nb_used = int(used[-1]) + 1 if used.size else 1
+    counts = counts[:nb_used]
+    edges = np.arange(nb_used + 1, dtype=np.float64) * w
+    if nb_used == nb:
+        edges[-1] = max(edges[-2] + w, top)
+    return np.asarray(steps, dtype=np.int64), edges, counts
+
+
+def plot_length_heatmap(runs: list[Run], path: Path) -> None:
+    """One panel per run: response-length histogram per step (counts as color), the mean length
+    line and the length-collapse onset over it. A collapse shows as the mass sliding to the bottom."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(runs), 1, figsize=(8, 2.6 * len(runs) + 0.4), squeeze=False)
+    for ax, run in zip(axes[:, 0], runs):
+        steps, edges, counts = length_counts(run)
+        if steps.size == 0:
+            ax.text(0.5, 0.5, "no length-bucket counts (reward/bucket_XX_count)", ha="center", va="center",
+                    transform=ax.transAxes)
+        else:
+            mid = steps.astype(float)
+            xe = np.concatenate([[mid[0] - 0.5], (mid[1:] + mid[:-1]) / 2, [mid[-1] + 0.5]])
+            mesh = ax.pcolormesh(xe, edges, np.ma.masked_equal(counts, 0), cmap="viridis", shading="flat")
+            fig.colorbar(mesh, ax=ax, label="responses", pad=0.01)
+            st, mean = run.series("rollout/length_mean")
+            if st.size:
+                ax.plot(st, mean, color="white", lw=1.2, label="mean length")
+                ax.legend(fontsize=7, loc="upper right", facecolor="0.6")
+            _mark(ax, run.verdicts["length_collapse"].onset_step, "red", ":", "collapse")
+            ax.set_ylim(edges[0], edges[-1])
+        ax.set_title(f"{run.label}: response length per step ({run.cfg.bucket_width}-token buckets)", fontsize=9)
+        ax.set_ylabel("length (tokens)")
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- summary table
+
+def preflight_record(run: Run) -> dict | None:
+    """The record holding the run's pre-flight length-bias metrics (the first step's), or None."""
+    return next((r for r in run.records if CORR in r or GAP_STD in r), None)
+
+
+def preflight_rows(run: Run) -> list[str]:
+    """summary.md lines of the pre-flight check: the sentence, the numbers, per-bucket means."""
+    rec = preflight_record(run)
+    if rec is None:
+        return []
+    lines = ["", f"Pre-flight (first batch, before any update): {preflight_line(rec)}", "",
+             "| pre-flight length bias | value |", "|---|---|",
+             f"| score-length correlation (Pearson / Spearman) | {_fmt(rec.get(CORR), 3)} / {_fmt(rec.get(SPEARMAN), 3)} |",
+             f"| long - short score gap (reward std / reward units) | {_fmt(rec.get(GAP_STD), 3)} / {_fmt(rec.get(GAP), 3)} |",
+             f"| long means over (tokens) | {_fmt(rec.get(THRESHOLD))} |"]
+    for i in range(run.cfg.num_buckets):
+        v = rec.get(bucket_mean_key(i))
+        if v is not None:
+            lines.append(f"| mean score, {_bucket_title(i, run.cfg)} | {_fmt(v)} |")
+    return lines
+
+
 
 def _fmt(x: Any, digits: int = 4) -> str:
     if x is None:
@@ -403,6 +487,7 @@ def summary_markdown(runs: list[Run]) -> str:
                   f"| half / full recovery step | {_fmt(hs.half_recovery_step)} / {_fmt(hs.recovery_step)} |",
                   f"| recovery slope (reward / step) | {_fmt(hs.recovery_slope)} |",
                   f"| severity (area below baseline, z·steps) | {_fmt(hs.severity)} |"]
+        lines += preflight_rows(run)
         if run.verdicts["buckets"]:
             lines += ["", "| length bucket | verdict | onset | depth (z) | trough (length) | recovery | slope |",
                       "|---|---|---|---|---|---|---|"]
@@ -456,6 +541,7 @@ def write_report(run_dirs: list[Path], out: Path, force: bool = False) -> Path:
         plot_reward(runs, tmp / "reward.png")
         plot_length(runs, tmp / "length.png")
         plot_kl(runs, tmp / "kl.png")
+        plot_length_heatmap(runs, tmp / "length_heatmap.png")
         (tmp / "summary.md").write_text(summary_markdown(runs))
         mark_output(tmp, COMMAND, runs=[str(r.path) for r in runs])
         replace_dir(tmp, out)

@@ -142,6 +142,47 @@ def test_run_label_sources(tmp_path):
 
 
 @pytest.mark.slow
+def test_length_heatmap_shows_the_collapse(runs, tmp_path, capsys):
+    import matplotlib.image as mpimg
+
+    from rlhf.report import length_counts, load_run
+
+    out = tmp_path / "report"
+    assert rlhf_main(["report", str(runs[0]), str(runs[1]), "--out", str(out)]) == 0
+    img = mpimg.imread(out / "length_heatmap.png")
+    assert img.ndim == 3 and img.shape[0] > 300 and img.shape[1] > 500
+    run = load_run(runs[0])                                   # the collapsing run (length 30 -> 8 at step 10)
+    steps, edges, counts = length_counts(run)
+    assert list(steps) == list(range(STEPS)) and counts.shape == (4, STEPS)
+    top = max(r["rollout/length_max"] for r in run.records) + 1
+    assert list(edges) == [0, 10, 20, 30, top]                # the open-ended last bucket closed at max + 1
+    assert (counts.sum(0) == 64).all()                        # every response of every step counted once
+    centre = (counts * np.array([5, 15, 25, 35])[:, None]).sum(0) / 64
+    assert centre[:10].min() > 22 and centre[12:].max() < 12  # the mass slides down at the collapse
+
+
+def test_summary_shows_the_preflight_length_bias(tmp_path, capsys):
+    from rlhf.metrics.preflight import preflight_length_bias
+
+    run_dir = tmp_path / "biased"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump({"metrics": {"bucket_width": 10}}))   # bucket labels
+    with MetricLogger(run_dir, tensorboard=False) as logger:
+        for step in range(1, 6):
+            m = {"reward/mean": 0.1 * step, "reward/std": 1.0, "rollout/length_mean": 25.0}
+            if step == 1:                                     # the first batch: a reward preferring short answers
+                m.update(preflight_length_bias([10, 20, 30, 40], [4, 3, 2, 1], bucket_width=10))
+            logger.log(step, m)
+    out = tmp_path / "rep"
+    assert rlhf_main(["report", str(run_dir), "--out", str(out)]) == 0
+    summary = (out / "summary.md").read_text()
+    assert "the reward scores responses over 25 tokens 1.79 std below shorter ones" in summary
+    assert "| score-length correlation (Pearson / Spearman) | -1 / -1 |" in summary
+    assert "| long - short score gap (reward std / reward units) | -1.79 / -2 |" in summary
+    assert "| mean score, length [10, 20) | 4 |" in summary
+    assert (out / "length_heatmap.png").exists()              # drawn even without bucket counts (a note)
+
+
 def test_trainer_buckets_follow_the_metrics_config_into_metrics_and_report(tmp_path, capsys, monkeypatch):
     """metrics.bucket_width / num_buckets reach the trainer's batch_metrics (issue 12): a tiny run
     with width 7 and 5 buckets logs exactly bucket_00..04, placed by length, and the report labels
