@@ -20,7 +20,9 @@ The work per PPO step is matched:
   warm-up and is not pooled).
 - 4 PPO epochs x 1 mini-batch of 8 x 1 micro-batch of 8: 4 forward/backward passes and 4
   AdamW steps for the policy and 4 for the value model per PPO step (TRL:
-  ``per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1``; ours:
+  ``per_device_train_batch_size=8, gradient_accumulation_steps=1, num_mini_batches=1``, and
+  ``gradient_checkpointing=False``: TRL's own default is True, which recomputes every forward in
+  the backward pass, and ours does not checkpoint; ours:
   ``ppo.mini_batch_size=8, ppo.micro_batch_size=8``; TRL sums the two losses into one backward,
   ours trains the two models in two workers at once). CPU only, no eval, no sample generations,
   no checkpoints inside the timed steps. Ours clips gradient norms (its default; one norm over the
@@ -47,6 +49,20 @@ ratio (target <= 0.7): ours at its fastest precision against TRL at its fastest 
 over every precision and thread count run (the peer gets the best of all it was given).
 
     python benchmarks/ppo_vs_trl.py            # --steps 3 --rounds 2 --trl-threads 1,2 --precision bf16,fp32
+
+``--model real`` runs the same comparison on the project's real pretrained model
+(``scripts/real_model.py``: SmolLM2-135M-Instruct, 30 layers, bf16 safetensors) instead: it is the
+policy and the reference, and the reward model is the same trunk with a seeded 1-row score head
+(the value model starts from it, as above), 48 new tokens (``--response``), target <= 0.5. Its
+tokenizer gets the never-emitted EOS (id 49152, after the 49152-row embedding) and a pad token an
+instruct model does not emit (``<gh_stars>``; TRL finds response lengths at the first pad, so TRL's
+responses are checked for it). Ours runs with ``trainer.rollout_check_tol=1`` (override with
+``--rollout-check-tol``) so a bf16 step-0 rollout-vs-trainer mismatch above the default 1e-3 does
+not stop the benchmark; the measured step-0 value is printed. Every run also prints ours' train
+phase MFU against this CPU's measured 2-thread matmul peak (``PEAK_GFLOPS``), and the load
+average at the start and end of each side's run.
+
+    python benchmarks/ppo_vs_trl.py --model real --trl-threads 2 --precision bf16
 """
 
 from __future__ import annotations
@@ -68,6 +84,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 BATCH, RESPONSE, EPOCHS, KL_COEF, LR = 8, 32, 4, 0.05, 1e-6
+REAL_RESPONSE = 48  # --model real
 NEVER_EOS = "<|never|>"
 
 
@@ -75,7 +92,23 @@ def load_average() -> str:
     return "load average " + " ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
-def build_models(root: Path, hidden: int, layers: int, heads: int) -> dict[str, Path]:
+def never_stop(tok, vocab: int, dirs: list[Path], pad: str | None = None) -> None:
+    """Give ``tok`` an EOS the models cannot emit (a special token appended after the ``vocab``-row
+    embedding) and, when ``pad`` is given, that pad token; save it into ``dirs`` and write the same
+    ids into their config and generation config, so ``generate`` never stops early on either side."""
+    tok.add_special_tokens({"eos_token": NEVER_EOS, **({"pad_token": pad} if pad else {})})
+    assert tok.eos_token_id == vocab, (tok.eos_token_id, vocab)  # outside the model vocabulary: never sampled
+    for d in dirs:
+        tok.save_pretrained(str(d))
+        for name in ("config.json", "generation_config.json"):
+            f = d / name
+            if f.exists():
+                cfg = json.loads(f.read_text())
+                cfg.update(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                f.write_text(json.dumps(cfg, indent=2))
+
+
+def build_models(root: Path, hidden: int, layers: int, heads: int, response: int) -> dict[str, Path]:
     """Policy and reward model directories sharing one tokenizer whose EOS the models cannot emit."""
     import torch
     from transformers import AutoModelForSequenceClassification
@@ -91,24 +124,75 @@ def build_models(root: Path, hidden: int, layers: int, heads: int) -> dict[str, 
     rm.config.pad_token_id = tok.pad_token_id
     rm.save_pretrained(str(root / "rm"))
     vocab = rm.config.vocab_size
-    tok.add_special_tokens({"eos_token": NEVER_EOS})
-    assert tok.eos_token_id == vocab, (tok.eos_token_id, vocab)  # outside the model vocabulary: never sampled
-    for d in (policy, root / "rm"):
-        tok.save_pretrained(str(d))
-        for name in ("config.json", "generation_config.json"):
-            f = d / name
-            if f.exists():
-                cfg = json.loads(f.read_text())
-                cfg["eos_token_id"] = tok.eos_token_id
-                f.write_text(json.dumps(cfg, indent=2))
+    never_stop(tok, vocab, [policy, root / "rm"])
     n = sum(p.numel() for p in rm.parameters())
     print(f"models: Llama hidden {hidden}, {layers} layers, {heads} heads, {n / 1e6:.1f}M parameters each "
           f"(policy, reference, reward, value); EOS id {tok.eos_token_id} >= vocab {vocab}: "
-          f"always {RESPONSE} new tokens")
+          f"always {response} new tokens")
     return {"policy": policy, "rm": root / "rm"}
 
 
-def ours(models: dict[str, Path], root: Path, steps: int, bf16: bool = False) -> dict:
+# a special token of the real model's tokenizer that an instruct model answering arithmetic does
+# not emit: the pad (TRL finds response lengths at the first pad); TRL's responses are checked for it
+REAL_PAD = "<gh_stars>"
+
+
+def build_real_models(root: Path, response: int) -> dict[str, Path]:
+    """The real model (``scripts/real_model.py``: SmolLM2-135M-Instruct, bf16) as the policy (its
+    weights linked, not copied) and a reward model of the same trunk with a seeded score head."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "real_model.py"
+    src = Path(subprocess.run([sys.executable, str(script)], check=True, capture_output=True,
+                              text=True).stdout.strip().splitlines()[-1])
+    policy = root / "policy"
+    policy.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.suffix == ".safetensors":
+            (policy / f.name).symlink_to(f)
+        elif f.is_file():
+            (policy / f.name).write_bytes(f.read_bytes())
+    torch.manual_seed(2)  # the score head
+    rm = AutoModelForSequenceClassification.from_pretrained(str(src), num_labels=1, dtype=torch.bfloat16)
+    tok = AutoTokenizer.from_pretrained(str(src))
+    vocab = rm.config.vocab_size
+    assert len(tok) == vocab, (len(tok), vocab)
+    rm.save_pretrained(str(root / "rm"))
+    never_stop(tok, vocab, [policy, root / "rm"], pad=REAL_PAD)
+    n = sum(p.numel() for p in rm.parameters())
+    print(f"models: {src} (Llama, {rm.config.num_hidden_layers} layers, hidden {rm.config.hidden_size}, "
+          f"bf16 on disk) as policy, reference and reward/value trunk ({n / 1e6:.1f}M parameters with the "
+          f"score head); EOS id {tok.eos_token_id} >= vocab {vocab}, pad {REAL_PAD!r} "
+          f"(id {tok.pad_token_id}): always {response} new tokens")
+    return {"policy": policy, "rm": root / "rm"}
+
+
+# measured bf16 / fp32 matmul peak of this 2-core CPU with 2 torch threads (GFLOP/s), for the MFU
+PEAK_GFLOPS = {"bf16": 182.0, "fp32": 79.0}
+
+
+def train_flops(model_dir: Path, tokens: float, seq_len: float, epochs: int) -> float:
+    """Model FLOPs of the train phase: actor and critic each run ``epochs`` forward+backward passes
+    over ``tokens`` tokens of mean sequence length ``seq_len``, at 6 x (matmul parameters) + 12 x
+    layers x heads x head_dim x seq_len FLOPs per token (the attention scores and mixing, full
+    square as usually counted). The actor's matmul parameters include the (tied) LM head; the
+    critic's replace it with a 1-row score head; embedding lookups cost nothing."""
+    c = json.loads((model_dir / "config.json").read_text())
+    d, L, inter, heads = c["hidden_size"], c["num_hidden_layers"], c["intermediate_size"], c["num_attention_heads"]
+    hd = c.get("head_dim") or d // heads
+    kv = c.get("num_key_value_heads") or heads
+    trunk = L * (d * heads * hd * 2 + d * kv * hd * 2 + 3 * d * inter)
+    attn = 12 * L * heads * hd * seq_len
+    actor, critic = trunk + d * c["vocab_size"], trunk + d
+    return epochs * tokens * (6 * actor + attn + 6 * critic + attn)
+
+
+def ours(models: dict[str, Path], root: Path, steps: int, bf16: bool = False, response: int = RESPONSE,
+         extra: tuple[str, ...] = ()) -> dict:
     """`rlhf train` on the benchmark models; per-step timings from its metrics.jsonl."""
     import ray
 
@@ -119,10 +203,10 @@ def ours(models: dict[str, Path], root: Path, steps: int, bf16: bool = False) ->
     overrides = [
         f"run_dir={run_dir}", f"model.actor={models['policy']}", f"reward.model={models['rm']}",
         "reward.function=null", f"ppo.rollout_batch_size={BATCH}", f"ppo.mini_batch_size={BATCH}",
-        f"ppo.micro_batch_size={BATCH}", f"ppo.ppo_epochs={EPOCHS}", f"rollout.max_new_tokens={RESPONSE}",
+        f"ppo.micro_batch_size={BATCH}", f"ppo.ppo_epochs={EPOCHS}", f"rollout.max_new_tokens={response}",
         f"ppo.kl_coef={KL_COEF}", f"optim.actor_lr={LR}", f"optim.critic_lr={LR}", "optim.warmup_steps=0",
         f"trainer.total_steps={steps}", "trainer.save_every=0", "trainer.probe_every=0",
-        "ppo.old_logp_source=rollout", f"deepspeed.bf16={str(bf16).lower()}"]
+        "ppo.old_logp_source=rollout", f"deepspeed.bf16={str(bf16).lower()}", *extra]
     tmp = str(Path(models["policy"]).parents[1])
     print("ours: rlhf train configs/ppo/tiny_cpu.yaml " + " ".join(o.replace(tmp, "$TMP") for o in overrides))
     cfg = load_config(None, overrides)
@@ -133,13 +217,16 @@ def ours(models: dict[str, Path], root: Path, steps: int, bf16: bool = False) ->
         ray.shutdown()
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     lengths = {r["rollout/length_mean"] for r in recs}
-    assert lengths == {float(RESPONSE)}, f"ours sampled response lengths {lengths}, expected {RESPONSE}"
+    assert lengths == {float(response)}, f"ours sampled response lengths {lengths}, expected {response}"
     keys = ["timing/generate", "timing/score", "timing/train", "timing/sync"]
     return {"steps": [r["timing/step"] for r in recs],
-            "stages": {k.split("/")[1]: [r[k] for r in recs] for k in keys}}
+            "stages": {k.split("/")[1]: [r[k] for r in recs] for k in keys},
+            "tokens": [r["perf/tokens_per_s"] * r["timing/step"] for r in recs],
+            "rollout_vs_trainer": recs[0].get("kl/rollout_vs_trainer")}
 
 
-def trl(models: dict[str, Path], root: Path, steps: int, threads: int, bf16: bool = False) -> dict:
+def trl(models: dict[str, Path], root: Path, steps: int, threads: int, bf16: bool = False,
+        response: int = RESPONSE, check_pad: bool = False) -> dict:
     """TRL 1.12.0 PPOTrainer configured for the same work; per-step wall times from a callback."""
     import torch
     from datasets import Dataset
@@ -163,22 +250,27 @@ def trl(models: dict[str, Path], root: Path, steps: int, threads: int, bf16: boo
         t = time.perf_counter()
         out = batch_generation(*a, **kw)
         gen_times.append(time.perf_counter() - t)
-        assert out[0].shape[1] - a[1].shape[1] == RESPONSE, "TRL did not sample exactly RESPONSE tokens"
+        assert out[0].shape[1] - a[1].shape[1] == response, f"TRL did not sample exactly {response} tokens"
+        if check_pad:  # TRL cuts a response at its first pad token: none may be sampled
+            assert not (out[0][:, a[1].shape[1]:] == tok.pad_token_id).any(), "TRL sampled the pad token"
         return out
 
     class Clock(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
             stamps.append(time.perf_counter())
+            print(f"  TRL step {len(stamps)}: {stamps[-1] - (stamps[-2] if len(stamps) > 1 else start):.2f} s, "
+                  f"{load_average()}", flush=True)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logged.append(dict(logs or {}))
 
     args = PPOConfig(
         output_dir=str(root / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
-        num_mini_batches=1, num_ppo_epochs=EPOCHS, response_length=RESPONSE, total_episodes=BATCH * steps,
+        num_mini_batches=1, num_ppo_epochs=EPOCHS, response_length=response, total_episodes=BATCH * steps,
         local_rollout_forward_batch_size=BATCH, learning_rate=LR, kl_coef=KL_COEF, stop_token="eos",
         num_sample_generations=0, save_strategy="no", eval_strategy="no", report_to=[], use_cpu=True,
-        bf16=bf16, fp16=False, seed=0, logging_steps=1, disable_tqdm=True, dataloader_num_workers=0)
+        bf16=bf16, fp16=False, seed=0, logging_steps=1, disable_tqdm=True, dataloader_num_workers=0,
+        gradient_checkpointing=False)  # TRL's default True re-runs every forward in backward; ours does not
     policy = AutoModelForCausalLM.from_pretrained(str(models["policy"]), dtype=torch.float32)
     # TRL's bf16 mode autocasts the policy and value model it trains (fp32 weights) but runs the
     # reference and reward model as loaded, so in bf16 mode they are loaded in bf16 (TRL at its best)
@@ -206,9 +298,17 @@ def trl(models: dict[str, Path], root: Path, steps: int, threads: int, bf16: boo
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3, help="PPO steps per run; the first is a warm-up")
+    ap.add_argument("--model", choices=["tiny", "real"], default="tiny",
+                    help="tiny: random Llama built on the spot (--hidden/--layers/--heads); real: the "
+                         "project's real model fixture (scripts/real_model.py, SmolLM2-135M-Instruct)")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--heads", type=int, default=8)
+    ap.add_argument("--response", type=int, default=None,
+                    help=f"new tokens per response (default {RESPONSE} tiny, {REAL_RESPONSE} real)")
+    ap.add_argument("--rollout-check-tol", type=float, default=None,
+                    help="ours: trainer.rollout_check_tol (default: the config's; real: 1, the step-0 "
+                         "rollout-vs-trainer value is printed instead of stopping the run)")
     ap.add_argument("--trl-threads", type=lambda x: [int(v) for v in x.split(",")], default=[1, 2],
                     help="torch thread counts to run TRL with (comma-separated); the fastest is the peer")
     ap.add_argument("--rounds", type=int, default=2,
@@ -220,9 +320,15 @@ def main() -> None:
         ap.error("--steps: need at least 2 (the first step of each run is a warm-up)")
     if not a.precision or set(a.precision) - {"bf16", "fp32"}:
         ap.error(f"--precision: expected bf16 and/or fp32, got {a.precision}")
+    real = a.model == "real"
+    a.response = a.response or (REAL_RESPONSE if real else RESPONSE)
+    a.target = 0.5 if real else 0.7
+    tol = a.rollout_check_tol if a.rollout_check_tol is not None else (1.0 if real else None)
+    a.extra = (f"trainer.rollout_check_tol={tol}",) if tol is not None else ()
     with tempfile.TemporaryDirectory(prefix="ppo_vs_trl_") as d:
         root = Path(d)
-        models = build_models(root / "models", a.hidden, a.layers, a.heads)
+        models = (build_real_models(root / "models", a.response) if real
+                  else build_models(root / "models", a.hidden, a.layers, a.heads, a.response))
         med: dict[str, float] = {}
         for precision in a.precision:
             med.update(compare(models, root / precision, a, precision == "bf16"))
@@ -230,7 +336,7 @@ def main() -> None:
     trl_best = min((k for k in med if k.startswith("TRL")), key=med.get)
     print("summary (median s/step): " + ", ".join(f"{k} {v:.2f}" for k, v in med.items()))
     print(f"ratio ours at its best ({ours_best}: {med[ours_best]:.2f} s) / TRL at its best ({trl_best}: "
-          f"{med[trl_best]:.2f} s) = {med[ours_best] / med[trl_best]:.2f} (target <= 0.7)")
+          f"{med[trl_best]:.2f} s) = {med[ours_best] / med[trl_best]:.2f} (target <= {a.target})")
 
 
 def compare(models: dict[str, Path], root: Path, a, bf16: bool) -> dict[str, float]:
@@ -241,28 +347,42 @@ def compare(models: dict[str, Path], root: Path, a, bf16: bool) -> dict[str, flo
     runs: dict[str, list[dict]] = {name: [] for name in sides}
     for rnd in range(a.rounds):
         for name, k in zip(sides, a.trl_threads + [None]):
-            print(f"[{precision}] round {rnd + 1}/{a.rounds}, {name}: start, {load_average()}", flush=True)
+            load0 = load_average()
+            print(f"[{precision}] round {rnd + 1}/{a.rounds}, {name}: start, {load0}", flush=True)
             work = root / f"round{rnd}_{k or 'ours'}"
-            runs[name].append(trl(models, work, a.steps, k, bf16) if k else ours(models, work, a.steps, bf16))
+            run = (trl(models, work, a.steps, k, bf16, a.response, check_pad=a.model == "real") if k
+                   else ours(models, work, a.steps, bf16, a.response, a.extra))
+            run["load"] = f"{load0} -> {load_average()}"
+            runs[name].append(run)
             print(f"[{precision}] round {rnd + 1}/{a.rounds}, {name}: done, {load_average()}", flush=True)
     pooled = lambda name, key=None: [x for r in runs[name]  # noqa: E731  (each run's first step is a warm-up)
                                      for x in (r["stages"][key] if key else r["steps"])[1:]]
     fmt = lambda xs: " ".join(f"{x:.2f}" for x in xs)  # noqa: E731
     med = {name: statistics.median(pooled(name)) for name in sides}
-    print(f"\n== {precision}: batch {BATCH}, {RESPONSE} new tokens, {EPOCHS} PPO epochs x 1 mini-batch x 1 "
+    print(f"\n== {precision}: batch {BATCH}, {a.response} new tokens, {EPOCHS} PPO epochs x 1 mini-batch x 1 "
           f"micro-batch, CPU; {a.rounds} round(s) x {a.steps} steps per side, the first step of each run is a warm-up")
     for name in sides:
         print(f"{name}")
         for rnd, r in enumerate(runs[name]):
-            print(f"  round {rnd + 1} steps (s): {fmt(r['steps'])}")
+            print(f"  round {rnd + 1} steps (s): {fmt(r['steps'])}   ({r['load']})")
         stages = ", ".join(f"{k} {statistics.median(pooled(name, k)):.2f} s" for k in runs[name][0]["stages"])
         print(f"  median of {len(pooled(name))}: {med[name]:.2f} s/step ({stages})")
     ours_name, trl_names = sides[-1], sides[:-1]
     best = min(trl_names, key=med.get)
     per_round = [statistics.median(o["steps"][1:]) / statistics.median(t["steps"][1:])
                  for o, t in zip(runs[ours_name], runs[best])]
+    tokens = statistics.median([x for r in runs[ours_name] for x in r["tokens"][1:]])
+    t_train = statistics.median(pooled(ours_name, "train"))
+    flops = train_flops(models["policy"], tokens, tokens / BATCH, EPOCHS)
+    peak = PEAK_GFLOPS["bf16" if bf16 else "fp32"]
+    print(f"ours' train phase: {tokens:.0f} tokens/step (mean sequence {tokens / BATCH:.1f}), {flops / 1e12:.2f} "
+          f"TFLOP (actor + critic, {EPOCHS} epochs) in {t_train:.2f} s = {flops / t_train / 1e9:.1f} GFLOP/s, "
+          f"MFU {flops / t_train / 1e9 / peak:.1%} of {peak:.0f} GFLOP/s (2-thread matmul peak)")
+    kl0 = " ".join(f"{x:.3g}" if x is not None else "-" for x in (r["rollout_vs_trainer"] for r in runs[ours_name]))
+    print(f"ours' step-0 kl/rollout_vs_trainer per round: {kl0}" + (f" (run with {a.extra[0]})" if a.extra else ""))
     print(f"per-round ratios ours / {best}: {fmt(per_round)}")
-    print(f"[{precision}] ratio ours / TRL (fastest: {best}) = {med[ours_name] / med[best]:.2f}\n", flush=True)
+    print(f"[{precision}] ratio ours / TRL (fastest: {best}) = {med[ours_name] / med[best]:.2f} "
+          f"(target <= {a.target})\n", flush=True)
     tag = "bf16" if bf16 else "fp32"
     return {f"{name}, {tag}": m for name, m in med.items()}
 
