@@ -34,7 +34,7 @@ from rlhf.data import PromptSampler, encode_prompts, load_prompts
 
 COMMAND = "rlhf train"
 RESUMABLE_KEYS = ("run_dir", "trainer.total_steps", "trainer.save_every", "trainer.keep_checkpoints",
-                  "trainer.probe_every", "trainer.max_restarts", "cluster.address")
+                  "trainer.probe_every", "trainer.max_restarts", "cluster.address", "trainer.loggers")
 """The keys ``--resume`` may change (length, checkpoint and probe cadence, restarts, where Ray runs);
 any other change would make the resumed run differ from the one ``config.yaml`` records."""
 NON_DETERMINISTIC_PREFIXES = ("timing/", "perf/")
@@ -294,7 +294,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
 
     from rlhf.algo import adaptive_kl_coef, gae, masked_whiten, mismatch_keep_mask, token_rewards, truncated_is_weights
     from rlhf.engines.base import SamplingParams
-    from rlhf.metrics import ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, reduce_update_stats
+    from rlhf.metrics import ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, preflight_report, reduce_update_stats
     from rlhf.workers.batch import collate
 
     p, r = cfg.ppo, cfg.rollout
@@ -342,6 +342,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     _, returns = gae(rewards, values, mask, p.gamma, p.lam_critic)
     metrics = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=old_logp, ref_logp=ref_logp,
                             values=values, returns=returns, advantages=adv, config=cfg.metrics)
+    metrics.update(preflight_report(mask.sum(1), raw_scores, cfg.metrics) if step == 0 else {})  # length bias, 1st batch
     if sub:  # compare the rollout with the trainer under the same top-k / top-p (``filtered_logp``)
         again = batch_metrics(mask=mask[sub], scores=raw_scores[sub], finished=finished[sub], old_logp=filtered_logp,
                               rollout_logp=batch["rollout_logp"][sub])
@@ -525,7 +526,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
                     restore(w, state, ckpt)
                     sync_weights(w)
                 truncate_jsonl(run_dir / "probes.jsonl", state.step)  # the logger cuts metrics and events
-                logger = MetricLogger(run_dir, resume_step=state.step, monitor=state.monitor)
+                logger = MetricLogger(run_dir, resume_step=state.step, monitor=state.monitor, loggers=cfg.trainer.loggers)
                 bar = tqdm(total=cfg.trainer.total_steps, initial=state.step, desc="ppo", unit="step")
                 while state.step < cfg.trainer.total_steps:
                     metrics = ppo_step(cfg, w, state, prompt_ids, tok.pad_token_id)

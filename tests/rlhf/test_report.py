@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import numpy as np
 import pytest
 import yaml
@@ -11,6 +13,7 @@ from rlhf.metrics import MetricLogger, StabilityMonitor, batch_metrics
 from rlhf.report import run_label
 
 STEPS = 80
+HAVE_WANDB = importlib.util.find_spec("wandb") is not None
 
 
 def _write_run(run_dir, collapse: bool, config: dict | None, steps=STEPS):
@@ -141,7 +144,6 @@ def test_run_label_sources(tmp_path):
     assert run_label(tmp_path / "r4", {"model": {"actor": "out/models/alpha_0.25/"}}) == "BAI merge (α=0.25, β=0.75)"
 
 
-@pytest.mark.slow
 def test_length_heatmap_shows_the_collapse(runs, tmp_path, capsys):
     import matplotlib.image as mpimg
 
@@ -183,6 +185,7 @@ def test_summary_shows_the_preflight_length_bias(tmp_path, capsys):
     assert (out / "length_heatmap.png").exists()              # drawn even without bucket counts (a note)
 
 
+@pytest.mark.slow
 def test_trainer_buckets_follow_the_metrics_config_into_metrics_and_report(tmp_path, capsys, monkeypatch):
     """metrics.bucket_width / num_buckets reach the trainer's batch_metrics (issue 12): a tiny run
     with width 7 and 5 buckets logs exactly bucket_00..04, placed by length, and the report labels
@@ -199,7 +202,9 @@ def test_trainer_buckets_follow_the_metrics_config_into_metrics_and_report(tmp_p
     run_dir = tmp_path / "run"
     cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=2", "trainer.save_every=2",
                              "trainer.probe_every=0", "rollout.max_new_tokens=32", "ppo.ppo_epochs=1",
-                             "metrics.bucket_width=7", "metrics.num_buckets=5", "metrics.bucket_min_count=1"])
+                             "metrics.bucket_width=7", "metrics.num_buckets=5", "metrics.bucket_min_count=1",
+                             f"trainer.loggers=[jsonl,tensorboard{',wandb' if HAVE_WANDB else ''}]"])   # issue 15
+    monkeypatch.setenv("WANDB_MODE", "offline")                                 # no network, no login
     assert (cfg.metrics.bucket_width, cfg.metrics.num_buckets) == (7, 5)
     try:
         train(cfg)
@@ -222,3 +227,18 @@ def test_trainer_buckets_follow_the_metrics_config_into_metrics_and_report(tmp_p
     labels = {m.group(1) for ln in summary.splitlines() if (m := label.match(ln))}
     want = {f"length [{7 * i}, {7 * i + 7})" for i in range(4)} | {"length >= 28"}
     assert labels and labels <= want, labels
+    # issue 15: the pre-flight length-bias check of the first batch: logged in the first record,
+    # printed by the trainer, shown in the report; the length heatmap; the offline W&B run
+    first = recs[0]
+    for key in ("stability/preflight_len_score_corr", "stability/preflight_len_score_spearman",
+                "stability/preflight_long_short_gap_std", "stability/preflight_threshold"):
+        assert key in first and key not in recs[1], key
+    assert first["stability/preflight_num_responses"] == first["rollout/num_responses"]
+    assert -1 <= (first["stability/preflight_len_score_corr"] or 0) <= 1
+    assert "pre-flight length bias:" in capsys.readouterr().err
+    assert "Pre-flight (first batch, before any update): pre-flight length bias:" in summary
+    assert (out / "length_heatmap.png").exists()
+    if HAVE_WANDB:   # the `wandb` extra (in `test`): one offline W&B run holding the logged keys
+        wandb_runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+        assert len(wandb_runs) == 1 and b"stability/preflight_len_score_corr" in wandb_runs[0].read_bytes()
+        assert b"rollout/length_hist" in wandb_runs[0].read_bytes()

@@ -5,7 +5,9 @@ Batch metrics: ``batch_metrics``, ``length_bucket_stats``, ``explained_variance`
 Detectors: ``detect_length_collapse``, ``detect_hockey_stick``, ``detect_run`` (offline) and
 ``StabilityMonitor`` (online), thresholds and length buckets in ``StabilityConfig``
 (``rlhf.metrics.config``, the typed ``metrics:`` config section).
-Logging: ``MetricLogger`` (JSONL + TensorBoard), ``read_jsonl``.
+Logging: ``MetricLogger`` (JSONL, TensorBoard, W&B: ``LOGGERS``), ``read_jsonl``.
+Pre-flight length-bias check of the first batch: ``preflight_length_bias`` / ``preflight_check``
+(metrics), ``preflight_line`` (its sentence), ``preflight_report`` (both; what the trainer calls).
 
 Names are imported lazily (PEP 562), so ``rlhf.metrics.config`` can be imported by the config
 tree without importing torch.
@@ -23,7 +25,8 @@ _WHERE = {
     "rlhf.metrics.detectors": ["HOCKEY_CLASS_CODES", "PHASE_CODES", "VERDICT_CODES", "HockeyStickVerdict",
                                "LengthCollapseVerdict", "StabilityMonitor", "detect_hockey_stick",
                                "detect_length_collapse", "detect_run", "rolling_median"],
-    "rlhf.metrics.logger": ["MetricLogger", "read_jsonl"],
+    "rlhf.metrics.logger": ["LOGGERS", "MetricLogger", "read_jsonl"],
+    "rlhf.metrics.preflight": ["preflight_check", "preflight_length_bias", "preflight_line", "preflight_report"],
 }
 _MODULE_OF = {name: mod for mod, names in _WHERE.items() for name in names}
 

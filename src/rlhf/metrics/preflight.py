@@ -138,3 +138,22 @@ def preflight_line(m: Mapping[str, float | None]) -> str:
 
 def _num(v) -> str:
     return f"{float(v):.2f}" if _ok(v) else "n/a"
+
+
+def preflight_check(lengths: Sequence[float], scores: Sequence[float], config) -> dict[str, float]:
+    """``preflight_length_bias`` with the run's ``metrics:`` section (``StabilityConfig``): its
+    ``preflight_long_tokens``, ``bucket_width`` and ``num_buckets``. What the trainer calls on the
+    first batch (the reward's own scores, before clipping, the missing-EOS penalty and KL shaping)."""
+    return preflight_length_bias(np.asarray(lengths, dtype=np.float64), np.asarray(scores, dtype=np.float64),
+                                 long_tokens=config.preflight_long_tokens, bucket_width=config.bucket_width,
+                                 num_buckets=config.num_buckets)
+
+
+def preflight_report(lengths: Sequence[float], scores: Sequence[float], config, prog: str = "rlhf train") -> dict[str, float]:
+    """``preflight_check`` plus its readable line on stderr (``[rlhf train] pre-flight length bias:
+    ...``): the one call the trainer makes on its first batch, before the first update."""
+    import sys
+
+    out = preflight_check(lengths, scores, config)
+    print(f"[{prog}] {preflight_line(out)}", file=sys.stderr, flush=True)
+    return out
