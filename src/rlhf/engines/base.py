@@ -55,36 +55,101 @@ class RolloutEngine(Protocol):
         ...
 
 
-class TrainingEngine(Protocol):
-    """One data-parallel rank of a trainable model (DeepSpeed now; megatron-core could implement it).
+@dataclass(frozen=True)
+class EngineArgs:
+    """What every training backend is built with (the backend's own section, ``deepspeed`` or
+    ``megatron``, comes beside it as ``settings``)."""
 
-    The workers only call these methods, so a new backend needs no trainer or worker changes.
+    lr: float
+    """Peak learning rate (> 0); linear warm-up over ``warmup_steps`` optimizer steps, then constant."""
+    warmup_steps: int = 0
+    """Warm-up optimizer steps (>= 0)."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (>= 0)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas, each in [0, 1)."""
+    grad_clip: float = 1.0
+    """Global gradient-norm clip (> 0)."""
+    micro_batch_size: int = 1
+    """Rows per forward in ``forward_backward`` (>= 1)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step on one data-parallel rank (>= 1; DeepSpeed's accumulation
+    boundary; megatron accumulates whatever one ``forward_backward`` call holds)."""
+    seed: int = 0
+    """Seeds a missing critic head (and megatron's RNG tracker)."""
+    temperature: float = 1.0
+    """Divides the policy's logits before logprobs / entropy (> 0), as the rollout's sampler does."""
+
+
+class TrainingEngine(Protocol):
+    """One rank of a trainable model: the only thing the actor and critic workers call.
+
+    Built by ``from_pretrained(model_dir, role, settings, args)`` from a Hugging Face checkpoint;
+    ``role`` is ``policy`` (causal LM) or ``critic`` (a ``score`` head read per token, saved as
+    ``AutoModelForSequenceClassification(num_labels=1)``). Batches are the workers' dict
+    (``rlhf.workers.batch``: ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[B, P+T]``, left-padded
+    prompts and right-padded responses, ``responses`` / ``mask`` ``[B, T]``, ``prompt_len``). Outputs are
+    per response token, float32, ``[B, T]``: ``logp`` and ``entropy`` (policy) or ``values`` (critic);
+    their values where ``mask == 0`` are unspecified. Implementations: ``deepspeed`` and ``megatron``
+    (``ENGINES``); a new backend is one module plus one line there.
     """
 
-    module: torch.nn.Module
+    rank: int
+    world_size: int
+    dp_rank: int
+    """Data-parallel rank: ranks with the same ``dp_rank`` (one model-parallel group) get the same rows."""
+    dp_size: int
+    """Data-parallel size (the ``dp_world_size`` the losses are normalised with)."""
 
-    def forward(self, *args, **kwargs): ...
+    @classmethod
+    def from_pretrained(cls, model_dir, role: str, settings, args: EngineArgs) -> "TrainingEngine": ...
 
-    def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate gradients of ``loss`` as given (never rescaled by accumulation steps)."""
+    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+        """No-grad per-token outputs of ``batch`` on the CPU, on every rank (collective for model parallelism)."""
+        ...
+
+    def forward_backward(self, batch: dict, loss_fn) -> list[dict[str, float]]:
+        """Accumulate gradients of ``loss_fn(outputs, sub_batch) -> (loss, stats)`` over the engine's own
+        micro-batches of ``batch`` (outputs as ``forward`` gives them, with grad; the loss is used as
+        given, never rescaled). Returns one record per micro-batch: stats as floats plus ``loss``.
+        Raises ``FloatingPointError`` on a non-finite loss."""
         ...
 
     def step(self) -> dict[str, float]:
-        """One micro-batch done; at the accumulation boundary update and return grad_norm and lr."""
+        """The optimizer and LR-schedule step after ``forward_backward``: ``{grad_norm, lr}``."""
         ...
 
-    def train(self, mode: bool = True) -> None: ...
-
-    def full_state_dict(self) -> dict[str, torch.Tensor]:
-        """Unsharded parameters and buffers with Hugging Face names (every rank calls it)."""
+    def export_weights(self) -> Iterable[tuple[str, torch.Tensor]]:
+        """(Hugging Face name, full CPU tensor), one at a time (collective: every rank consumes it);
+        what weight sync and checkpoints use."""
         ...
 
-    def save_pretrained(self, out_dir) -> None: ...
+    def save_pretrained(self, out_dir) -> None:
+        """An ordinary Hugging Face checkpoint directory (collective; rank 0 writes)."""
+        ...
 
     def save_state(self, out_dir) -> None:
-        """Weights, optimizer and scheduler for exact resume."""
+        """Weights, optimizer and scheduler for an exact resume (no pickle code on load)."""
         ...
 
     def load_state(self, in_dir) -> None: ...
 
     def destroy(self) -> None: ...
+
+
+ENGINES = {
+    "deepspeed": "rlhf.engines.deepspeed_engine:DeepSpeedTrainEngine",
+    "megatron": "rlhf.engines.megatron.engine:MegatronEngine",
+}
+"""Training backends by the name ``engine.actor`` / ``engine.critic`` selects (``module:class``, imported
+when chosen, so a backend's packages load only in the workers that use it)."""
+
+
+def engine_class(name: str):
+    """The ``TrainingEngine`` class registered as ``name`` in ``ENGINES``."""
+    import importlib
+
+    if name not in ENGINES:
+        raise ValueError(f"training engine: {name!r} is not one of {', '.join(ENGINES)}")
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)

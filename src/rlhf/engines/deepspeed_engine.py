@@ -1,4 +1,11 @@
-"""DeepSpeed training engine (ZeRO 0-3; gloo on CPU, nccl on GPU) behind ``TrainingEngine``.
+"""DeepSpeed training engine (ZeRO 0-3; gloo on CPU, nccl on GPU) behind ``rlhf.engines.base.TrainingEngine``.
+
+``DeepSpeedTrainEngine.from_pretrained(model_dir, role, settings, args)`` builds it from a Hugging Face
+checkpoint (``policy``: causal LM; ``critic``: ``AutoModelForSequenceClassification(num_labels=1)`` read
+per token) and owns the Hugging Face forward: ``forward(batch)`` gives per-token ``logp`` / ``entropy``
+or ``values`` of the workers' batch layout (``rlhf.workers.batch``), ``forward_backward(batch, loss_fn)``
+micro-batches it, ``step()`` is the accumulation boundary. ``DeepSpeedTrainEngine(model, spec)`` wraps
+an already built model (``rlhf sft`` / ``rlhf rm``-style callers and the engine tests).
 
 One instance per data-parallel rank, created inside a Ray worker after the process group env
 (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) is set. The optimizer
@@ -19,9 +26,11 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+
+from rlhf.workers.batch import response_slice, select_rows, to_device
 
 
 @dataclass
@@ -103,18 +112,89 @@ def init_distributed() -> bool:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    from rlhf.engines.accelerator import dist_backend, ds_accelerator
+
+    accel = ds_accelerator(torch.cuda.is_available(), os.environ)
+    if accel == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(dist_backend(accel))
     return True
 
 
-class DeepSpeedTrainEngine:
-    """A model wrapped by DeepSpeed; implements ``rlhf.engines.base.TrainingEngine``."""
+def attn_implementation(bf16: bool) -> str | None:
+    """Attention kernel of a trainer-side policy model (actor engine, reference): ``eager`` in bf16, where
+    SDPA picks different kernels for the rollout's KV-cache decode and the trainer's full forward and
+    their logprobs disagree (``docs/precision.md``); None (transformers' default) in fp32."""
+    return "eager" if bf16 else None
 
-    def __init__(self, model: torch.nn.Module, spec: EngineSpec):
+
+def load_hf_model(model_dir: str | Path, role: str, dtype: torch.dtype = torch.float32, attn: str | None = None,
+                  seed: int | None = None) -> torch.nn.Module:
+    """The Hugging Face model of a role: ``policy`` a causal LM, ``critic`` (and reward) a
+    sequence-classification model with one label; ``seed`` seeds torch first (a missing ``score``
+    head is initialised from it)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    kw = {"dtype": dtype}
+    if attn is not None:
+        kw["attn_implementation"] = attn
+    if seed is not None:
+        torch.manual_seed(seed)
+    if role == "policy":
+        return AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+    if role == "critic":
+        return AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, **kw)
+    raise ValueError(f"role: {role!r} is not 'policy' or 'critic'")
+
+
+# ----------------------------------------------------------------------------- the HF forward
+
+def _forward_hidden_or_logits(model, batch, **kw):
+    batch = to_device(batch, next(model.parameters()).device)
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                 position_ids=batch["position_ids"], use_cache=False, **kw)
+
+
+def policy_logits(model, batch: dict, temperature: float) -> torch.Tensor:
+    """Logits ``[B, T, V]`` that predict each response token (divided by the sampling temperature)."""
+    logits = _forward_hidden_or_logits(model, batch).logits
+    return response_slice(logits, batch).float() / temperature
+
+
+def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """The sampler's top-k then top-p filtering (filtered logits set to -inf), as transformers'
+    warpers apply it after the temperature: the trainer-side twin of the processed rollout logprobs."""
+    if top_k and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
+        drop = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
+        drop[..., -1:] = False  # keep at least the most likely token
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def critic_values(model, batch: dict) -> torch.Tensor:
+    """Values ``[B, T]``: V_t is read at the state that predicts response token t (same positions
+    as the policy's logits, so the value mask is the response mask, unshifted)."""
+    backbone = getattr(model, model.base_model_prefix)
+    hidden = _forward_hidden_or_logits(backbone, batch).last_hidden_state
+    return model.score(response_slice(hidden, batch)).squeeze(-1).float()
+
+
+class DeepSpeedTrainEngine:
+    """A model wrapped by DeepSpeed; implements ``rlhf.engines.base.TrainingEngine``.
+
+    ``role`` (``policy`` or ``critic``) and ``temperature`` (> 0, divides the policy's logits) choose what
+    ``forward`` / ``forward_backward`` compute; a model built by the caller for other uses (SFT, RM)
+    keeps the raw ``forward(*args, **kwargs)`` through ``self.engine``."""
+
+    def __init__(self, model: torch.nn.Module, spec: EngineSpec, role: str = "policy", temperature: float = 1.0):
         import deepspeed
 
         init_distributed()
-        self.spec = spec
+        self.spec, self.role, self.temperature = spec, role, float(temperature)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
                                 fused=True)  # one kernel per tensor, CPU and GPU (half the step time here)
@@ -136,19 +216,88 @@ class DeepSpeedTrainEngine:
             model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
         self.world_size = world
         self.rank = int(os.environ.get("RANK", "0"))
+        self.dp_rank, self.dp_size = self.rank, world  # pure data parallelism
+        self._pending = False
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, role: str, settings, args) -> "DeepSpeedTrainEngine":
+        """Build from a Hugging Face checkpoint: ``settings`` is the ``deepspeed`` config section
+        (``zero_stage``, ``bf16``), ``args`` the backend-neutral ``rlhf.engines.base.EngineArgs``.
+        fp32 weights (DeepSpeed casts to bf16 itself); a bf16 policy uses eager attention."""
+        spec = EngineSpec(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
+                          betas=tuple(args.betas), grad_clip=args.grad_clip, zero_stage=settings.zero_stage,
+                          bf16=settings.bf16, micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum)
+        attn = attn_implementation(settings.bf16) if role == "policy" else None
+        model = load_hf_model(model_dir, role, torch.float32, attn, seed=args.seed if role == "critic" else None)
+        return cls(model, spec, role=role, temperature=args.temperature)
 
     @property
     def module(self) -> torch.nn.Module:
         return self.engine.module
 
-    def forward(self, *args, **kwargs):
-        return self.engine(*args, **kwargs)
+    # ------------------------------------------------------------------ the HF forward
+
+    def _outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+        if self.role == "critic":
+            return {"values": critic_values(self.module, batch)}
+        from rlhf.algo import entropy_from_logits, logprobs_from_logits
+
+        logits = policy_logits(self.module, batch, self.temperature)
+        logp = logprobs_from_logits(logits, batch["responses"].to(logits.device))
+        with torch.no_grad():  # a statistic, never differentiated
+            entropy = entropy_from_logits(logits)
+        self._last_logits = logits if not torch.is_grad_enabled() else None
+        return {"logp": logp, "entropy": entropy}
+
+    @torch.no_grad()
+    def forward(self, batch: dict, top_k: int = 0, top_p: float = 1.0) -> dict[str, torch.Tensor]:
+        """``{"logp", "entropy"}`` (policy) or ``{"values"}`` (critic), ``[B, T]`` float32 on the CPU, from
+        one forward over the whole batch (values at ``mask == 0`` are unspecified). A policy given
+        ``top_k`` / ``top_p`` also returns ``logp_filtered``: the logprobs after the sampler's filtering."""
+        self.engine.train(False)
+        out = self._outputs(batch)
+        if self.role == "policy" and (top_k or top_p < 1.0):
+            from rlhf.algo import logprobs_from_logits
+
+            logits = self._last_logits
+            out["logp_filtered"] = logprobs_from_logits(filter_logits(logits, top_k, top_p),
+                                                        batch["responses"].to(logits.device))
+        self._last_logits = None
+        return {k: v.cpu() for k, v in out.items()}
+
+    def forward_backward(self, batch: dict, loss_fn: Callable) -> list[dict[str, float]]:
+        """Accumulate gradients of ``loss_fn(outputs, sub_batch) -> (loss, stats)`` over micro-batches of
+        ``spec.micro_batch_size`` rows; the loss is back-propagated as given (never rescaled). The rows
+        of one call are one optimizer step's share of this rank (``grad_accum`` micro-batches): the
+        following ``step()`` is DeepSpeed's accumulation boundary. Returns one record per micro-batch
+        (stats as floats plus ``loss``); raises ``FloatingPointError`` on a non-finite loss."""
+        self.engine.train(True)
+        B = int(batch["mask"].shape[0])
+        starts = list(range(0, B, self.spec.micro_batch_size))
+        out: list[dict[str, float]] = []
+        for i, s in enumerate(starts):
+            if self._pending:  # the previous micro-batch's DeepSpeed step (never the boundary here)
+                self.engine.step()
+                self._pending = False
+            sub = to_device(select_rows(batch, range(s, min(s + self.spec.micro_batch_size, B))), self.module.device)
+            loss, stats = loss_fn(self._outputs(sub), sub)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss {loss.item()} (rank {self.rank})")
+            self.engine.backward(loss, scale_wrt_gas=False)
+            rec = {k: float(v) for k, v in stats.items()}
+            rec["loss"] = float(loss.detach())
+            out.append(rec)
+            self._pending = True
+        return out
 
     def backward(self, loss: torch.Tensor) -> None:
+        """Raw DeepSpeed backward (callers that run their own forward: SFT, RM, the engine tests)."""
         self.engine.backward(loss, scale_wrt_gas=False)
 
     def step(self) -> dict[str, float]:
-        """Advance one micro-batch; at the accumulation boundary also returns grad_norm and lr."""
+        """Advance one micro-batch (after ``forward_backward``: its last one); at the accumulation
+        boundary also returns grad_norm and lr, else ``{}``."""
+        self._pending = False
         boundary = self.engine.is_gradient_accumulation_boundary()
         own = None
         if boundary and self.spec.zero_stage == 0 and not self.spec.bf16:  # no DeepSpeed optimizer wrapper: no norm
@@ -165,17 +314,20 @@ class DeepSpeedTrainEngine:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def named_full_parameters(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Every parameter, unsharded (ZeRO-3 gathered), as a detached CPU float tensor copy."""
+    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full CPU tensor copy) of every parameter, one at a time (ZeRO-3 gathers each in
+        turn: collective, every rank must consume the iterator)."""
         import deepspeed
 
         for name, p in self.module.named_parameters():
             with deepspeed.zero.GatheredParameters([p], enabled=self.spec.zero_stage == 3):
                 yield name, p.detach().to("cpu", copy=True)
 
+    named_full_parameters = export_weights
+
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers, unsharded, keyed like the Hugging Face model's own state dict."""
-        sd = dict(self.named_full_parameters())
+        sd = dict(self.export_weights())
         for name, t in self.module.state_dict().items():  # persistent buffers (no parameter is missing)
             if name not in sd and name.rsplit(".", 1)[-1] not in ("inv_freq",):
                 sd.setdefault(name, t.detach().to("cpu", copy=True))

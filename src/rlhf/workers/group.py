@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from rlhf.config import PPOConfig, weight_sync_mode
-from rlhf.engines.deepspeed_engine import EngineSpec
+from rlhf.config import PPOConfig, role_parallel, weight_sync_mode
+from rlhf.engines.base import EngineArgs
 from rlhf.placement import create_placement_groups, engine_bundles, make_plan, scheduling, spec_from_ppo_config
 from rlhf.workers.model_workers import (ActorWorker, CriticWorker, ReferenceWorker, RewardWorker,
                                         RolloutWorker)
@@ -93,12 +93,28 @@ def _options(cfg: PPOConfig, plan, pgs, role: str, rank: int, gpu: bool = True) 
     return scheduling(pgs, plan.of(role)[rank], num_cpus=cfg.cluster.cpus_per_worker, gpu=gpu and plan.spec.gpu)
 
 
-def engine_spec(cfg: PPOConfig, lr: float, world: int) -> EngineSpec:
+def engine_args(cfg: PPOConfig, role: str) -> EngineArgs:
+    """The backend-neutral build arguments of a trainable role (``actor`` or ``critic``)."""
     p, o = cfg.ppo, cfg.optim
-    local_mini = p.mini_batch_size // world
-    return EngineSpec(lr=lr, warmup_steps=o.warmup_steps, weight_decay=o.weight_decay, betas=tuple(o.betas),
-                      grad_clip=o.grad_clip, zero_stage=cfg.deepspeed.zero_stage, bf16=cfg.deepspeed.bf16,
-                      micro_batch_size=p.micro_batch_size, grad_accum=local_mini // p.micro_batch_size)
+    local_mini = p.mini_batch_size // role_parallel(cfg, role)[2]
+    return EngineArgs(lr=o.actor_lr if role == "actor" else o.critic_lr, warmup_steps=o.warmup_steps,
+                      weight_decay=o.weight_decay, betas=tuple(o.betas), grad_clip=o.grad_clip,
+                      micro_batch_size=p.micro_batch_size, grad_accum=max(local_mini // p.micro_batch_size, 1),
+                      seed=cfg.seed, temperature=cfg.rollout.temperature)
+
+
+def engine_settings(cfg: PPOConfig, role: str):
+    """(engine name, its config section) of a trainable role."""
+    name = getattr(cfg.engine, role)
+    return name, getattr(cfg, name)
+
+
+def role_dtype(cfg: PPOConfig) -> str:
+    """Weights dtype of the frozen roles and the rollout: bf16 when the actor trains in bf16."""
+    from rlhf.engines.accelerator import weights_dtype
+
+    name, settings = engine_settings(cfg, "actor")
+    return weights_dtype(bool(settings.bf16), False)
 
 
 def _trainable_group(cls, cfg, plan, pgs, role, n, make_args):
@@ -111,6 +127,12 @@ def _init_engines(workers: list) -> list:
     return [w.init_engine.remote(addr, port) for w in workers]
 
 
+def _trainable(cfg: PPOConfig, role: str, paths: "ModelPaths") -> tuple:
+    """Constructor arguments of a trainable role's workers, less rank and world."""
+    name, settings = engine_settings(cfg, role)
+    return (paths.actor if role == "actor" else paths.critic), name, settings, engine_args(cfg, role)
+
+
 def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Workers:
     """Create the placement plan's groups and all workers; returns once every worker is constructed."""
     plan = make_plan(spec_from_ppo_config(cfg))
@@ -119,12 +141,12 @@ def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Worker
     ppo = {"clip_low": cfg.ppo.clip_low, "clip_high": cfg.ppo.clip_high, "dual_clip": cfg.ppo.dual_clip,
            "value_clip": cfg.ppo.value_clip}
     temp = cfg.rollout.temperature
-    dtype = "bfloat16" if cfg.deepspeed.bf16 else "float32"  # frozen roles match the trainable ones
+    dtype = role_dtype(cfg)  # frozen roles match the trainable ones
+    a_args, c_args = _trainable(cfg, "actor", paths), _trainable(cfg, "critic", paths)
     actor = _trainable_group(ActorWorker, cfg, plan, pgs, "actor", cfg.cluster.actor_workers,
-                             lambda r, n: (paths.actor, engine_spec(cfg, cfg.optim.actor_lr, n), r, n, ppo, temp, t))
+                             lambda r, n: (*a_args, r, n, ppo, t))
     critic = _trainable_group(CriticWorker, cfg, plan, pgs, "critic", cfg.cluster.critic_workers,
-                              lambda r, n: (paths.critic, engine_spec(cfg, cfg.optim.critic_lr, n), r, n, ppo,
-                                            cfg.seed, t))
+                              lambda r, n: (*c_args, r, n, ppo, t))
     reference = ReferenceWorker.options(**_options(cfg, plan, pgs, "reference", 0)).remote(paths.reference, temp, t, dtype)
     reward = RewardWorker.options(**_options(cfg, plan, pgs, "reward", 0)).remote(
         paths.tokenizer, cfg.reward.model, cfg.reward.function, t, cfg.reward.metrics, dtype,
@@ -142,7 +164,11 @@ def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Worker
                 raise
             shutdown(w, graceful=False)
             raise WorkerStartError(f"the {name} worker failed to start: {_creation_error(e)}") from None
-    ray.get(_init_engines(actor) + _init_engines(critic))
+    try:
+        ray.get(_init_engines(actor) + _init_engines(critic))
+    except ray.exceptions.RayTaskError as e:  # a checkpoint or layout the engine refuses: named, not retried
+        shutdown(w, graceful=False)
+        raise WorkerStartError(f"a training engine failed to start: {_creation_error(e)}") from None
     if weight_sync_mode(cfg) == "broadcast":
         w.weight_specs = open_weight_sync(w, "nccl" if cfg.cluster.gpus_per_worker > 0 else "gloo")
     return w
@@ -154,7 +180,7 @@ def vllm_overrides(cfg: PPOConfig, plan=None, pgs: list | None = None) -> dict:
     share of its slot (each TP worker of an engine takes that share of its own GPU)."""
     r = cfg.rollout
     out = dict(num_engines=r.num_engines, tensor_parallel_size=r.tensor_parallel_size, seed=cfg.seed)
-    if cfg.deepspeed.bf16:
+    if role_dtype(cfg) == "bfloat16":
         out["dtype"] = "bfloat16"  # the actor's bf16 weights arrive as they are
     if plan is not None:
         out["bundles"] = engine_bundles(plan, pgs)[:r.num_engines]

@@ -1,11 +1,18 @@
-"""Ray actors for the five PPO roles: actor, critic (trainable, DeepSpeed), reference, reward
-(frozen) and rollout (a ``RolloutEngine``).
+"""Ray actors for the five PPO roles: actor, critic (trainable, a ``TrainingEngine``), reference,
+reward (frozen) and rollout (a ``RolloutEngine``).
 
 Batches travel as dicts of CPU tensors (``rlhf.workers.batch``): ``input_ids``, ``attention_mask``,
 ``position_ids`` ``[B, P+T]`` (prompts left-padded to P, responses right-padded to T) and
 response-aligned ``[B, T]`` tensors. Trainable workers receive the whole batch plus a plan (for
 each epoch and mini-batch, the rows this rank trains on and the global token count), so every
 data-parallel layout computes the same token-mean loss.
+
+The actor and critic workers are thin: the engine class comes from ``cfg.engine.<role>`` through
+``rlhf.engines.base.ENGINES`` and owns the forward, micro-batching, optimizer and checkpoints; the
+workers hold only the PPO loss functions. Ranks of one model-parallel group (megatron TP / PP) are
+handed different rows by the trainer like data-parallel ranks; the worker pools the rows of its
+group (one ``all_gather_object``), the group computes them together, and each rank returns its own
+rows (training records only from the group's first rank, so no micro-batch is counted twice).
 """
 
 from __future__ import annotations
@@ -16,57 +23,30 @@ import socket
 import ray
 import torch
 
-from rlhf.workers.batch import response_slice, select_rows, to_device
+from rlhf.engines.deepspeed_engine import (attn_implementation, critic_values, filter_logits,  # noqa: F401
+                                           policy_logits, _forward_hidden_or_logits)
+from rlhf.workers.batch import select_rows
 
-WORKER_ENV = {"DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1",
-              "TRANSFORMERS_OFFLINE": "1"}
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+"""Env defaults of every worker process (``DS_ACCELERATOR`` is chosen per process by
+``rlhf.engines.accelerator.worker_env``: ``cuda`` where the worker sees a GPU, else ``cpu``)."""
 
 
 def _worker_setup(threads: int) -> None:
     """Env and torch threads of a worker process (set here, not via a Ray runtime_env, so Ray can
     reuse its pre-started worker processes)."""
-    for k, v in WORKER_ENV.items():
+    from rlhf.engines.accelerator import worker_env
+
+    for k, v in worker_env(WORKER_ENV, torch.cuda.is_available(), os.environ).items():
         os.environ.setdefault(k, v)
     torch.set_num_threads(max(1, threads))
 
 
 def device() -> torch.device:
     """This worker's device: its (Ray-assigned) GPU when there is one, else the CPU."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from rlhf.engines.accelerator import model_device
 
-
-def _forward_hidden_or_logits(model, batch, **kw):
-    batch = to_device(batch, next(model.parameters()).device)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], use_cache=False, **kw)
-
-
-def policy_logits(model, batch: dict, temperature: float) -> torch.Tensor:
-    """Logits ``[B, T, V]`` that predict each response token (divided by the sampling temperature)."""
-    logits = _forward_hidden_or_logits(model, batch).logits
-    return response_slice(logits, batch).float() / temperature
-
-
-def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """The sampler's top-k then top-p filtering (filtered logits set to -inf), as transformers'
-    warpers apply it after the temperature: the trainer-side twin of the processed rollout logprobs."""
-    if top_k and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=False, dim=-1)
-        drop = sorted_logits.softmax(-1).cumsum(-1) <= (1 - top_p)
-        drop[..., -1:] = False  # keep at least the most likely token
-        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-    return logits
-
-
-def critic_values(model, batch: dict) -> torch.Tensor:
-    """Values ``[B, T]``: V_t is read at the state that predicts response token t (same positions
-    as the policy's logits, so the value mask is the response mask, unshifted)."""
-    backbone = getattr(model, model.base_model_prefix)
-    hidden = _forward_hidden_or_logits(backbone, batch).last_hidden_state
-    return model.score(response_slice(hidden, batch)).squeeze(-1).float()
+    return torch.device(model_device(torch.cuda.is_available()))
 
 
 def reward_model_scores(model, batch: dict) -> torch.Tensor:
@@ -82,7 +62,7 @@ def reward_model_scores(model, batch: dict) -> torch.Tensor:
 
 def _setup_dist(rank: int, world: int, addr: str, port: int) -> None:
     os.environ.update({"MASTER_ADDR": addr, "MASTER_PORT": str(port), "RANK": str(rank),
-                       "WORLD_SIZE": str(world), "LOCAL_RANK": "0" if not torch.cuda.is_available() else "0"})
+                       "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})  # a Ray worker sees its one GPU as cuda:0
 
 
 def free_port() -> tuple[str, int]:
@@ -91,47 +71,80 @@ def free_port() -> tuple[str, int]:
         return ray.util.get_node_ip_address(), s.getsockname()[1]
 
 
-def ppo_update(engine, batch: dict, plan: list, micro: int, loss_fn) -> list[dict[str, float]]:
-    """Run the planned mini-batches; ``loss_fn(engine, sub_batch, num_tokens) -> (loss, stats)``.
-
-    Returns one stats dict per micro-batch (with ``tokens`` and ``loss`` as the local token mean)
-    and one ``{grad_norm, lr}`` per optimizer step, for ``rlhf.metrics.reduce_update_stats``.
-    Raises ``FloatingPointError`` on a non-finite loss (the trainer stops, keeping its last checkpoint).
-    """
-    engine.train(True)
-    out: list[dict[str, float]] = []
-    for epoch in plan:
-        for rows, num_tokens in epoch:
-            for i in range(0, len(rows), micro):
-                sub = to_device(select_rows(batch, rows[i:i + micro]), engine.module.device)
-                loss, stats = loss_fn(engine, sub, num_tokens)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"non-finite loss {loss.item()} (rank {engine.rank})")
-                engine.backward(loss)
-                step = engine.step()
-                rec = {k: float(v) for k, v in stats.items()}
-                rec["loss"] = float(loss.detach()) * num_tokens / engine.world_size / max(rec["tokens"], 1.0)
-                out.append(rec)
-                if step:
-                    out.append(step)
-    return out
-
-
 class _TrainableBase:
-    """Shared plumbing of the actor and critic workers (process group, engine, checkpoints)."""
+    """Shared plumbing of the actor and critic workers: the engine (``ENGINES[engine]``), the rows of
+    the model-parallel group, the PPO update loop, checkpoints."""
 
     engine = None
+    role = "policy"
+
+    def __init__(self, model_path: str, engine: str, settings, args, rank: int, world: int, ppo: dict,
+                 threads: int = 1):
+        from rlhf.engines.base import engine_class
+
+        _worker_setup(threads)
+        self.model_path, self.engine_cls, self.settings, self.args = model_path, engine_class(engine), settings, args
+        self.rank, self.world, self.ppo = rank, world, ppo
 
     def address(self) -> tuple[str, int]:
         return free_port()
 
     def init_engine(self, addr: str, port: int) -> None:
-        """Join the role's process group (rank 0's address) and wrap the model in DeepSpeed."""
-        from rlhf.engines.deepspeed_engine import DeepSpeedTrainEngine
-
+        """Join the role's process group (rank 0's address) and build the engine from the checkpoint."""
         _setup_dist(self.rank, self.world, addr, port)
-        self.engine = DeepSpeedTrainEngine(self.model, self.spec)
-        self.model = None
+        self.engine = self.engine_cls.from_pretrained(self.model_path, self.role, self.settings, self.args)
+
+    # ------------------------------------------------------------------ rows of the model-parallel group
+
+    def _group(self):
+        return getattr(self.engine, "model_parallel_group", None)
+
+    def _pool(self, rows) -> tuple[list[int], slice, bool]:
+        """(rows of this rank's model-parallel group in group-rank order, where this rank's rows lie in
+        them, whether this rank reports the group's training records)."""
+        rows = list(rows)
+        g = self._group()
+        if g is None:
+            return rows, slice(0, len(rows)), True
+        import torch.distributed as dist
+
+        parts = [None] * dist.get_world_size(g)
+        dist.all_gather_object(parts, rows, group=g)
+        me = dist.get_rank(g)
+        start = sum(len(p) for p in parts[:me])
+        return [r for p in parts for r in p], slice(start, start + len(rows)), me == 0
+
+    def _forward(self, batch: dict, rows, **kw) -> dict[str, torch.Tensor]:
+        pooled, mine, _ = self._pool(rows)
+        out = self.engine.forward(select_rows(batch, pooled), **kw)
+        return {k: v[mine] for k, v in out.items()}
+
+    def _update(self, batch: dict, plan: list, loss_of) -> list[dict[str, float]]:
+        """Run the planned mini-batches; ``loss_of(num_tokens)`` gives the engine's ``loss_fn``.
+
+        Returns one stats dict per micro-batch (with ``tokens`` and ``loss`` as the local token mean)
+        and one ``{grad_norm, lr}`` per optimizer step, for ``rlhf.metrics.reduce_update_stats``.
+        A non-finite loss raises ``FloatingPointError`` in the engine (the trainer stops, keeping its
+        last checkpoint)."""
+        out: list[dict[str, float]] = []
+        dp = self.engine.dp_size
+        for epoch in plan:
+            for rows, num_tokens in epoch:
+                pooled, _, report = self._pool(rows)
+                if not pooled:
+                    continue
+                recs = self.engine.forward_backward(select_rows(batch, pooled), loss_of(num_tokens))
+                step = self.engine.step()
+                if not report:
+                    continue
+                for rec in recs:
+                    rec["loss"] = rec["loss"] * num_tokens / dp / max(rec["tokens"], 1.0)
+                    out.append(rec)
+                if step:
+                    out.append(step)
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
 
     def save_state(self, out_dir: str) -> None:
         self.engine.save_state(out_dir)
@@ -153,64 +166,49 @@ class _TrainableBase:
 
 @ray.remote
 class ActorWorker(_TrainableBase):
-    """One data-parallel rank of the trainable policy."""
+    """One rank of the trainable policy."""
 
-    def __init__(self, model_path: str, spec, rank: int, world: int, ppo: dict, temperature: float,
-                 threads: int = 1):
-        from transformers import AutoModelForCausalLM
-
-        _worker_setup(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32)
-        self.spec, self.rank, self.world = spec, rank, world
-        self.ppo, self.temperature, self.micro = ppo, temperature, spec.micro_batch_size
+    role = "policy"
 
     @torch.no_grad()
     def logprobs(self, batch: dict, rows: list[int], top_k: int = 0,
                  top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[len(rows), T]`` logprobs of the taken response tokens (the PPO old policy), entropy,
         and the logprobs after the sampler's top-k / top-p filtering (to compare with the rollout's)."""
-        from rlhf.algo import entropy_from_logits, logprobs_from_logits
-
-        self.engine.train(False)
-        sub = select_rows(batch, rows)
-        logits = policy_logits(self.engine.module, sub, self.temperature)
-        responses = sub["responses"].to(logits.device)
-        logp = logprobs_from_logits(logits, responses)
-        filtered = logp
-        if top_k or top_p < 1.0:
-            filtered = logprobs_from_logits(filter_logits(logits, top_k, top_p), responses)
-        return logp.cpu(), entropy_from_logits(logits).cpu(), filtered.cpu()
+        filtering = bool(top_k) or top_p < 1.0
+        if filtering and not getattr(self.engine, "filtered_logprobs", True):
+            raise ValueError("the actor's training engine cannot compute top-k / top-p filtered logprobs "
+                             "(megatron never gathers the full logits): use rollout.top_k=0 rollout.top_p=1.0")
+        out = self._forward(batch, rows, **({"top_k": top_k, "top_p": top_p} if filtering else {}))
+        return out["logp"], out["entropy"], out.get("logp_filtered", out["logp"])
 
     def train(self, batch: dict, plan: list) -> list[dict[str, float]]:
-        from rlhf.algo import entropy_from_logits, logprobs_from_logits, masked_mean, policy_loss
+        from rlhf.algo import masked_mean, policy_loss
 
-        p = self.ppo
+        p, dp = self.ppo, self.engine.dp_size
 
-        def loss_fn(engine, sub, num_tokens):
-            logits = policy_logits(engine.module, sub, self.temperature)
-            logp = logprobs_from_logits(logits, sub["responses"])
-            loss, stats = policy_loss(logp, sub["old_logp"], sub["advantages"], sub["mask"],
-                                      clip_low=p["clip_low"], clip_high=p["clip_high"], dual_clip=p["dual_clip"],
-                                      num_tokens=num_tokens, dp_world_size=engine.world_size,
-                                      is_weights=sub.get("is_weights"))
-            with torch.no_grad():
-                stats["entropy"] = masked_mean(entropy_from_logits(logits), sub["mask"])
-            return loss, stats
+        def loss_of(num_tokens):
+            def loss_fn(out, sub):
+                loss, stats = policy_loss(out["logp"], sub["old_logp"], sub["advantages"], sub["mask"],
+                                          clip_low=p["clip_low"], clip_high=p["clip_high"], dual_clip=p["dual_clip"],
+                                          num_tokens=num_tokens, dp_world_size=dp, is_weights=sub.get("is_weights"))
+                with torch.no_grad():
+                    stats["entropy"] = masked_mean(out["entropy"].detach(), sub["mask"])
+                return loss, stats
+            return loss_fn
 
-        return ppo_update(self.engine, batch, plan, self.micro, loss_fn)
+        return self._update(batch, plan, loss_of)
 
     def weights(self):
-        """Full HF-named weights on rank 0 (None elsewhere); every rank must be called (ZeRO-3)."""
-        sd = dict(self.engine.named_full_parameters())
+        """Full HF-named weights on rank 0 (None elsewhere); every rank must be called (collective)."""
+        sd = dict(self.engine.export_weights())
         return sd if self.engine.rank == 0 else None
 
     def weight_specs(self) -> list:
-        """Name, dtype and full shape of every parameter, in broadcast order (no gathering needed
-        on ZeRO-3: DeepSpeed keeps the full shape in ``ds_shape``)."""
-        from rlhf.engines.vllm_weight_sync import WeightSpec
+        """Name, dtype and full shape of every exported tensor, in broadcast order (collective)."""
+        from rlhf.engines.vllm_weight_sync import weight_specs
 
-        return [WeightSpec(n, str(p.dtype).removeprefix("torch."), tuple(getattr(p, "ds_shape", p.shape)))
-                for n, p in self.engine.module.named_parameters()]
+        return weight_specs(self.engine.export_weights())
 
     def open_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> int:
         """Rank 0 hosts and joins the broadcast group to the vLLM workers (blocks until all joined)."""
@@ -220,11 +218,11 @@ class ActorWorker(_TrainableBase):
         return 0
 
     def broadcast_weights(self) -> int:
-        """Every rank gathers (ZeRO-3) each parameter in turn; rank 0 broadcasts it to the vLLM
-        workers as it comes, so the full model is never held twice. Returns bytes sent (0 off rank 0)."""
+        """Every rank joins each gather in turn; rank 0 broadcasts each tensor to the vLLM workers as
+        it comes, so the full model is never held twice. Returns bytes sent (0 off rank 0)."""
         from rlhf.engines import vllm_weight_sync as ws
 
-        params = self.engine.named_full_parameters()
+        params = self.engine.export_weights()
         if self.engine.rank != 0:
             for _ in params:  # join every gather
                 pass
@@ -234,32 +232,26 @@ class ActorWorker(_TrainableBase):
 
 @ray.remote
 class CriticWorker(_TrainableBase):
-    """One data-parallel rank of the trainable value model (a sequence-classification model read per token)."""
+    """One rank of the trainable value model (a sequence-classification model read per token)."""
 
-    def __init__(self, model_path: str, spec, rank: int, world: int, ppo: dict, seed: int, threads: int = 1):
-        from transformers import AutoModelForSequenceClassification
-
-        _worker_setup(threads)
-        torch.manual_seed(seed)
-        self.model = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=1,
-                                                                        dtype=torch.float32)
-        self.spec, self.rank, self.world = spec, rank, world
-        self.ppo, self.micro = ppo, spec.micro_batch_size
+    role = "critic"
 
     @torch.no_grad()
     def values(self, batch: dict, rows: list[int]) -> torch.Tensor:
-        self.engine.train(False)
-        return critic_values(self.engine.module, select_rows(batch, rows)).cpu()
+        return self._forward(batch, rows)["values"]
 
     def train(self, batch: dict, plan: list) -> list[dict[str, float]]:
         from rlhf.algo import value_loss
 
-        def loss_fn(engine, sub, num_tokens):
-            v = critic_values(engine.module, sub)
-            return value_loss(v, sub["old_values"], sub["returns"], sub["mask"], clip=self.ppo["value_clip"],
-                              num_tokens=num_tokens, dp_world_size=engine.world_size)
+        clip, dp = self.ppo["value_clip"], self.engine.dp_size
 
-        return ppo_update(self.engine, batch, plan, self.micro, loss_fn)
+        def loss_of(num_tokens):
+            def loss_fn(out, sub):
+                return value_loss(out["values"], sub["old_values"], sub["returns"], sub["mask"], clip=clip,
+                                  num_tokens=num_tokens, dp_world_size=dp)
+            return loss_fn
+
+        return self._update(batch, plan, loss_of)
 
 
 @ray.remote
@@ -267,10 +259,11 @@ class ReferenceWorker:
     """The frozen reference policy."""
 
     def __init__(self, model_path: str, temperature: float, threads: int = 1, dtype: str = "float32"):
-        from transformers import AutoModelForCausalLM
+        from rlhf.engines.deepspeed_engine import load_hf_model
 
         _worker_setup(threads)
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype)).to(device()).eval()
+        self.model = load_hf_model(model_path, "policy", getattr(torch, dtype),
+                                   attn_implementation(dtype == "bfloat16")).to(device()).eval()
         self.temperature = temperature
 
     @torch.no_grad()

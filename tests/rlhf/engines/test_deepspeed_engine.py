@@ -32,7 +32,7 @@ class _Evil:
 
 
 def _loss(engine, ids):
-    out = engine.forward(input_ids=ids, labels=ids)
+    out = engine.engine(input_ids=ids, labels=ids)
     return out.loss
 
 

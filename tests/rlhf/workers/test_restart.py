@@ -66,7 +66,8 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(ray_cluster, tmp_
     from rlhf.trainer import RunStopped
 
     run_dir = tmp_path / "run"
-    # also the ppo.old_logp_source=rollout path: the actor rescores at step 0 only (the rollout check)
+    # also the ppo.old_logp_source=rollout path: the actor rescores every row at step 0 (the rollout
+    # check), a sampled subset later (what the subset logs is the trainer's mismatch section, tested there)
     cfg = load_config(None, [f"run_dir={run_dir}", "trainer.total_steps=4", "trainer.save_every=2",
                              "trainer.probe_every=0", "reward.function=rlhf_faults:nan_reward",
                              "ppo.old_logp_source=rollout"])
@@ -75,7 +76,6 @@ def test_non_finite_reward_stops_and_keeps_the_last_checkpoint(ray_cluster, tmp_
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs] == [1, 2]
     assert "kl/rollout_vs_trainer" in recs[0] and "rollout/entropy" in recs[0]
-    assert "kl/rollout_vs_trainer" not in recs[1] and "rollout/entropy" not in recs[1]
     assert all("actor/entropy" in r and "kl/to_reference" in r for r in recs)
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_000002"
     assert (run_dir / "checkpoints" / "step_000002" / "actor" / "model.safetensors").exists()

@@ -150,6 +150,24 @@ class MegatronEngine:
         self.steps = 0
         self._reduced = False
 
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path, role: str, settings, args) -> "MegatronEngine":
+        """``rlhf.engines.base.TrainingEngine``'s constructor: ``settings`` is the ``megatron`` config
+        section, ``args`` the backend-neutral ``EngineArgs`` (``grad_accum`` is not used: one
+        ``forward_backward`` call accumulates all its micro-batches)."""
+        return cls(model_dir, role, settings, lr=args.lr, warmup_steps=args.warmup_steps,
+                   weight_decay=args.weight_decay, betas=tuple(args.betas), grad_clip=args.grad_clip,
+                   micro_batch_size=args.micro_batch_size, seed=args.seed, temperature=args.temperature)
+
+    filtered_logprobs = False
+    """``forward`` cannot give top-k / top-p filtered logprobs (the full logits are never gathered)."""
+
+    @property
+    def model_parallel_group(self):
+        """The TP x PP group of this rank (ranks that compute the same rows together); None without
+        model parallelism."""
+        return self.ps.get_model_parallel_group() if self.tp * self.pp > 1 else None
+
     @property
     def module(self) -> torch.nn.Module:
         """This rank's megatron ``GPTModel`` (its TP shard of its PP stage)."""
