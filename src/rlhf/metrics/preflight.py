@@ -10,7 +10,9 @@ turns the batch's response lengths and reward scores into ``stability/preflight_
     stability/preflight_long_short_gap_std    (mean score of long - mean score of short) / score std
     stability/preflight_long_short_gap        the same gap in reward units
     stability/preflight_threshold             N: "long" means length > N tokens (the batch median,
-                                              or the configured ``metrics.preflight_long_tokens``)
+                                              or the configured ``metrics.preflight_long_tokens``;
+                                              when no length exceeds the median, the longest length
+                                              below it, so responses at the cap count as long)
     stability/preflight_long_frac             fraction of the batch that is long
     stability/preflight_bucket_XX_mean        mean score of length bucket XX (non-empty buckets)
 
@@ -95,6 +97,9 @@ def preflight_length_bias(lengths: Sequence[float], scores: Sequence[float], *, 
         raise ValueError(f"long_tokens >= 0, bucket_width >= 1 and num_buckets >= 1, got "
                          f"{long_tokens}, {bucket_width}, {num_buckets}")
     threshold = float(long_tokens) if long_tokens else float(np.median(x))
+    if not long_tokens and not (x > threshold).any():   # the median is the longest length (e.g. most
+        below = x[x < threshold]                        # responses hit max_new_tokens): split below it
+        threshold = float(below.max()) if below.size else threshold
     long = x > threshold
     std = float(y.std())
     gap = float(y[long].mean() - y[~long].mean()) if long.any() and (~long).any() else float("nan")

@@ -43,6 +43,15 @@ def test_ties_and_configured_threshold():
     assert t[CORR] == m[CORR]                                             # the threshold moves only the gap
 
 
+def test_most_responses_at_the_cap_split_below_the_median():
+    # lengths (5, 9, 32, 32, 32): median 32 is the longest, so long = the three at the cap (> 9 tokens):
+    # scores 0 vs short (2, 1) mean 1.5 -> gap -1.5; population std of (2, 1, 0, 0, 0) = sqrt(3.2 / 5) = 0.8
+    m = preflight_length_bias([5, 9, 32, 32, 32], [2, 1, 0, 0, 0])
+    assert m[THRESHOLD] == 9 and m[LONG_FRAC] == pytest.approx(0.6)
+    assert m[GAP] == pytest.approx(-1.5) and m[GAP_STD] == pytest.approx(-1.875)
+    assert "over 9 tokens 1.88 std below" in preflight_line(m)
+
+
 @pytest.mark.parametrize("lengths, scores", [([7, 7, 7], [1.0, 2.0, 3.0]),     # no length variation
                                              ([3, 9, 12], [0.5, 0.5, 0.5])])   # a constant reward
 def test_undefined_values_are_nan_and_the_line_says_so(lengths, scores):
