@@ -411,9 +411,10 @@ def plot_length_heatmap(runs: list[Run], path: Path) -> None:
             fig.colorbar(mesh, ax=ax, label="responses", pad=0.01)
             st, mean = run.series("rollout/length_mean")
             if st.size:
-                ax.plot(st, mean, color="white", lw=1.2, label="mean length")
-                ax.legend(fontsize=7, loc="upper right", facecolor="0.6")
-            _mark(ax, run.verdicts["length_collapse"].onset_step, "red", ":", "collapse")
+                ax.plot(st, mean, color="tab:red", lw=1.4, label="mean length")
+                ax.legend(fontsize=7, loc="upper right")
+            _mark(ax, run.verdicts["length_collapse"].onset_step, "black", ":", "collapse")
+            ax.set_facecolor("0.93")                       # light grey: no response of that length
             ax.set_ylim(edges[0], edges[-1])
         ax.set_title(f"{run.label}: response length per step ({run.cfg.bucket_width}-token buckets)", fontsize=9)
         ax.set_ylabel("length (tokens)")

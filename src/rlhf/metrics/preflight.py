@@ -160,5 +160,11 @@ def preflight_report(lengths: Sequence[float], scores: Sequence[float], config, 
     import sys
 
     out = preflight_check(lengths, scores, config)
-    print(f"[{prog}] {preflight_line(out)}", file=sys.stderr, flush=True)
+    line = f"[{prog}] {preflight_line(out)}"
+    try:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stderr)   # on its own line, above the trainer's progress bar
+    except ImportError:
+        print(line, file=sys.stderr, flush=True)
     return out
