@@ -240,7 +240,7 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
     import deepspeed
     import torch
     import torch.distributed as dist
-    from tqdm import tqdm
+    from bairlhf.progress import progress as tqdm  # plain lines in non-TTY logs
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from rlhf.engines.deepspeed_engine import init_distributed

@@ -376,7 +376,7 @@ def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     """
     import deepspeed
     import torch
-    from tqdm import tqdm
+    from bairlhf.progress import progress as tqdm  # plain lines in non-TTY logs
     from transformers import AutoTokenizer
 
     validate_config(cfg, need_paths=False)

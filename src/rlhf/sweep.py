@@ -272,7 +272,7 @@ def run_sweep(sweep: Sweep, sweep_path: Path | None = None, max_runs: int | None
 
     Returns the names of the points run by this call.
     """
-    from tqdm import tqdm
+    from bairlhf.progress import progress as tqdm  # plain lines in non-TTY logs
 
     prepare_out(sweep, force=force)
     ensure_merged(sweep)
