@@ -489,7 +489,7 @@ def fresh_state(cfg: PPOConfig, n_prompts: int) -> LoopState:
 def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=()) -> Path:
     """Run (or, with ``resume`` and a ``config.yaml`` in ``run_dir``, continue) PPO; returns the run
     directory. Nothing is written before every input has been checked."""
-    from tqdm import tqdm
+    from bairlhf.progress import progress as tqdm  # plain lines in non-TTY logs
     from transformers import AutoTokenizer
 
     from rlhf.metrics import MetricLogger
