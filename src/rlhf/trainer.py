@@ -398,15 +398,8 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
 
 
 def sync_weights(w) -> None:
-    """Actor -> rollout engine. Broadcast (``w.weight_specs`` set, engines placed apart): every actor
-    rank gathers each parameter in turn and rank 0 broadcasts it to every vLLM worker. Reload
-    (colocated): rank 0 returns the full weights, which reach the engine through Ray's object store
-    (the ref goes straight to the rollout worker; the driver never holds the weights)."""
-    if w.weight_specs is not None:
-        fetch([a.broadcast_weights.remote() for a in w.actor] + [w.rollout.receive_weights.remote(w.weight_specs)])
-        return
-    refs = [a.weights.remote() for a in w.actor]  # every rank joins the ZeRO-3 gather; rank 0 returns them
-    fetch(refs[1:] + [w.rollout.update_weights.remote(refs[0])])  # the rollout worker resolves the ref itself
+    """Actor -> rollout engine: the rollout side's ``WeightSync`` picks and runs the transport."""
+    w.weight_sync.sync(w.actor, w.rollout)
 
 
 def probe_step(cfg: PPOConfig, w, probe_ids: list[list[int]], run_dir: Path, step: int, tok) -> dict[str, float]:

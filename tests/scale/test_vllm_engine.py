@@ -160,13 +160,14 @@ def test_ppo_step_then_broadcast_from_actor_rank0(engine, prompts, tiny_llama, t
     from rlhf.metrics import batch_metrics
     from rlhf.trainer import make_plans
     from rlhf.workers.batch import collate
-    from rlhf.workers.group import _init_engines, engine_spec
+    from rlhf.workers.group import _init_engines, engine_args
     from rlhf.workers.model_workers import ActorWorker
 
     cfg = load_config(None, ["optim.actor_lr=0.01", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
                              "ppo.micro_batch_size=4"])
     ppo = {"clip_low": 10.0, "clip_high": 10.0, "dual_clip": None, "value_clip": 0.2}
-    actor = ActorWorker.options(num_cpus=0.5).remote(str(tiny_llama), engine_spec(cfg, 0.01, 1), 0, 1, ppo, 1.0, 1)
+    actor = ActorWorker.options(num_cpus=0.5).remote(str(tiny_llama), "deepspeed", cfg.deepspeed,
+                                                     engine_args(cfg, "actor"), 0, 1, ppo, 1)
     ray.get(_init_engines([actor]))
     params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=5)
 
@@ -186,14 +187,16 @@ def test_ppo_step_then_broadcast_from_actor_rank0(engine, prompts, tiny_llama, t
         batch.update(old_logp=logp, advantages=torch.ones_like(logp) * batch["mask"])
         ray.get(actor.train.remote(batch, make_plans(cfg, 0, batch["mask"], 1)[0]))
 
-        specs = ray.get(actor.weight_specs.remote())
+        from rlhf.workers import weight_sync as wsync
+
+        specs = ray.get(actor.export_to.remote(wsync.Specs()))
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         joins = engine.init_weight_sync("127.0.0.1", port, backend="gloo")
-        ray.get([actor.open_weight_sync.remote("127.0.0.1", port, engine.sync_world_size, "gloo")] + joins)
+        ray.get([actor.export_to.remote(wsync.OpenSender("127.0.0.1", port, engine.sync_world_size, "gloo"))] + joins)
         recv = engine.receive_weights(specs)
-        sent = ray.get(actor.broadcast_weights.remote())
+        sent = ray.get(actor.export_to.remote(wsync.Broadcast()))
         assert ray.get(recv) == [len(specs)] * 2 and sent > 0
 
         kl1, _, _, gens = rollout_vs_trainer()

@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import ray
 from ray.util.placement_group import remove_placement_group
 
-from rlhf.config import PPOConfig, role_parallel, weight_sync_mode
+from rlhf.config import PPOConfig, role_parallel
 from rlhf.engines.base import EngineArgs
 from rlhf.placement import create_placement_groups, engine_bundles, make_plan, scheduling, spec_from_ppo_config
 from rlhf.workers.model_workers import (ActorWorker, CriticWorker, ReferenceWorker, RewardWorker,
                                         RolloutWorker)
+from rlhf.workers.weight_sync import WeightSync
 
 WORKER_DEATHS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ActorDiedError)
 """What a dead worker raises in the driver (the trainer restarts from the last checkpoint)."""
@@ -79,9 +80,9 @@ class Workers:
     reward: object
     rollout: object
     groups: list = field(default_factory=list)
-    weight_specs: list | None = None
-    """Set when weights reach the rollout engine by broadcast from actor rank 0 (the order the
-    tensors are sent in); None: in-process reload through Ray's object store."""
+    weight_sync: object = None
+    """``rlhf.workers.weight_sync.WeightSync``: how actor weights reach the rollout engine (its
+    ``sync(actor, rollout)`` is the one call the trainer makes)."""
 
     def all(self) -> list:
         return [*self.actor, *self.critic, self.reference, self.reward, self.rollout]
@@ -169,8 +170,7 @@ def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Worker
     except ray.exceptions.RayTaskError as e:  # a checkpoint or layout the engine refuses: named, not retried
         shutdown(w, graceful=False)
         raise WorkerStartError(f"a training engine failed to start: {_creation_error(e)}") from None
-    if weight_sync_mode(cfg) == "broadcast":
-        w.weight_specs = open_weight_sync(w, "nccl" if cfg.cluster.gpus_per_worker > 0 else "gloo")
+    w.weight_sync = WeightSync.open(cfg, actor, rollout)
     return w
 
 
@@ -186,15 +186,6 @@ def vllm_overrides(cfg: PPOConfig, plan=None, pgs: list | None = None) -> dict:
         out["bundles"] = engine_bundles(plan, pgs)[:r.num_engines]
         out["num_gpus"] = plan.of("rollout")[0].share if plan.spec.gpu else 0.0
     return out
-
-
-def open_weight_sync(w: Workers, backend: str) -> list:
-    """Build the broadcast group actor rank 0 -> every vLLM worker; returns the weight specs."""
-    addr, port = ray.get(w.actor[0].address.remote())
-    world = ray.get(w.rollout.sync_world_size.remote())
-    ray.get([w.actor[0].open_weight_sync.remote(addr, port, world, backend),
-             w.rollout.init_weight_sync.remote(addr, port, backend)])
-    return ray.get(w.actor[0].weight_specs.remote())
 
 
 def shutdown(w: Workers | None, graceful: bool = True) -> None:

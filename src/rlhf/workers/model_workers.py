@@ -199,35 +199,10 @@ class ActorWorker(_TrainableBase):
 
         return self._update(batch, plan, loss_of)
 
-    def weights(self):
-        """Full HF-named weights on rank 0 (None elsewhere); every rank must be called (collective)."""
-        sd = dict(self.engine.export_weights())
-        return sd if self.engine.rank == 0 else None
-
-    def weight_specs(self) -> list:
-        """Name, dtype and full shape of every exported tensor, in broadcast order (collective)."""
-        from rlhf.engines.vllm_weight_sync import weight_specs
-
-        return weight_specs(self.engine.export_weights())
-
-    def open_weight_sync(self, host: str, port: int, world_size: int, backend: str) -> int:
-        """Rank 0 hosts and joins the broadcast group to the vLLM workers (blocks until all joined)."""
-        from rlhf.engines import vllm_weight_sync as ws
-
-        self._sync_group = ws.open_group(host, port, 0, world_size, backend)
-        return 0
-
-    def broadcast_weights(self) -> int:
-        """Every rank joins each gather in turn; rank 0 broadcasts each tensor to the vLLM workers as
-        it comes, so the full model is never held twice. Returns bytes sent (0 off rank 0)."""
-        from rlhf.engines import vllm_weight_sync as ws
-
-        params = self.engine.export_weights()
-        if self.engine.rank != 0:
-            for _ in params:  # join every gather
-                pass
-            return 0
-        return ws.broadcast_weights(self._sync_group, params, device())
+    def export_to(self, step):
+        """Run one actor-side step of the weight sync (``rlhf.workers.weight_sync``: collect, specs,
+        open the broadcast sender, broadcast) on this rank's engine; the transport lives there."""
+        return step(self.engine)
 
 
 @ray.remote
