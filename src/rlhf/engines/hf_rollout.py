@@ -21,7 +21,8 @@ class HFRolloutEngine:
     def __init__(self, model_path: str, pad_token_id: int, eos_token_id: int, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
-        dev = "cuda" if torch.cuda.is_available() else "cpu"
+        from rlhf.engines.accelerator import model_device
+        dev = model_device(torch.cuda.is_available())
         # bf16: eager attention, as the trainer's policy forward uses; SDPA takes a different kernel for
         # a one-token decode step than for the full forward, 1.7e-3 k3 apart on a real model
         # (docs/precision.md); eager gives identical logprobs both ways.
