@@ -236,3 +236,18 @@ def progress(iterable=None, desc: str | None = None, total: float | None = None,
 
         return tqdm(iterable, desc=desc, total=total, **kwargs)
     return LineProgress(iterable, desc=desc, total=total, **kwargs)
+
+
+def write(s: str, file=None, end: str = "\n") -> None:
+    """Print a line without breaking a progress bar (``tqdm.write`` on a terminal, ``print`` in a
+    log); also ``progress.write``, for code that calls ``tqdm.write`` on the alias."""
+    stream = file or sys.stderr
+    if _is_tty(stream):
+        from tqdm import tqdm
+
+        tqdm.write(s, file=stream, end=end)
+    else:
+        print(s, file=stream, end=end, flush=True)
+
+
+progress.write = write

@@ -76,6 +76,12 @@ def test_bytes_unknown_total_disabled_and_initial(monkeypatch):
     assert out.getvalue() == ""
 
 
+def test_write_prints_a_plain_line_in_a_log():
+    out = io.StringIO()
+    progress.progress.write("[rlhf train] note", file=out)
+    assert out.getvalue() == "[rlhf train] note\n"
+
+
 def test_on_a_terminal_it_is_a_tqdm_bar():
     from tqdm import tqdm
 
