@@ -44,8 +44,9 @@ QUIET_ENV = {
 and subprocesses started afterwards. DeepSpeed 0.19 reads no environment variable for its log
 level: its ``DeepSpeed`` logger gets a filter instead (in this process)."""
 
-QUIET_LOGGERS = ("DeepSpeed", "transformers", "huggingface_hub", "accelerate", "ray", "torch.distributed")
-"""Loggers whose records below ERROR are dropped in this process when quiet."""
+QUIET_LOGGERS = ("DeepSpeed", "transformers", "huggingface_hub")
+"""Loggers whose records below ERROR are dropped in this process when quiet (Ray keeps its
+warnings: only its info lines go, through ``RAY_LOGGER_LEVEL``)."""
 
 
 def is_verbose() -> bool:
