@@ -21,7 +21,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,11 +109,14 @@ def check_inputs(cfg: PPOConfig, run_dir: Path):
         from bai.config import MergeError, load_config as load_merge_config
 
         try:
-            if load_merge_config(m.bai_recipe).sweep:
-                raise ConfigError(f"model.bai_recipe: {m.bai_recipe} is a sweep; PPO needs one merge "
-                                  "(`rlhf sweep` runs one PPO job per ratio)")
+            recipe = load_merge_config(m.bai_recipe)
         except MergeError as e:
             raise ConfigError(f"model.bai_recipe: {e}") from e
+        if recipe.sweep:
+            raise ConfigError(f"model.bai_recipe: {m.bai_recipe} is a sweep; PPO needs one merge "
+                              "(`rlhf sweep` runs one PPO job per ratio)")
+        if m.tokenizer is None and not Path(paths.tokenizer).exists():  # the merge copies its reference's
+            paths = replace(paths, tokenizer=str(recipe.inputs()[0]))
     seen, to_build = set(), m.actor == "tiny" or m.bai_recipe is not None
     for key, p in [("model.actor", paths.actor), ("model.reference", paths.reference),
                    ("reward.model", cfg.reward.model), ("model.critic", paths.critic)]:
