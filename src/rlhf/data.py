@@ -10,12 +10,12 @@ permutation epoch by epoch and its ``state_dict`` (epoch, position) is all an ex
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from bairlhf.jsonl import read_jsonl
 from rlhf.config import ConfigError
 
 THINK_PREFILL = "<think>\n"
@@ -51,27 +51,14 @@ def _check_prompt(value, where: str, key: str) -> None:
 
 
 def _read_jsonl(p: Path, key: str) -> list:
-    try:
-        text = p.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"data.path: cannot read {p}: {e}") from None
-    rows = []
-    for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{p}:{n}: not valid JSON ({e.msg}, column {e.colno})") from None
-        if not isinstance(rec, dict):
-            raise ConfigError(f"{p}:{n}: expected a JSON object with a {key!r} field, got {type(rec).__name__}")
+    def check(rec: dict, where: str) -> None:
         if key not in rec:
-            raise ConfigError(f"{p}:{n}: record has no {key!r} field (data.prompt_key; record keys: "
+            raise ConfigError(f"{where}: record has no {key!r} field (data.prompt_key; record keys: "
                               f"{sorted(rec)[:8]})")
-        _check_prompt(rec[key], f"{p}:{n}", key)
-        rows.append(rec[key])
-    return rows
+        _check_prompt(rec[key], where, key)
 
+    return [rec[key] for rec in read_jsonl(p, "prompts", check=check, path_key="data.path", allow_empty=True,
+                                           error=ConfigError)]
 
 def _read_parquet(p: Path, key: str) -> list:
     import pyarrow as pa

@@ -61,6 +61,7 @@ from typing import Annotated
 import yaml
 
 from bairlhf.errors import UserError
+from bairlhf.jsonl import read_jsonl
 from bairlhf.outputs import check_output, mark_output, replace_dir
 from bairlhf.typed_config import Range, build
 from bairlhf.yamlio import load_mapping, parse_value
@@ -152,29 +153,12 @@ def config_from_dict(raw: dict, source: str = "config") -> RMConfig:
 
 def read_pairs(path: str | Path) -> list[dict]:
     """Read preference pairs, checking every line before any training (``RMError`` naming file:line)."""
-    pairs = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise RMError(f"{path}: cannot read ({e})") from None
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise RMError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        if not isinstance(row, dict):
-            raise RMError(f"{path}:{n}: expected a JSON object with prompt, chosen, rejected, got "
-                          f"{type(row).__name__}")
+    def check(row: dict, where: str) -> None:
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(row.get(key), str):
-                raise RMError(f"{path}:{n}: key {key!r} missing or not a string")
-        pairs.append(row)
-    if not pairs:
-        raise RMError(f"{path}: no pairs")
-    return pairs
+                raise RMError(f"{where}: key {key!r} missing or not a string")
 
+    return read_jsonl(path, "pairs", check=check, error=RMError)
 
 def check_data(cfg: RMConfig) -> tuple[list[dict], list[dict]]:
     """The training and evaluation pairs, every line checked (file:line) before any work."""

@@ -61,6 +61,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from bairlhf.errors import UserError
+from bairlhf.jsonl import read_jsonl as _read_jsonl
 from bairlhf.outputs import check_output, mark_output, replace_dir
 from bairlhf.typed_config import Range, build
 
@@ -189,28 +190,7 @@ def check_paths(cfg: SFTConfig, where: str = "sft", *, data: bool = True) -> Pat
 
 def read_jsonl(path: str | Path, required: list[str], where: str) -> list[dict]:
     """Read a JSONL file; every record must hold the ``required`` keys (error names file, line, key)."""
-    records = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise SFTError(f"{path}: cannot read ({e})") from None
-    for lineno, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise SFTError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise SFTError(f"{path}:{lineno}: expected a JSON object, got {type(rec).__name__}")
-        missing = [k for k in required if k not in rec]
-        if missing:
-            raise SFTError(f"{path}:{lineno}: record has no field {missing[0]!r} "
-                             f"(set by {where}; record keys: {sorted(rec)})")
-        records.append(rec)
-    if not records:
-        raise SFTError(f"{path}: no records")
-    return records
+    return _read_jsonl(path, required_fields=required, set_by=where, error=SFTError)
 
 
 def prompt_messages(prompt: Any, system_prompt: str | None = None) -> list[dict]:

@@ -20,10 +20,10 @@ empty when prefilled) and ``close_ids`` (after it, through the end marker).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from bairlhf.jsonl import read_jsonl
 from rlhf.sft import prompt_messages, render_prompt, tokenize_example
 
 from .config import CalibrateConfig, CalibrateError
@@ -93,39 +93,8 @@ def read_records(path: str | Path, fields: list[str], key: str) -> list[dict]:
     ``key``, the config key that names the field) on: text that is not UTF-8, a line that is not
     JSON or not an object, a missing, non-string or empty field; and on a file with no records.
     """
-    p = Path(path)
-    try:
-        raw = p.read_bytes()
-    except OSError as e:
-        raise CalibrateError(f"{p}: cannot read: {e.strerror or e}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise CalibrateError(f"{p}:{line}: not UTF-8 text") from None
-    records = []
-    for lineno, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CalibrateError(f"{p}:{lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(rec, dict):
-            raise CalibrateError(f"{p}:{lineno}: expected a JSON object, got a JSON {type(rec).__name__}")
-        for f in fields:
-            if f not in rec:
-                raise CalibrateError(f"{p}:{lineno}: record has no field {f!r} (set by {key}; record keys: "
-                                     f"{sorted(rec)})")
-            if not isinstance(rec[f], str):
-                raise CalibrateError(f"{p}:{lineno}: field {f!r} must be a string, got {type(rec[f]).__name__}")
-            if not rec[f].strip():
-                raise CalibrateError(f"{p}:{lineno}: field {f!r} is empty")
-        records.append(rec)
-    if not records:
-        raise CalibrateError(f"{p}: no records (the file is empty)")
-    return records
-
+    return read_jsonl(path, "records", required_fields=fields, nonempty=True, set_by=key,
+                      error=CalibrateError)
 
 def load_records(cfg: CalibrateConfig) -> tuple[list[dict], list[dict]]:
     """Read training and calibration JSONL (``read_records``); errors name file, line and field."""
