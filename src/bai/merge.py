@@ -37,7 +37,6 @@ import argparse
 import datetime as _dt
 import json
 import os
-import re
 import shutil
 import sys
 import time
@@ -55,7 +54,7 @@ from bai.config import MergeConfig, MergeError, load_config
 from bai.io import (INDEX_NAME, Checkpoint, Reader, ShardWriter, copy_aux_files, fingerprint,
                     open_checkpoint)
 from bairlhf.errors import UserError
-from bairlhf.outputs import check_output, mark_output, replace_dir
+from bairlhf.outputs import check_output, dead_leftovers, mark_output, replace_dir
 
 COMMAND = "bai merge"
 """The command name in the output marker (``bairlhf.outputs``)."""
@@ -348,16 +347,6 @@ def _write_metadata(p: Plan, out_dirs: list[Path]) -> None:
         (d / "bai_merge.yaml").write_text(yaml.safe_dump(record, sort_keys=False))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def legacy_output(path: Path) -> bool:
     """True for an output of ``bai merge`` written before marker files existed: a directory with a
     ``bai_merge.yaml`` (one merge), or one whose entries are all ``alpha_*`` directories that
@@ -373,12 +362,8 @@ def _clean_leftovers(out: Path) -> None:
     """Remove temporary dirs of dead earlier runs on ``out``; restore an old output a killed
     ``--force`` run had moved aside but not yet replaced (names ``.DIR.tmp-bai-PID`` and
     ``.DIR.old-PID``, from ``bairlhf.outputs.replace_dir``, or ``.DIR.old-bai-PID`` of older versions)."""
-    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp-bai|old|old-bai)-(\d+)$")
-    for sib in out.parent.iterdir() if out.parent.is_dir() else []:
-        m = pat.match(sib.name)
-        if not m or not sib.is_dir() or _alive(int(m.group(2))):
-            continue
-        if m.group(1) != "tmp-bai" and not out.exists():
+    for kind, sib in dead_leftovers(out, ("tmp-bai", "old", "old-bai")):
+        if kind != "tmp-bai" and not out.exists():
             os.rename(sib, out)
         else:
             shutil.rmtree(sib, ignore_errors=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -82,6 +83,31 @@ def replace_dir(tmp: str | Path, out: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink(missing_ok=True)
     else:
         os.replace(tmp, out)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs on this machine (a process of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def dead_leftovers(out: str | Path, kinds: tuple[str, ...]) -> list[tuple[str, Path]]:
+    """``(kind, path)`` of the sibling directories ``.NAME.KIND-PID`` of ``out`` whose process PID
+    is dead: the temporaries a killed earlier run left (``kinds`` such as ``"tmp-bai"``, or
+    ``"old"``, the old directory ``replace_dir`` moves aside). Sorted by path; removes nothing."""
+    out = Path(out)
+    pat = re.compile(rf"^\.{re.escape(out.name)}\.({'|'.join(map(re.escape, kinds))})-(\d+)$")
+    found = []
+    for sib in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
+        m = pat.match(sib.name)
+        if m and sib.is_dir() and not pid_alive(int(m.group(2))):
+            found.append((m.group(1), sib))
+    return found
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:

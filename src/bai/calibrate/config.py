@@ -18,8 +18,7 @@ from typing import Annotated, Literal
 
 from bairlhf.errors import UserError
 from bairlhf.typed_config import Range, build
-
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from rlhf.sft import LORA_TARGETS, LoraSettings  # noqa: F401  (the one LoRA dataclass; calibrate's sft.lora)
 
 
 class CalibrateError(UserError):
@@ -68,20 +67,6 @@ PROMPT_TEMPLATES: dict[str, str] = {
         "{input}"
     ),
 }
-
-
-@dataclass
-class LoraSettings:
-    """LoRA adapter shape (peft; copied into ``rlhf.sft.LoraSettings``). The paper's rank is not stated."""
-
-    r: Annotated[int, Range(1, None)] = 16
-    """Adapter rank, >= 1."""
-    alpha: Annotated[float, Range(0, None, lo_open=True)] = 32.0
-    """peft ``lora_alpha`` (> 0); the adapter is scaled by alpha / r."""
-    dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.05
-    """Dropout on the adapter input during training, in [0, 1)."""
-    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
-    """Module names that receive adapters (non-empty; attention q/k/v/o and MLP gate/up/down by default)."""
 
 
 @dataclass

@@ -32,7 +32,6 @@ import argparse
 import dataclasses
 import json
 import os
-import re
 import shutil
 import time
 from pathlib import Path
@@ -40,7 +39,7 @@ from pathlib import Path
 import yaml
 
 from bairlhf.errors import UserError
-from bairlhf.outputs import MARKER, check_output, mark_output, owner, replace_dir
+from bairlhf.outputs import MARKER, check_output, dead_leftovers, mark_output, owner, replace_dir
 from bairlhf.yamlio import load_mapping
 from rlhf import sft as sft_mod
 
@@ -113,7 +112,7 @@ def sft_config(cfg: CalibrateConfig, out: Path) -> sft_mod.SFTConfig:
     """The ``rlhf.sft`` config of the SFT step."""
     s = cfg.sft
     kw = {f.name: getattr(s, f.name) for f in dataclasses.fields(s) if f.name != "preset"}  # same-named fields
-    kw["lora"] = sft_mod.LoraSettings(**dataclasses.asdict(s.lora))
+    kw["lora"] = dataclasses.replace(s.lora)   # the same rlhf.sft.LoraSettings; a copy
     kw.update(model=cfg.model, data=str(out / "sft_train.jsonl"), out=str(out / "sft"), prompt_field="messages",
               response_field="response", reasoning_start=cfg.reasoning.start,
               micro_batch_size=min(s.micro_batch_size, s.batch_size), seed=cfg.seed, force=True)
@@ -123,16 +122,6 @@ def sft_config(cfg: CalibrateConfig, out: Path) -> sft_mod.SFTConfig:
 def legacy_run(path: Path) -> bool:
     """A run directory of ``bai calibrate`` from before marker files: ``config.yaml`` and ``sft_train.jsonl``."""
     return (path / "config.yaml").is_file() and (path / "sft_train.jsonl").is_file()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _same_run(saved: dict, resolved: dict) -> str | None:
@@ -147,13 +136,8 @@ def _saved_config(run_dir: Path) -> dict:
 def _leftovers(out: Path) -> list[tuple[str, Path]]:
     """(kind, path) of the temporaries of dead earlier runs on ``out``: ``tmp`` (a run being
     built) or ``old`` (an old DIR a killed ``--force`` run had moved aside, ``replace_dir``)."""
-    pat = re.compile(rf"^\.{re.escape(out.name)}\.(tmp-calibrate|old)-(\d+)$")
-    found = []
-    for sib in sorted(out.parent.iterdir()) if out.parent.is_dir() else []:
-        m = pat.match(sib.name)
-        if m and sib.is_dir() and not _alive(int(m.group(2))):
-            found.append(("tmp" if m.group(1) == "tmp-calibrate" else "old", sib))
-    return found
+    return [("tmp" if kind == "tmp-calibrate" else "old", sib)
+            for kind, sib in dead_leftovers(out, ("tmp-calibrate", "old"))]
 
 
 def _prepare_out(cfg: CalibrateConfig, out: Path, force: bool, inputs: list) -> Path:
