@@ -4,6 +4,12 @@ A rollout engine turns prompt token ids into sampled responses with the logprobs
 sampling distribution, and accepts new weights from the actor after each step. The
 transformers-``generate`` engine (CPU default) and the vLLM engine (scale path) both implement
 ``RolloutEngine``; the trainer and workers only ever see this interface.
+
+A training engine (``TrainingEngine``) is one rank of a trainable actor or critic built from a
+Hugging Face checkpoint: per-token logprobs / entropy or values, ``forward_backward`` with its own
+micro-batching, the optimizer step, ``export_weights`` in Hugging Face names. ``ENGINES`` maps the
+config's ``engine.actor`` / ``engine.critic`` to the implementations (DeepSpeed, megatron-core):
+adding a backend is one module implementing ``TrainingEngine`` plus one line there.
 """
 
 from __future__ import annotations

@@ -83,6 +83,8 @@ def read_trainer_state(ckpt: Path) -> dict:
 
 def check_checkpoint(ckpt: Path) -> dict:
     """Validate everything ``restore`` will load from ``ckpt``; returns the trainer state."""
+    from safetensors.torch import load_file
+
     from rlhf.engines.deepspeed_engine import first_non_finite, safe_load
 
     if not ckpt.is_dir():
@@ -90,12 +92,13 @@ def check_checkpoint(ckpt: Path) -> dict:
     state = read_trainer_state(ckpt)
     for role in ("actor", "critic"):
         check_model_dir(f"checkpoint {role}", ckpt / role)
-        files = sorted((ckpt / f"{role}_state").rglob("*.pt"))
+        files = sorted((ckpt / f"{role}_state").rglob("*.pt"))  # DeepSpeed; megatron: safetensors + JSON
+        files += sorted((ckpt / f"{role}_state").glob("megatron_*.safetensors"))
         if not files:
             raise ConfigError(f"--resume: {ckpt / f'{role}_state'} holds no engine state")
         for f in files:
             try:
-                obj = safe_load(f)
+                obj = load_file(f) if f.suffix == ".safetensors" else safe_load(f)
             except Exception as e:  # UnpicklingError for a disallowed global, RuntimeError for a bad zip
                 first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
                 raise ConfigError(f"--resume: {f} cannot be loaded safely ({first})") from None
