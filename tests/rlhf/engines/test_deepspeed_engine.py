@@ -89,3 +89,55 @@ def test_train_save_load_exact(tiny_llama, tmp_path, dist_env, zero, bf16):
     for k, v in hf.state_dict().items():
         if k in after:
             assert torch.equal(v, after[k]), k
+
+
+def test_registry_names_both_backends_with_the_whole_interface():
+    from rlhf.engines.base import ENGINES, engine_class
+
+    assert set(ENGINES) == {"deepspeed", "megatron"}
+    for name in ENGINES:
+        cls = engine_class(name)
+        for member in ("from_pretrained", "forward", "forward_backward", "step", "export_weights",
+                       "save_pretrained", "save_state", "load_state", "destroy"):
+            assert callable(getattr(cls, member)), (name, member)
+    with pytest.raises(ValueError, match="'nope' is not one of deepspeed, megatron"):
+        engine_class("nope")
+
+
+def test_policy_from_pretrained_forward_and_update(tiny_llama, dist_env):
+    """The interface on the policy: forward equals the HF forward it wraps (bitwise), forward_backward
+    micro-batches one optimizer step (grad_accum micro-batches), export_weights has the HF names."""
+    from rlhf.algo import logprobs_from_logits
+    from rlhf.config import DeepSpeedConfig
+    from rlhf.engines.base import EngineArgs, Generation
+    from rlhf.engines.deepspeed_engine import policy_logits
+    from rlhf.workers.batch import collate
+
+    g = torch.Generator().manual_seed(0)
+    gens = [Generation(prompt_ids=torch.randint(3, 300, (3 + i % 3,), generator=g).tolist(),
+                       response_ids=torch.randint(3, 300, (2 + i,), generator=g).tolist(),
+                       logprobs=[0.0] * (2 + i), finished=True) for i in range(4)]
+    batch = collate(gens, pad_id=0)
+    args = EngineArgs(lr=1e-2, micro_batch_size=2, grad_accum=2, temperature=0.7)
+    eng = DeepSpeedTrainEngine.from_pretrained(tiny_llama, "policy", DeepSpeedConfig(), args)
+    try:
+        out = eng.forward(batch)
+        assert set(out) == {"logp", "entropy"} and out["logp"].shape == batch["mask"].shape
+        with torch.no_grad():
+            want = logprobs_from_logits(policy_logits(eng.module, batch, 0.7), batch["responses"])
+        assert torch.equal(out["logp"], want)
+        seen = []
+
+        def loss_fn(o, sub):
+            seen.append(sub["mask"].shape[0])
+            return -(o["logp"] * sub["mask"]).sum() / batch["mask"].sum(), {"tokens": sub["mask"].sum()}
+
+        recs = eng.forward_backward(batch, loss_fn)
+        assert seen == [2, 2] and [set(r) for r in recs] == [{"tokens", "loss"}] * 2
+        step = eng.step()
+        assert set(step) == {"grad_norm", "lr"} and step["grad_norm"] > 0
+        assert eng.forward(batch)["logp"][batch["mask"] > 0].mean() > want[batch["mask"] > 0].mean()
+        names = [n for n, _ in eng.export_weights()]
+        assert names == [n for n, _ in eng.module.named_parameters()] and eng.dp_size == 1
+    finally:
+        eng.destroy()
