@@ -24,13 +24,13 @@ and after, and the largest difference between the two results (0 = bitwise equal
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import time
 
 import torch
 
+from _common import parse_step_args, step_parser  # benchmarks/ is on sys.path when run as a script
 from rlhf import algo
 from rlhf.algo.kl import kl_penalty
 
@@ -174,13 +174,7 @@ def max_diff(x: tuple, y: tuple) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--max-len", type=int, default=2000)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_step_args(step_parser(__doc__, repeats=5))
     b = make_batch(args.batch, args.max_len)
     ref, new, sep = before(b), after(b), after_separate(b)   # also warms the allocator
     load0 = os.getloadavg()

@@ -24,7 +24,6 @@ previous code, kept in ``driver_math.py``) and after (``rlhf.algo.ppo_advantages
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from _common import parse_step_args, step_parser
 from driver_math import after as driver_after  # benchmarks/ is on sys.path when run as a script
 from driver_math import before as driver_before
 from driver_math import make_batch
@@ -75,16 +75,11 @@ def median_time(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--batch", type=int, default=4096)
-    ap.add_argument("--max-len", type=int, default=2000)
+    ap = step_parser(__doc__, repeats=3)
     ap.add_argument("--history", type=int, default=3000)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--vocab", type=int, default=32000, help="vocabulary of the head peer (Llama-2: 32000)")
     ap.add_argument("--head-rows", type=int, default=1, help="rows per measured head micro-batch")
-    ap.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = parse_step_args(ap)
     torch.manual_seed(0)
     b = make_batch(args.batch, args.max_len)
     out = step_math(b)

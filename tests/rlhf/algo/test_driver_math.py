@@ -1,7 +1,11 @@
 """The fast driver math (time-major GAE for both lambdas, fewer-pass whitening and token rewards)
-equals the previous implementation (kept here verbatim as the reference) and a plain Python loop."""
+equals the previous implementation (kept verbatim as the reference: GAE in
+``benchmarks/driver_math.py``, whitening here) and a plain Python loop."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,25 +13,8 @@ import torch
 from rlhf import algo
 from rlhf.algo.advantages import mask_layout
 
-
-def _legacy_gae(rewards, values, mask, gamma, lam):
-    """The masked reverse recursion rlhf.algo.gae used before (one ``where`` per quantity per token)."""
-    on = (mask != 0).t().contiguous()
-    r = rewards.float().t().contiguous()
-    v = values.float().t().contiguous()
-    T, B = r.shape
-    zero = torch.zeros((), dtype=torch.float32)
-    next_value = torch.zeros(B)
-    next_adv = torch.zeros(B)
-    adv_tm = torch.zeros_like(r)
-    for t in range(T - 1, -1, -1):
-        a_t = r[t] + gamma * next_value - v[t] + gamma * lam * next_adv
-        m = on[t]
-        adv_tm[t] = torch.where(m, a_t, zero)
-        next_value = torch.where(m, v[t], next_value)
-        next_adv = torch.where(m, a_t, next_adv)
-    adv = adv_tm.t().contiguous()
-    return adv, torch.where(mask != 0, adv + values.float(), zero)
+sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+from driver_math import legacy_gae as _legacy_gae  # noqa: E402  (the previous gae, kept in the benchmark)
 
 
 def _legacy_whiten(x, mask, shift_mean=True, eps=1e-8):
