@@ -199,6 +199,18 @@ def a_file(d: Path) -> None:
     write_recipe(d)
 
 
+def out_overlap_cases(ids: tuple[str, str, str], cmd: list[str], input_rel: str, container_rel: str,
+                      inner: str, setup) -> list[Case]:
+    """The three refusals of an output overlapping the input ``{d}/<input_rel>``: ``--out`` is the
+    input, or contains it (``{d}/<container_rel>``; both with ``--force``), or lies inside it
+    (``<input>/<inner>``). ``cmd``: the argv before ``--out``; ``ids``: the three case ids."""
+    def under_d(rel: str) -> str:
+        return f"{{d}}/{rel}" if rel else "{d}"
+    return [Case(ids[0], cmd + ["--out", under_d(input_rel), "--force"], "is the input", setup),
+            Case(ids[1], cmd + ["--out", under_d(container_rel), "--force"], "contains the input", setup),
+            Case(ids[2], cmd + ["--out", f"{under_d(input_rel)}/{inner}"], "lies inside the input", setup)]
+
+
 MERGE = ["bai", "merge", "{d}/r.yaml", "--out", "{d}/out", "--no-progress"]
 FORCE = MERGE + ["--force"]
 SWEEP = {"alpha": None, "alphas": [0.2, 0.8]}
@@ -281,12 +293,8 @@ MERGE_CASES = [
     Case("merge-nan-weights", MERGE, "contains NaN or inf values", corrupt(_nan)),
     Case("merge-pickle-refused", MERGE, "has only pickled .bin weights", pickled_dir(None)),
     Case("merge-pickle-corrupt", MERGE, "cannot load pickled weights", pickled_dir(b"PK\x03\x04 corrupt")),
-    Case("merge-force-onto-input", ["bai", "merge", "{d}/r.yaml", "--out", "{d}/models/sft_b", "--force"],
-         "is the input", inside("models/sft_b")),
-    Case("merge-force-contains-input", ["bai", "merge", "{d}/r.yaml", "--out", "{d}/models", "--force"],
-         "contains the input", inside("models")),
-    Case("merge-out-inside-input", ["bai", "merge", "{d}/r.yaml", "--out", "{d}/models/sft_b/merged"],
-         "lies inside the input", inside("models/sft_b/merged")),
+    *out_overlap_cases(("merge-force-onto-input", "merge-force-contains-input", "merge-out-inside-input"),
+                       ["bai", "merge", "{d}/r.yaml"], "models/sft_b", "models", "merged", inside("models/sft_b")),
     Case("merge-force-contains-recipe", ["bai", "merge", "{d}/r.yaml", "--out", "{d}", "--force"],
          "r.yaml", rw()),
     Case("merge-force-foreign", FORCE, "was not written by `bai merge`", foreign()),
@@ -429,12 +437,8 @@ CALIBRATE_CASES = [
     Case("cal-yaml-tabs", CAL, "YAML forbids tabs", c_text("model: x\nsearch:\n\trho_min: 0.9\n")),
     Case("cal-yaml-not-mapping", CAL, "must be a mapping of keys, got list", c_text("- model: x\n")),
     Case("cal-config-missing", ["bai", "calibrate", "{d}/nope.yaml", "--out", "{d}/run"], "file does not exist"),
-    Case("cal-force-onto-model", ["bai", "calibrate", "{d}/c.yaml", "--out", "{d}/model", "--force"],
-         "is the input", c_model_in("model")),
-    Case("cal-force-contains-inputs", ["bai", "calibrate", "{d}/c.yaml", "--out", "{d}", "--force"],
-         "contains the input", c_model_in("model")),
-    Case("cal-out-inside-model", ["bai", "calibrate", "{d}/c.yaml", "--out", "{d}/model/run"],
-         "lies inside the input", c_model_in("model")),
+    *out_overlap_cases(("cal-force-onto-model", "cal-force-contains-inputs", "cal-out-inside-model"),
+                       ["bai", "calibrate", "{d}/c.yaml"], "model", "", "run", c_model_in("model")),
     Case("cal-force-foreign", CFORCE, "was not written by `bai calibrate`",
          lambda d: (cw()(d), (d / "run").mkdir(), (d / "run" / "notes.txt").write_text("mine"))),
     Case("cal-resume-foreign", CAL, "was not written by `bai calibrate`",
