@@ -4,15 +4,12 @@ Face checkpoints that ``AutoModelForCausalLM`` loads, and ``rlhf report`` draws 
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import ray
 import torch
 
 from rlhf.cli import main as rlhf_main
 from rlhf.config import load_config
-from rlhf.trainer import train
+from runs import run_train  # tests/support
 
 pytestmark = pytest.mark.slow
 
@@ -25,12 +22,7 @@ SHORT = ["deepspeed.bf16=true", "rollout.max_new_tokens=16", "ppo.rollout_batch_
 def test_real_model_bf16_run(real_model, tmp_path, engine, tol):
     run_dir = tmp_path / "run"
     cfg = load_config(None, [f"run_dir={run_dir}", f"model.actor={real_model}", f"rollout.engine={engine}", *SHORT])
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        train(cfg)
-    finally:
-        ray.shutdown()
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = run_train(cfg)
     assert [r["step"] for r in recs] == [1, 2, 3]
     mism = [r["kl/rollout_vs_trainer"] for r in recs]
     assert all(m < tol for m in mism), mism

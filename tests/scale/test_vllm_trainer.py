@@ -4,13 +4,10 @@ a gloo broadcast from actor rank 0 (placed apart), and the two engines agree."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-import ray
 
 from rlhf.config import load_config
-from rlhf.trainer import train
+from runs import run_train  # tests/support
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -23,12 +20,7 @@ def test_bf16_run_with_vllm_rollouts(tmp_path, sync):
     cfg = load_config(None, [f"run_dir={run_dir}", "deepspeed.bf16=true", "rollout.engine=vllm",
                              "trainer.total_steps=3", "trainer.save_every=0", "trainer.probe_every=0",
                              "ppo.rollout_batch_size=8", *sync])
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        train(cfg)
-    finally:
-        ray.shutdown()
-    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    recs = run_train(cfg)
     assert [r["step"] for r in recs] == [1, 2, 3]
     # bf16 rounding only: the same bf16 weights in DeepSpeed and vLLM, before and after each sync
     assert all(r["kl/rollout_vs_trainer"] < 1e-3 for r in recs), [r["kl/rollout_vs_trainer"] for r in recs]
