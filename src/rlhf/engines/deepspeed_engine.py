@@ -237,17 +237,19 @@ class DeepSpeedTrainEngine:
 
     # ------------------------------------------------------------------ the HF forward
 
-    def _outputs(self, batch: dict) -> dict[str, torch.Tensor]:
+    def _outputs(self, batch: dict, top_k: int = 0, top_p: float = 1.0) -> dict[str, torch.Tensor]:
         if self.role == "critic":
             return {"values": critic_values(self.module, batch)}
         from rlhf.algo import entropy_from_logits, logprobs_from_logits
 
         logits = policy_logits(self.module, batch, self.temperature)
-        logp = logprobs_from_logits(logits, batch["responses"].to(logits.device))
-        with torch.no_grad():  # a statistic, never differentiated
-            entropy = entropy_from_logits(logits)
-        self._last_logits = logits if not torch.is_grad_enabled() else None
-        return {"logp": logp, "entropy": entropy}
+        responses = batch["responses"].to(logits.device)
+        out = {"logp": logprobs_from_logits(logits, responses)}
+        with torch.no_grad():  # statistics, never differentiated
+            out["entropy"] = entropy_from_logits(logits)
+            if top_k or top_p < 1.0:
+                out["logp_filtered"] = logprobs_from_logits(filter_logits(logits, top_k, top_p), responses)
+        return out
 
     @torch.no_grad()
     def forward(self, batch: dict, top_k: int = 0, top_p: float = 1.0) -> dict[str, torch.Tensor]:
@@ -255,15 +257,7 @@ class DeepSpeedTrainEngine:
         one forward over the whole batch (values at ``mask == 0`` are unspecified). A policy given
         ``top_k`` / ``top_p`` also returns ``logp_filtered``: the logprobs after the sampler's filtering."""
         self.engine.train(False)
-        out = self._outputs(batch)
-        if self.role == "policy" and (top_k or top_p < 1.0):
-            from rlhf.algo import logprobs_from_logits
-
-            logits = self._last_logits
-            out["logp_filtered"] = logprobs_from_logits(filter_logits(logits, top_k, top_p),
-                                                        batch["responses"].to(logits.device))
-        self._last_logits = None
-        return {k: v.cpu() for k, v in out.items()}
+        return {k: v.cpu() for k, v in self._outputs(batch, top_k, top_p).items()}
 
     def forward_backward(self, batch: dict, loss_fn: Callable) -> list[dict[str, float]]:
         """Accumulate gradients of ``loss_fn(outputs, sub_batch) -> (loss, stats)`` over micro-batches of
