@@ -420,6 +420,8 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
         _check(p.tis_cap is None, "ppo.old_logp_source",
                "rollout makes ppo.tis_cap a no-op (old and rollout logprobs are the same); set tis_cap null")
     r = cfg.rollout
+    _check(cfg.engine.actor != "megatron" or (r.top_k == 0 and r.top_p == 1.0), "engine.actor",
+           "megatron has no vocab-parallel top-k / top-p filtering yet: use rollout.top_k 0 and rollout.top_p 1.0")
     if r.engine == "hf":
         _check(r.num_engines == 1 and r.tensor_parallel_size == 1, "rollout.num_engines",
                "the hf engine runs one engine without tensor parallelism (num_engines and tensor_parallel_size 1)")

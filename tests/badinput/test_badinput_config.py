@@ -29,6 +29,7 @@ T = ["rlhf", "train"]
 CASES = [
     # ranges (issue 12: accepted silently before)
     Case("gamma-negative", T + ["ppo.gamma=-1"], "ppo.gamma: must be in [0, 1]"),
+    Case("megatron-actor-top-p", T + ["engine.actor=megatron", "rollout.top_p=0.9"], "engine.actor: megatron has no"),
     Case("gamma-above-one", T + ["ppo.gamma=1.5"], "ppo.gamma"),
     Case("lam-actor-2", T + ["ppo.lam_actor=2"], "ppo.lam_actor"),
     Case("lam-critic-negative", T + ["ppo.lam_critic=-0.1"], "ppo.lam_critic"),
