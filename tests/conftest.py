@@ -61,3 +61,15 @@ def tiny_family(tmp_path_factory, tiny_llama):
         "sft_a": tiny.perturbed_copy(tiny_llama, root / "sft_a", seed=1),
         "sft_b": tiny.perturbed_copy(tiny_llama, root / "sft_b", seed=2),
     }
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray cluster for the module (loopback only, as ``rlhf train`` starts it); its address."""
+    import ray
+
+    from rlhf.workers.group import init_ray
+
+    init_ray(None, num_cpus=8)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()

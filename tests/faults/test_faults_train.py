@@ -51,16 +51,6 @@ def assert_same_run(got: Path, want: Path) -> None:
     assert not list((got / "checkpoints").glob(".tmp_step_*"))
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    from rlhf.workers.group import init_ray
-
-    init_ray(None, num_cpus=8)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def reference(ray_address, tmp_path_factory):

@@ -4,16 +4,12 @@ resumed logs exactly the uninterrupted run's per-step metrics. Bad inputs stop b
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from rlhf.config import ConfigError, load_config
 from rlhf.trainer import NON_DETERMINISTIC_PREFIXES, train
+from runs import kill_then_resume
 
 STEPS = 24
 COMMON = ["trainer.save_every=4", "trainer.probe_every=0", "data.num_builtin=64"]  # checkpoints at epoch ends
@@ -26,16 +22,6 @@ def _records(run_dir):
 def _deterministic(rec):
     return {k: v for k, v in rec.items() if not k.startswith(NON_DETERMINISTIC_PREFIXES)}
 
-
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    from rlhf.workers.group import init_ray
-
-    init_ray(None, num_cpus=8)  # loopback only, as `rlhf train` starts it
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -70,26 +56,7 @@ def test_reward_rises_and_run_dir_is_complete(reference_run):
 def test_sigkill_then_resume_matches_uninterrupted_run(reference_run, ray_address, tmp_path):
     run_dir = tmp_path / "killed"
     total = 20
-    cmd = [sys.executable, "-m", "rlhf.cli", "train", *COMMON, f"run_dir={run_dir}",
-           f"trainer.total_steps={total}", f"cluster.address={ray_address}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    killed_at = None
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if (run_dir / "checkpoints" / "latest").exists() and metrics.exists():
-            lines = metrics.read_text().splitlines()
-            if len(lines) >= 6:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = len(lines)
-                break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert killed_at is not None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    assert killed_at < total
-    resumed = subprocess.run([sys.executable, "-m", "rlhf.cli", "train", "--resume", str(run_dir),
-                              f"cluster.address={ray_address}"], capture_output=True, text=True, timeout=300)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kill_then_resume(COMMON, run_dir, ray_address, total, timeout=240)
     got = [_deterministic(r) for r in _records(run_dir)]
     want = [_deterministic(r) for r in _records(reference_run)[:total]]
     assert [r["step"] for r in got] == list(range(1, total + 1))

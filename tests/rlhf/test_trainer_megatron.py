@@ -8,16 +8,12 @@ run's metrics."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
 from rlhf.config import load_config
 from rlhf.trainer import NON_DETERMINISTIC_PREFIXES, train
+from runs import kill_then_resume
 
 pytestmark = pytest.mark.slow
 
@@ -51,16 +47,6 @@ def _close(got: dict, want: dict, tol: float = 1e-4) -> dict:
     assert len(keys) > 20, keys
     return {k: (got[k], want[k]) for k in keys if abs(got[k] - want[k]) > tol * max(1.0, abs(want[k]))}
 
-
-@pytest.fixture(scope="module")
-def ray_address():
-    import ray
-
-    from rlhf.workers.group import init_ray
-
-    init_ray(None, num_cpus=8)
-    yield ray.get_runtime_context().gcs_address
-    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -103,26 +89,7 @@ def test_pp2_first_step_matches_deepspeed(deepspeed_run, tmp_path):
 
 def test_tp2_sigkill_then_resume_matches_uninterrupted_run(tp2_run, ray_address, tmp_path):
     run_dir = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "rlhf.cli", "train", *COMMON, *TP2, f"run_dir={run_dir}",
-           f"trainer.total_steps={STEPS}", f"cluster.address={ray_address}"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    killed_at = None
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        metrics = run_dir / "metrics.jsonl"
-        if (run_dir / "checkpoints" / "latest").exists() and metrics.exists():
-            lines = metrics.read_text().splitlines()
-            if len(lines) >= 6:
-                os.kill(proc.pid, signal.SIGKILL)
-                killed_at = len(lines)
-                break
-        time.sleep(0.02)
-    proc.wait(timeout=60)
-    assert killed_at is not None, f"run ended before it could be killed: {proc.stderr.read()[-2000:]}"
-    assert killed_at < STEPS
-    resumed = subprocess.run([sys.executable, "-m", "rlhf.cli", "train", "--resume", str(run_dir),
-                              f"cluster.address={ray_address}"], capture_output=True, text=True, timeout=400)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    kill_then_resume([*COMMON, *TP2], run_dir, ray_address, STEPS, timeout=300)
     got = [_deterministic(r) for r in _records(run_dir)]
     want = [_deterministic(r) for r in _records(tp2_run)]
     assert [r["step"] for r in got] == list(range(1, STEPS + 1))
