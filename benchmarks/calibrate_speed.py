@@ -30,7 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def build(work: Path) -> dict:
     """Tiny reasoner + LoRA empty-trace SFT (reused when ``work`` already holds them)."""
-    from bai.calibrate import load_config, run
+    from rlhf.calibrate import load_config, run
     from rlhf import sft, tiny
 
     raw_path = work / "calib.json"
@@ -69,9 +69,9 @@ def main() -> None:
     import torch
     from transformers import AutoTokenizer
 
-    from bai.calibrate import data as data_mod
-    from bai.calibrate import estimators as est
-    from bai.calibrate import load_config, merging, search
+    from rlhf.calibrate import data as data_mod
+    from rlhf.calibrate import estimators as est
+    from rlhf.calibrate import load_config, merging, search
 
     work = Path(args.workdir)
     raw = build(work)

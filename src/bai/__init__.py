@@ -1,4 +1,6 @@
-"""Balanced Actor Initialization: streaming checkpoint merges, ratio sweeps, SFT-then-merge calibration.
+"""Balanced Actor Initialization: streaming checkpoint merges and ratio sweeps; imports no ``rlhf``.
+
+The SFT-then-merge calibration (``bai calibrate``) builds on ``rlhf.sft`` and lives in ``rlhf.calibrate``.
 
 Python API (imported lazily, so ``import bai`` stays cheap)::
 

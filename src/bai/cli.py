@@ -8,7 +8,7 @@ from bairlhf.cli import dispatch
 
 COMMANDS = {
     "merge": ("bai.merge:main", "merge checkpoints from a YAML recipe (BAI two-stage, linear, TIES, DARE, SLERP...)"),
-    "calibrate": ("bai.calibrate:main", "SFT with an empty reasoning trace, then merge back at the calibrated ratio"),
+    "calibrate": ("rlhf.calibrate:main", "SFT with an empty reasoning trace, then merge back at the calibrated ratio"),
 }
 
 

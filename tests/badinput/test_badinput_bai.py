@@ -359,7 +359,7 @@ def c_model_in(sub: str, mutate=None):
 def c_existing_run(different: bool = False, finished: bool = True, marker: str | None = "bai calibrate"):
     """Setup: ``{d}/run`` is an earlier calibration run directory (the resolved config saved)."""
     def setup(d: Path) -> None:
-        from bai.calibrate.config import load_config, to_dict
+        from rlhf.calibrate.config import load_config, to_dict
 
         cw()(d)
         run = d / "run"

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from bai import cli
-from bai.calibrate import TABLE2_PRESETS, load_config
-from bai.calibrate.config import PROMPT_TEMPLATES
-from bai.calibrate.pipeline import preflight
+from rlhf.calibrate import TABLE2_PRESETS, load_config
+from rlhf.calibrate.config import PROMPT_TEMPLATES
+from rlhf.calibrate.pipeline import preflight
 
 
 @pytest.fixture
@@ -99,7 +99,7 @@ def test_every_numeric_field_has_a_documented_range():
 
     from bairlhf.typed_config import field_ranges
 
-    from bai.calibrate import CalibrateConfig
+    from rlhf.calibrate import CalibrateConfig
 
     spec = importlib.util.spec_from_file_location(
         "bai_config_tests", Path(__file__).resolve().parents[1] / "bai" / "test_bai_config.py")

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from bai.calibrate import data as data_mod
-from bai.calibrate.config import load_config
-from bai.calibrate.estimators import classify, whitespace_token_ids
+from rlhf.calibrate import data as data_mod
+from rlhf.calibrate.config import load_config
+from rlhf.calibrate.estimators import classify, whitespace_token_ids
 from rlhf import sft, tiny
 
 

@@ -22,9 +22,9 @@ import torch
 import yaml
 
 from bai import cli as bai_cli
-from bai.calibrate import data as data_mod
-from bai.calibrate import estimators as est
-from bai.calibrate import load_config, merging, run
+from rlhf.calibrate import data as data_mod
+from rlhf.calibrate import estimators as est
+from rlhf.calibrate import load_config, merging, run
 from rlhf import cli as rlhf_cli
 from rlhf import tiny
 

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from bai.calibrate import data as data_mod
-from bai.calibrate import estimators as est
-from bai.calibrate import load_config
+from rlhf.calibrate import data as data_mod
+from rlhf.calibrate import estimators as est
+from rlhf.calibrate import load_config
 from rlhf import sft, tiny
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
-from bai.calibrate import search
+from rlhf.calibrate import search
 
 
 def _curve(fn, calls):

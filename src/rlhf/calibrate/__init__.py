@@ -5,10 +5,9 @@ gives M_sft; merging back, M_a = (1 - a) M + a M_sft, recovers reasoning. ``a`` 
 of the **SFT model** (the paper's alpha), called ``sft_weight`` in code and config; the search
 returns alpha* = the largest a whose calibration reasoning rate stays >= rho_min.
 
-Layering: ``bai.calibrate`` is an application on top of ``rlhf.sft`` (it trains with it), so it
-imports ``rlhf``; the direction is one way: ``bai`` core (``bai.io``, ``bai.config``,
-``bai.merge``, ``bai.methods``, ``bai.cli``) imports neither ``rlhf`` nor this package, and
-``rlhf`` imports only the ``bai`` core (enforced by ``tests/test_layers.py``).
+Layering: ``rlhf.calibrate`` trains with ``rlhf.sft`` and merges with ``bai``, so it lives in
+``rlhf``; ``bai`` imports no ``rlhf`` at all (its ``bai calibrate`` command names this module as a
+string and imports it only when run; enforced by ``tests/test_layers.py``).
 
 Modules: ``config`` (typed config, Table 2 presets, appendix-B prompts), ``data`` (empty-trace
 serialization, decision path), ``estimators`` (short-prefix and logit reasoning rates),
