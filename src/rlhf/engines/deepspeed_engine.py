@@ -24,35 +24,23 @@ from __future__ import annotations
 
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 
+from rlhf.engines.base import EngineArgs
 from rlhf.workers.batch import response_slice, select_rows, to_device
 
 
-@dataclass
-class EngineSpec:
-    """How to build one training engine."""
+@dataclass(frozen=True)
+class EngineSpec(EngineArgs):
+    """How to build one DeepSpeed engine: the backend-neutral ``EngineArgs`` plus the
+    ``deepspeed`` section's settings."""
 
-    lr: float
-    """Peak learning rate."""
-    warmup_steps: int = 0
-    """Linear warmup (optimizer steps), then constant."""
-    weight_decay: float = 0.0
-    """AdamW weight decay."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas."""
-    grad_clip: float = 1.0
-    """Gradient-norm clip."""
     zero_stage: int = 0
     """ZeRO stage 0-3."""
-    micro_batch_size: int = 1
-    """Sequences per forward on this rank."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step on this rank."""
     bf16: bool = False
     """bf16 mixed precision (bf16 weights and activations, fp32 master weights and AdamW states;
     on CPU too, where bf16 matrix multiplies run several times faster than fp32 on CPUs with
@@ -224,9 +212,8 @@ class DeepSpeedTrainEngine:
         """Build from a Hugging Face checkpoint: ``settings`` is the ``deepspeed`` config section
         (``zero_stage``, ``bf16``), ``args`` the backend-neutral ``rlhf.engines.base.EngineArgs``.
         fp32 weights (DeepSpeed casts to bf16 itself); a bf16 policy uses eager attention."""
-        spec = EngineSpec(lr=args.lr, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-                          betas=tuple(args.betas), grad_clip=args.grad_clip, zero_stage=settings.zero_stage,
-                          bf16=settings.bf16, micro_batch_size=args.micro_batch_size, grad_accum=args.grad_accum)
+        spec = EngineSpec(**{**asdict(args), "betas": tuple(args.betas)}, zero_stage=settings.zero_stage,
+                          bf16=settings.bf16)
         attn = attn_implementation(settings.bf16) if role == "policy" else None
         model = load_hf_model(model_dir, role, torch.float32, attn, seed=args.seed if role == "critic" else None)
         return cls(model, spec, role=role, temperature=args.temperature)
