@@ -197,3 +197,11 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops_per_gpu: float 
 def current_env() -> dict[str, str]:
     """``os.environ`` as a plain dict (what the pure functions take)."""
     return dict(os.environ)
+
+
+def attn_implementation(bf16: bool) -> str | None:
+    """Attention kernel of every transformers policy model (the rollout engine, the actor engine, the
+    reference): ``eager`` in bf16, where SDPA takes a different kernel for the rollout's KV-cache
+    decode than for the trainer's full forward and their logprobs disagree (k3 1.7e-3 on the real
+    model; eager gives identical logprobs, ``docs/precision.md``); None (transformers' default) in fp32."""
+    return "eager" if bf16 else None

@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 
 import torch
 
+from rlhf.engines.accelerator import attn_implementation
 from rlhf.engines.base import EngineArgs
 from rlhf.workers.batch import response_slice, select_rows, to_device
 
@@ -107,13 +108,6 @@ def init_distributed() -> bool:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(dist_backend(accel))
     return True
-
-
-def attn_implementation(bf16: bool) -> str | None:
-    """Attention kernel of a trainer-side policy model (actor engine, reference): ``eager`` in bf16, where
-    SDPA picks different kernels for the rollout's KV-cache decode and the trainer's full forward and
-    their logprobs disagree (``docs/precision.md``); None (transformers' default) in fp32."""
-    return "eager" if bf16 else None
 
 
 def load_hf_model(model_dir: str | Path, role: str, dtype: torch.dtype = torch.float32, attn: str | None = None,

@@ -21,12 +21,9 @@ class HFRolloutEngine:
     def __init__(self, model_path: str, pad_token_id: int, eos_token_id: int, dtype: torch.dtype = torch.float32):
         from transformers import AutoModelForCausalLM
 
-        from rlhf.engines.accelerator import model_device
+        from rlhf.engines.accelerator import attn_implementation, model_device
         dev = model_device(torch.cuda.is_available())
-        # bf16: eager attention, as the trainer's policy forward uses; SDPA takes a different kernel for
-        # a one-token decode step than for the full forward, 1.7e-3 k3 apart on a real model
-        # (docs/precision.md); eager gives identical logprobs both ways.
-        attn = "eager" if dtype == torch.bfloat16 else None
+        attn = attn_implementation(dtype == torch.bfloat16)  # the trainer's policy forwards use the same
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, attn_implementation=attn).to(dev)
         self.model.eval()
         self.pad_id, self.eos_id = pad_token_id, eos_token_id

@@ -23,7 +23,8 @@ import socket
 import ray
 import torch
 
-from rlhf.engines.deepspeed_engine import (attn_implementation, critic_values, filter_logits,  # noqa: F401
+from rlhf.engines.accelerator import attn_implementation
+from rlhf.engines.deepspeed_engine import (critic_values, filter_logits,  # noqa: F401  (re-exported)
                                            policy_logits, _forward_hidden_or_logits)
 from rlhf.workers.batch import select_rows
 
