@@ -63,10 +63,9 @@ Step-time roofline (one PPO step, seconds)
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -628,22 +627,3 @@ def render(inp: PlanInput, res: PlanResult) -> str:
               "step time (roofline): " + ", ".join(f"{k} {t:.1f}s" for k, t in res.step_time_s.items()),
               "FITS" if res.fits else "DOES NOT FIT:\n  " + "\n  ".join(res.problems)]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`rlhf plan CONFIG.yaml [key.sub=value ...] [--json]`; exit 0 when it fits, 1 when it does not,
-    2 on a bad config (a ``UserError``, printed by the CLI boundary)."""
-    ap = argparse.ArgumentParser(prog="rlhf plan", description=__doc__.split("\n")[0])
-    ap.add_argument("config", help="a rlhf train config (configs/ppo/) or a plan YAML (configs/plan/)")
-    ap.add_argument("overrides", nargs="*", help="dotted key.sub=value overrides, as for rlhf train")
-    ap.add_argument("--json", action="store_true", help="print the result as JSON")
-    ns = ap.parse_args(argv)
-    inp = load_plan_input(ns.config, ns.overrides)
-    res = plan(inp)
-    if ns.json:
-        out = asdict(res)
-        out["per_gpu"] = {k: [{**asdict(m), "total": m.total} for m in v] for k, v in res.per_gpu.items()}
-        print(json.dumps(out, indent=2, default=str))
-    else:
-        print(render(inp, res))
-    return 0 if res.fits else 1

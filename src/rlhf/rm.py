@@ -53,7 +53,6 @@ import json
 import os
 import random
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -315,20 +314,3 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
 def read_stats(path: str | Path) -> dict:
     """The ``rm_stats.json`` a reward model was saved with (mean, std, pair accuracies)."""
     return json.loads((Path(path) / "rm_stats.json").read_text())
-
-
-def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        return 0
-    force = "--force" in argv
-    rest = [a for a in argv[1:] if a != "--force"]
-    cfg = load_config(argv[0], rest + (["force=true"] if force else []))  # RMError: one line, exit 2
-    check_data(cfg)  # every line of the pairs files, before loading anything
-    out = train_reward_model(cfg)
-    stats = read_stats(out)
-    print(f"rlhf rm: wrote {out} (score mean {stats['mean']:.4f}, std {stats['std']:.4f}, "
-          f"train pair accuracy {stats['train_pair_accuracy']:.3f}"
-          + (f", eval {stats['eval_pair_accuracy']:.3f}" if stats['eval_pair_accuracy'] is not None else "") + ")")
-    return 0

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import bai
 import bai.merge as merge_mod
+from bai.cli import merge as merge_cli
 from bai import cli as bai_cli
 from bai import methods
 from bai.config import MergeError
@@ -80,7 +81,7 @@ def test_sweep_cli_writes_every_alpha_in_one_pass(tiny_family, sd, tmp_path, mon
     monkeypatch.setattr(merge_mod, "CHUNK_ELEMS", 1000)          # several chunks per tensor
     cfg = tmp_path / "sweep.yaml"
     cfg.write_text(yaml.safe_dump(bai_recipe(tiny_family, alpha=None, alphas=[0.0, 0.4, 1.0], dtype="bfloat16")))
-    assert merge_mod.main([str(cfg), "--out", str(tmp_path / "sweep"), "--no-progress"]) == 0
+    assert merge_cli.main([str(cfg), "--out", str(tmp_path / "sweep"), "--no-progress"]) == 0
     assert "alpha_0.4" in capsys.readouterr().out
     for a in (0.0, 0.4, 1.0):
         got = state(tmp_path / "sweep" / f"alpha_{a:g}")

@@ -11,6 +11,7 @@ import yaml
 
 from rlhf import cli
 from rlhf import plan as P
+from rlhf.cli import plan as plan_cli
 from rlhf.placement import PlacementError, RoleGroup
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,14 +81,14 @@ def test_training_state_matches_measured_tiny_run(tiny_llama):
 
 
 def test_cli(tmp_path, capsys):
-    assert P.main([str(PAPER)]) == 0
+    assert plan_cli.main([str(PAPER)]) == 0
     out = capsys.readouterr().out
     assert "FITS" in out and "rollout x32 engines" in out and "step time (roofline)" in out
     data = yaml.safe_load(PAPER.read_text())
     data["placement"]["zero_stage"] = 0
     bad = tmp_path / "z0.yaml"
     bad.write_text(yaml.safe_dump(data))
-    assert P.main([str(bad), "--json"]) == 1
+    assert plan_cli.main([str(bad), "--json"]) == 1
     assert '"fits": false' in capsys.readouterr().out
     data["workload"]["micro_batch"] = 2
     bad.write_text(yaml.safe_dump(data))

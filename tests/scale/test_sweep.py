@@ -11,6 +11,7 @@ import yaml
 from safetensors.torch import load_file
 
 from rlhf import sweep as S
+from rlhf.cli import sweep as sweep_cli
 from rlhf.cli import main as rlhf_main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -54,7 +55,7 @@ def test_points_and_dry_run(tmp_path, tiny_family, capsys):
     sw = S.load_sweep(f, ["cluster.address=head:6379"])
     assert [p.name for p in sw.points][:2] == ["alpha_0.1__ppo.kl_coef=0.0", "alpha_0.1__ppo.kl_coef=0.01"]
     assert len(sw.points) == 6
-    assert S.main([str(f), "--dry-run"]) == 0
+    assert sweep_cli.main([str(f), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert out.count("[todo]") == 6 and "models/alpha_0.9 model.bai_recipe=null" in out
     assert not (tmp_path / "sweep").exists()
@@ -70,7 +71,7 @@ def test_sweep_three_ratios_resumes_and_compares(tmp_path, tiny_family):
         ran = S.run_sweep(sw, f, max_runs=2)          # an interrupted sweep: 2 of 3 runs
         assert ran == ["alpha_0.1", "alpha_0.5"]
         assert not (sw.out / "summary.md").exists()
-        assert S.main([str(f)]) == 0                  # resumes: only the last run
+        assert sweep_cli.main([str(f)]) == 0                  # resumes: only the last run
         assert S.run_sweep(S.load_sweep(f)) == []     # nothing left
     finally:
         if ray.is_initialized():

@@ -91,8 +91,10 @@ def kill_worker(root: int, cls: str, exclude=()) -> int:
 
 
 def listening_sockets(pids) -> list[tuple[str, int, str]]:
-    """(local IP address, port, process name) of each listening TCP socket (IPv4 and IPv6) that
-    processes ``pids`` hold; IPv4-mapped IPv6 addresses are shown as IPv4."""
+    """(local IP address, port, process names) of each listening TCP socket (IPv4 and IPv6) that
+    processes ``pids`` hold; IPv4-mapped IPv6 addresses are shown as IPv4. A socket inherited by
+    forked children is held by several processes: its names are all of theirs, sorted and joined
+    by " | " (so a filter on the process that opened it sees that name)."""
     import ipaddress
 
     owners = {}
@@ -105,7 +107,7 @@ def listening_sockets(pids) -> list[tuple[str, int, str]]:
                 except OSError:
                     continue
                 if link.startswith("socket:["):
-                    owners[link[8:-1]] = name
+                    owners.setdefault(link[8:-1], set()).add(name)
         except OSError:
             continue
     out = []
@@ -125,5 +127,5 @@ def listening_sockets(pids) -> list[tuple[str, int, str]]:
                 addr = str(ip.ipv4_mapped or ip)
             else:
                 addr = str(ipaddress.IPv4Address(raw[::-1]))
-            out.append((addr, int(hexport, 16), owners[f[9]]))
+            out.append((addr, int(hexport, 16), " | ".join(sorted(owners[f[9]]))))
     return out

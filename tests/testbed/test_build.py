@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from rlhf.cli import testbed as testbed_cli
 from rlhf.testbed import build
 
 
@@ -16,7 +17,7 @@ STDOUT = {}
 def small_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("testbed") / "build"
     with contextlib.redirect_stdout(io.StringIO()) as buf:
-        assert build.main(["--small", "--out", str(out)]) in (0, 1)  # 1: a connectivity dip (tiny CI models)
+        assert testbed_cli.build_main(["--small", "--out", str(out)]) in (0, 1)  # 1: a connectivity dip (tiny CI models)
     STDOUT["build"] = buf.getvalue()
     return out
 
@@ -41,7 +42,7 @@ def test_small_build_writes_models_data_and_report(small_build):
     # cached: a second build trains nothing; a different spec is refused without --force
     assert build.build(small_build, build.BuildSpec(**build.SMALL), check_connectivity=False)["train_seconds"] == {}
     with pytest.raises(build.BuildError, match="different spec"):
-        build.main(["--out", str(small_build)])
+        testbed_cli.build_main(["--out", str(small_build)])
     assert build.owner(small_build) == build.COMMAND
 
 

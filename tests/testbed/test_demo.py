@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from rlhf import demo
+from rlhf.cli import demo as demo_cli
 from rlhf.report import load_run
 from rlhf.testbed.build import BuildSpec
 
@@ -39,7 +40,7 @@ def test_demo_ppo_config_ships_with_the_checkout():
 @pytest.mark.parametrize("args, key", [(["--alpha", "1.5"], "--alpha"), (["--steps", "0"], "--steps")])
 def test_demo_rejects_bad_arguments(args, key):
     with pytest.raises(demo.DemoError, match=key):
-        demo.main(args + ["--out", "/nonexistent/never-written"])
+        demo_cli.main(args + ["--out", "/nonexistent/never-written"])
 
 
 def test_verdict_lines_and_figure_on_recorded_organism_runs(tmp_path):

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from rlhf import rm
+from rlhf.cli import rm as rm_cli
 
 
 def _pairs(path, n=16, bad_line=None):
@@ -37,7 +38,7 @@ def test_trains_and_records_score_stats(tmp_path, tiny_llama):
     cfg_file = tmp_path / "rm.yaml"
     cfg_file.write_text(f"model: {tiny_llama}\ndata: {data}\neval_data: {data}\nout: {tmp_path / 'rm'}\n"
                         "lr: 1.0e-3\nbatch_size: 8\nmicro_batch_size: 4\nepochs: 2\n")
-    assert rm.main([str(cfg_file)]) == 0
+    assert rm_cli.main([str(cfg_file)]) == 0
     stats = rm.read_stats(tmp_path / "rm")
     assert stats["n"] == 32 and stats["std"] > 0 and stats["eval_pair_accuracy"] is not None
     assert not list(tmp_path.glob(".rm.tmp-*"))
@@ -46,5 +47,5 @@ def test_trains_and_records_score_stats(tmp_path, tiny_llama):
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "rm"))
     assert model.config.num_labels == 1
     with pytest.raises(rm.RMError, match="already exists"):  # refused without --force (the CLI: exit 2)
-        rm.main([str(cfg_file)])
-    assert rm.main([str(cfg_file), "--force"]) == 0  # --force replaces an earlier rlhf rm output
+        rm_cli.main([str(cfg_file)])
+    assert rm_cli.main([str(cfg_file), "--force"]) == 0  # --force replaces an earlier rlhf rm output

@@ -16,6 +16,6 @@ merges), ``pipeline`` (the command).
 """
 
 from .config import TABLE2_PRESETS, CalibrateConfig, CalibrateError, load_config
-from .pipeline import main, run
+from .pipeline import run
 
-__all__ = ["CalibrateConfig", "CalibrateError", "TABLE2_PRESETS", "load_config", "main", "run"]
+__all__ = ["CalibrateConfig", "CalibrateError", "TABLE2_PRESETS", "load_config", "run"]

@@ -28,7 +28,6 @@ finished ``model/`` (e.g. removed by hand) with the same config is resumed in pl
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -46,7 +45,7 @@ from rlhf import sft as sft_mod
 from . import data as data_mod
 from . import estimators as est
 from . import merging, search
-from .config import CalibrateConfig, CalibrateError, load_config, to_dict
+from .config import CalibrateConfig, CalibrateError, to_dict
 
 COMMAND = "bai calibrate"
 """The command name in the output marker."""
@@ -330,23 +329,3 @@ def _markdown(r: dict) -> str:
     lines += [f"| {p['step']} | {p['sft_weight']:.4f} | {p['rho']:.4f} | {p['seconds']:.2f} |" for p in r["probes"]]
     lines += ["", "![rho vs sft_weight](rho_vs_sft_weight.png)", ""]
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``bai calibrate CONFIG.yaml --out DIR [--force]``; bad input raises a ``UserError``, which
-    ``bairlhf.cli.dispatch`` prints as one line (exit code 2)."""
-    ap = argparse.ArgumentParser(prog="bai calibrate",
-                                 description="SFT with an empty reasoning trace, then merge back at the largest "
-                                             "SFT weight whose calibration reasoning rate stays >= rho_min")
-    ap.add_argument("config", help="YAML config (see configs/calibrate/)")
-    ap.add_argument("--out", required=True, help="run directory (written when the run is complete; an "
-                    "unfinished run of the same config is resumed after its SFT step)")
-    ap.add_argument("--force", action="store_true", help="redo an earlier `bai calibrate` run at DIR from the "
-                    "start (the old one is replaced once the new one is complete)")
-    args = ap.parse_args(argv)
-    cfg = load_config(load_mapping(args.config, "calibrate config"), "config")
-    report = run(cfg, args.out, force=args.force, config_file=args.config)
-    out = Path(os.path.expanduser(args.out)).resolve()
-    print(f"bai calibrate: alpha* (sft_weight) = {report['sft_weight']:.4f}, rho = "
-          f"{_fmt(report['rho_at_sft_weight'])}; wrote the run (model/, report.md, probes.csv, sft/) to {out}")
-    return 0

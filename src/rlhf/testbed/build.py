@@ -36,10 +36,8 @@ the build never deletes what it did not create.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import os
 import random
 import shutil
 import sys
@@ -562,44 +560,3 @@ def build(out: str | Path, spec: BuildSpec, *, force: bool = False, check_connec
     atomic_write(out / "build_report.json", json.dumps(report, indent=2) + "\n")
     atomic_write(out / "build_report.md", _markdown(report))
     return report
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``rlhf testbed build [--out DIR] [--small | --long] [--seed N] [--arch llama|qwen2] [--force]``.
-
-    Bad input raises ``BuildError`` before anything is written (one line at the CLI boundary).
-    Exit code 0, or 1 when the linear-connectivity check is not met."""
-    ap = argparse.ArgumentParser(prog="rlhf testbed build", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="runs/testbed", help="cache directory (default: runs/testbed)")
-    ap.add_argument("--small", action="store_true", help="CI-sized build (a couple of minutes)")
-    ap.add_argument("--long", action="store_true", help="long-trace variant (8-15 digits with a verification pass)")
-    ap.add_argument("--seed", type=int, default=0, help="data and initialization seed (>= 0)")
-    ap.add_argument("--arch", default="llama", choices=["llama", "qwen2"])
-    ap.add_argument("--no-connectivity", action="store_true", help="skip the merge sweeps")
-    ap.add_argument("--force", action="store_true",
-                    help="rebuild an earlier build of this command made with a different spec")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads, >= 1 (tiny models: 1 is usually fastest)")
-    args = ap.parse_args(argv)
-    if args.small and args.long:
-        raise BuildError("--small, --long: choose one preset")
-    if args.seed < 0:
-        raise BuildError(f"--seed: expected an integer >= 0, got {args.seed}")
-    if args.threads < 1:
-        raise BuildError(f"--threads: expected an integer >= 1, got {args.threads}")
-    kw = dict(SMALL) if args.small else {}
-    if args.long:
-        kw.update(LONG)
-    spec = BuildSpec(arch=args.arch, seed=args.seed, **kw)
-    check_spec(spec)
-    check_out(args.out, spec, args.force)  # before torch and the first write
-    import torch
-
-    torch.set_num_threads(args.threads)
-    os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    report = build(args.out, spec, force=args.force, check_connectivity=not args.no_connectivity)
-    out = Path(args.out)
-    print((out / "build_report.md").read_text())
-    connected = report.get("connected", True)
-    print(f"rlhf testbed build: wrote {out}/ (tokenizer/, data/, models/{{{','.join(MODELS)}}}/, "
-          f"build_report.md and .json)" + ("" if connected else "; linear connectivity NOT met (exit code 1)"))
-    return 0 if connected else 1
