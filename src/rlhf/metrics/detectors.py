@@ -39,14 +39,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from rlhf.metrics.batch import bucket_key
 from rlhf.metrics.config import StabilityConfig
 
-__all__ = ["HOCKEY_CLASS_CODES", "PHASE_CODES", "VERDICT_CODES", "HockeyStickVerdict", "LengthCollapseVerdict",
+__all__ = ["DETECTORS", "Detector", "HOCKEY_CLASS_CODES", "PHASE_CODES", "VERDICT_CODES", "HockeyStickVerdict", "LengthCollapseVerdict",
            "StabilityConfig", "StabilityMonitor", "detect_hockey_stick", "detect_length_collapse", "detect_run",
            "rolling_median", "step_noise"]
 
@@ -253,19 +253,65 @@ def detect_hockey_stick(steps: Sequence[int], values: Sequence[float], cfg: Stab
         recovery_step=None if back is None else int(s[back]), recovery_slope=slope, severity=severity)
 
 
-# ----------------------------------------------------------------------------- online monitor
+# ----------------------------------------------------------------------------- registry
 
 LENGTH_KEY = "rollout/length_mean"
 REWARD_KEY = "reward/mean"
 REWARD_STD_KEY = "reward/std"
+"""Context series: the per-response reward std at the start is the reward detectors' unit."""
 
+
+@dataclass(frozen=True)
+class Detector:
+    """One entry of ``DETECTORS``: a pure function over one metric series, and what the online
+    monitor reports of its verdict. The monitor, ``detect_run`` and ``rlhf report`` read only
+    this table, so a new detector is one function (its own module if it is long) plus one entry."""
+
+    series: str
+    """Metric key read each step (``per_bucket``: ignored, the bucket means are read)."""
+    detect: Callable[..., Any]
+    """``detect(steps, values, cfg, scale) -> verdict`` (a dataclass; ``scale`` = reward std at the start)."""
+    state: Callable[[Any], str]
+    """The verdict's state string; each change is a ``stability_events.jsonl`` event."""
+    metrics: Callable[[Any, float, int, StabilityConfig], dict[str, float]]
+    """``metrics(verdict, last smoothed value, number of values, cfg)`` -> ``{name: value}``,
+    logged as ``stability/<name>`` (per bucket: ``stability/bucket_XX_<name>``)."""
+    per_bucket: bool = False
+    """Run once per length bucket on ``length_bucket/XX/mean`` (buckets with enough responses)."""
+    event: str | None = None
+    """Event name (default: the registry key; per bucket ``<event>/bucket_XX``)."""
+
+
+def _length_metrics(v: LengthCollapseVerdict, smoothed: float, n: int, cfg: StabilityConfig) -> dict[str, float]:
+    out = {"length_ratio": float(smoothed / v.baseline)} if v.baseline > 0 else {}
+    return {**out, "length_collapse": float(VERDICT_CODES[v.verdict])}
+
+
+def _hockey_metrics(v: HockeyStickVerdict, smoothed: float, n: int, cfg: StabilityConfig) -> dict[str, float]:
+    out = {"reward_z": float((smoothed - v.baseline) / v.scale)} if n >= cfg.baseline_steps else {}
+    return {**out, "hockey_stick_phase": float(PHASE_CODES[v.phase]),
+            "hockey_stick_class": float(HOCKEY_CLASS_CODES[v.verdict])}
+
+
+DETECTORS: dict[str, Detector] = {
+    "length_collapse": Detector(LENGTH_KEY, lambda st, vals, cfg, scale: detect_length_collapse(st, vals, cfg),
+                                lambda v: v.verdict, _length_metrics),
+    "hockey_stick": Detector(REWARD_KEY, detect_hockey_stick, lambda v: f"{v.verdict}/{v.phase}", _hockey_metrics),
+    "buckets": Detector("", detect_hockey_stick, lambda v: f"{v.verdict}/{v.phase}",
+                        lambda v, sm, n, cfg: {"hockey_stick_phase": float(PHASE_CODES[v.phase])},
+                        per_bucket=True, event="hockey_stick"),
+}
+"""Name -> detector, in the order the monitor runs them (the hockey stick per length bucket last)."""
+
+
+# ----------------------------------------------------------------------------- online monitor
 
 @dataclass
 class StabilityMonitor:
     """Online detectors: feed each step's metrics, get ``stability/*`` metrics back.
 
-    ``update(step, metrics)`` appends the step to its history, re-runs the detectors on the
-    history and returns new metrics:
+    ``update(step, metrics)`` appends the step to its history, re-runs every entry of
+    ``DETECTORS`` on the history and returns their metrics:
       stability/length_ratio          smoothed mean length / baseline
       stability/length_collapse       0 none, 1 collapsed, 2 recovered
       stability/reward_z              smoothed reward - baseline, in reward std units
@@ -310,10 +356,19 @@ class StabilityMonitor:
         vals = self.history.get(REWARD_STD_KEY, [[], []])[1][: self.config.baseline_steps]
         return float(np.median(vals)) if vals else None
 
+    def _run(self, step: int, name: str, det: Detector, series: str, prefix: str, scale) -> dict[str, float]:
+        cfg = self.config
+        st, vals = self.history[series]
+        verdict = det.detect(st, vals, cfg, scale)
+        sm = rolling_median(np.asarray(vals[-cfg.smooth_window:]), cfg.smooth_window)[-1]
+        self._change(step, name, det.state(verdict), verdict)
+        return {f"{prefix}{k}": v for k, v in det.metrics(verdict, float(sm), len(vals), cfg).items()}
+
     def update(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:
         cfg = self.config
         self.new_events = []
-        for key in (LENGTH_KEY, REWARD_KEY, REWARD_STD_KEY):
+        keys = [REWARD_STD_KEY, *(d.series for d in DETECTORS.values() if not d.per_bucket)]
+        for key in dict.fromkeys(keys):
             if key in metrics and metrics[key] is not None and math.isfinite(float(metrics[key])):
                 self._append(key, step, float(metrics[key]))
         for i in range(cfg.num_buckets):
@@ -322,30 +377,17 @@ class StabilityMonitor:
             if mean is not None and math.isfinite(float(mean)) and float(count) >= cfg.bucket_min_count:
                 self._append(bucket_key(i, "mean"), step, float(mean))
         out: dict[str, float] = {}
-        if LENGTH_KEY in self.history:
-            lc = detect_length_collapse(*self.history[LENGTH_KEY], cfg)
-            st, vals = self.history[LENGTH_KEY]
-            if lc.baseline > 0:
-                sm = rolling_median(np.asarray(vals[-cfg.smooth_window:]), cfg.smooth_window)[-1]
-                out["stability/length_ratio"] = float(sm / lc.baseline)
-            out["stability/length_collapse"] = float(VERDICT_CODES[lc.verdict])
-            self._change(step, "length_collapse", lc.verdict, lc)
         scale = self.reward_scale()
-        if REWARD_KEY in self.history:
-            hs = detect_hockey_stick(*self.history[REWARD_KEY], cfg, scale=scale)
-            st, vals = self.history[REWARD_KEY]
-            if len(vals) >= cfg.baseline_steps:
-                sm = rolling_median(np.asarray(vals[-cfg.smooth_window:]), cfg.smooth_window)[-1]
-                out["stability/reward_z"] = float((sm - hs.baseline) / hs.scale)
-            out["stability/hockey_stick_phase"] = float(PHASE_CODES[hs.phase])
-            out["stability/hockey_stick_class"] = float(HOCKEY_CLASS_CODES[hs.verdict])
-            self._change(step, "hockey_stick", f"{hs.verdict}/{hs.phase}", hs)
-        for i in range(cfg.num_buckets):
-            name = bucket_key(i, "mean")
-            if name in self.history and self.history[name][0][-1] == step:
-                hb = detect_hockey_stick(*self.history[name], cfg, scale=scale)
-                out[f"stability/bucket_{i:02d}_hockey_stick_phase"] = float(PHASE_CODES[hb.phase])
-                self._change(step, f"hockey_stick/bucket_{i:02d}", f"{hb.verdict}/{hb.phase}", hb)
+        for name, det in DETECTORS.items():
+            if not det.per_bucket:
+                if det.series in self.history:
+                    out.update(self._run(step, det.event or name, det, det.series, "stability/", scale))
+                continue
+            for i in range(cfg.num_buckets):
+                series = bucket_key(i, "mean")
+                if series in self.history and self.history[series][0][-1] == step:
+                    out.update(self._run(step, f"{det.event or name}/bucket_{i:02d}", det, series,
+                                         f"stability/bucket_{i:02d}_", scale))
         return out
 
     def state_dict(self) -> dict:
@@ -363,8 +405,8 @@ class StabilityMonitor:
 def detect_run(records: Sequence[Mapping[str, float]], cfg: StabilityConfig | None = None) -> dict[str, Any]:
     """Offline detectors over a finished (or running) run's per-step records (``metrics.jsonl``).
 
-    Returns ``{"length_collapse": LengthCollapseVerdict, "hockey_stick": HockeyStickVerdict,
-    "buckets": {i: HockeyStickVerdict}}``.
+    Returns one verdict per ``DETECTORS`` entry: ``{"length_collapse": LengthCollapseVerdict,
+    "hockey_stick": HockeyStickVerdict, "buckets": {i: HockeyStickVerdict}}`` (per-bucket ones by bucket).
     """
     cfg = cfg or StabilityConfig()
 
@@ -382,11 +424,14 @@ def detect_run(records: Sequence[Mapping[str, float]], cfg: StabilityConfig | No
 
     std_vals = series(REWARD_STD_KEY)[1][: cfg.baseline_steps]
     scale = float(np.median(std_vals)) if std_vals else None
-    buckets = {}
-    for i in range(cfg.num_buckets):
-        st, vals = series(bucket_key(i, "mean"), bucket_key(i, "count"))
-        if st:
-            buckets[i] = detect_hockey_stick(st, vals, cfg, scale=scale)
-    return {"length_collapse": detect_length_collapse(*series(LENGTH_KEY), cfg),
-            "hockey_stick": detect_hockey_stick(*series(REWARD_KEY), cfg, scale=scale),
-            "buckets": buckets}
+    out: dict[str, Any] = {}
+    for name, det in DETECTORS.items():
+        if not det.per_bucket:
+            out[name] = det.detect(*series(det.series), cfg, scale)
+            continue
+        out[name] = {}
+        for i in range(cfg.num_buckets):
+            st, vals = series(bucket_key(i, "mean"), bucket_key(i, "count"))
+            if st:
+                out[name][i] = det.detect(st, vals, cfg, scale)
+    return out
