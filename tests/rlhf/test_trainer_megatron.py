@@ -17,7 +17,9 @@ from runs import kill_then_resume
 
 pytestmark = pytest.mark.slow
 
-STEPS = 12
+STEPS = 20
+KILL_STEPS = 12
+"""The learning run is 20 steps; the SIGKILL + resume run stops at 12 and equals its first 12 steps."""
 COMMON = ["trainer.probe_every=0", "data.num_builtin=64", "trainer.save_every=4", "cluster.cpus_per_worker=0.1"]
 MEGATRON = ["engine.actor=megatron", "engine.critic=megatron", "cluster.actor_workers=2", "cluster.critic_workers=2"]
 TP2 = MEGATRON + ["megatron.tensor_parallel=2"]
@@ -70,7 +72,7 @@ def test_tp2_matches_deepspeed_learns_and_checkpoints_hf(tp2_run, deepspeed_run)
     assert _close(recs[0], ds[0]) == {}
     first = sum(r["reward/mean"] for r in recs[:4]) / 4
     last = sum(r["reward/mean"] for r in recs[-4:]) / 4
-    assert last > first + 0.05, (first, last)  # measured: 0.024 -> 0.122 in 12 steps (fixed seed)
+    assert last > first + 0.05, (first, last)  # measured: 0.024 -> 0.60 over 20 steps (fixed seed)
     ckpt = tp2_run / "checkpoints" / f"step_{STEPS:06d}"
     actor = AutoModelForCausalLM.from_pretrained(ckpt / "actor")  # ordinary HF directories
     critic = AutoModelForSequenceClassification.from_pretrained(ckpt / "critic", num_labels=1)
@@ -89,9 +91,9 @@ def test_pp2_first_step_matches_deepspeed(deepspeed_run, tmp_path):
 
 def test_tp2_sigkill_then_resume_matches_uninterrupted_run(tp2_run, ray_address, tmp_path):
     run_dir = tmp_path / "killed"
-    kill_then_resume([*COMMON, *TP2], run_dir, ray_address, STEPS, timeout=300)
+    kill_then_resume([*COMMON, *TP2], run_dir, ray_address, KILL_STEPS, timeout=300)
     got = [_deterministic(r) for r in _records(run_dir)]
-    want = [_deterministic(r) for r in _records(tp2_run)]
-    assert [r["step"] for r in got] == list(range(1, STEPS + 1))
+    want = [_deterministic(r) for r in _records(tp2_run)][:KILL_STEPS]
+    assert [r["step"] for r in got] == list(range(1, KILL_STEPS + 1))
     for g, w in zip(got, want):
         assert g == w, (g["step"], {k: (g.get(k), w.get(k)) for k in set(g) | set(w) if g.get(k) != w.get(k)})
