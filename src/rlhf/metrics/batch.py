@@ -108,6 +108,7 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
     if bool(finished.any()):
         out["rollout/terminated_length_mean"] = lengths[finished].double().mean().item()
     out.update(length_bucket_stats(lengths, scores, bucket_width, num_buckets))
+    out.update(length_bias(lengths, scores, "reward"))
 
     flat_idx = on.reshape(-1).nonzero().squeeze(1)   # once; index_select is ~7x faster than t[on] each time
 
@@ -147,6 +148,34 @@ def batch_metrics(*, mask: torch.Tensor, scores: torch.Tensor, finished: torch.T
         out.update(_vec_stats("return", "/", ret))
     if advantages is not None:
         out.update(_vec_stats("advantage", "/", gather(advantages)))
+        rows = torch.repeat_interleave(torch.arange(B, device=mask.device), lengths)
+        per_row = torch.zeros(B, dtype=torch.float64, device=mask.device).index_add_(
+            0, rows, gather(advantages).double()) / lengths.clamp(min=1).double()
+        out["advantage/length_corr"] = _corr(lengths.double(), per_row)
+    return out
+
+
+def _corr(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation of two [B] float64 vectors; NaN when either is constant."""
+    xc, yc = x - x.mean(), y - y.mean()
+    den = (xc.square().sum() * yc.square().sum()).sqrt()
+    return float((xc * yc).sum() / den) if den.item() > 0 else float("nan")
+
+
+def length_bias(lengths: torch.Tensor, scores: torch.Tensor, prefix: str = "reward") -> dict[str, float]:
+    """How the batch's scores depend on response length (leading indicators of a collapse):
+    ``<prefix>/length_corr``: Pearson correlation of score and length over the responses;
+    ``<prefix>/short_minus_long``: mean score of responses no longer than the median length minus
+    that of the longer ones, in units of the batch's score std (NaN when all lengths or all scores
+    are equal). Negative correlation / positive gap: the reward prefers short responses."""
+    x, y = lengths.double(), scores.double()
+    out = {f"{prefix}/length_corr": _corr(x, y)}
+    short = x <= x.median()
+    std = y.std(unbiased=False)
+    if bool(short.all()) or std.item() == 0:
+        out[f"{prefix}/short_minus_long"] = float("nan")
+    else:
+        out[f"{prefix}/short_minus_long"] = float((y[short].mean() - y[~short].mean()) / std)
     return out
 
 

@@ -133,3 +133,17 @@ def test_every_metric_name_is_in_the_readme_table():
                                        "reward/bucket_03_mean": 1.0, "reward/bucket_03_count": 9.0}))
     missing = sorted({re.sub(r"bucket_\d\d", "bucket_XX", n) for n in names} - documented)
     assert not missing, f"README '## Metrics' lacks {missing}"
+
+
+def test_length_bias_by_hand():
+    """Scores 4, 3, 2, 1 at lengths 1..4: correlation -1; short (<= median 2.5: lengths 1, 2) mean 3.5,
+    long mean 1.5, score std sqrt(1.25): gap 2 / 1.1180 = 1.7889. Constant scores: NaN gap."""
+    import math
+
+    from rlhf.metrics.batch import length_bias
+
+    out = length_bias(torch.tensor([1, 2, 3, 4]), torch.tensor([4.0, 3.0, 2.0, 1.0]))
+    assert out["reward/length_corr"] == pytest.approx(-1.0)
+    assert out["reward/short_minus_long"] == pytest.approx(2.0 / math.sqrt(1.25))
+    flat = length_bias(torch.tensor([1, 2, 3, 4]), torch.ones(4))
+    assert math.isnan(flat["reward/length_corr"]) and math.isnan(flat["reward/short_minus_long"])
