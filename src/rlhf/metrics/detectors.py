@@ -45,8 +45,9 @@ import numpy as np
 
 from rlhf.metrics.batch import bucket_key
 from rlhf.metrics.config import StabilityConfig
+from rlhf.metrics.warning import LENGTH_CORR_KEY, WarningVerdict, collapse_warning, hockey_stick_warning
 
-__all__ = ["DETECTORS", "Detector", "HOCKEY_CLASS_CODES", "PHASE_CODES", "VERDICT_CODES", "HockeyStickVerdict", "LengthCollapseVerdict",
+__all__ = ["DETECTORS", "Detector", "WarningVerdict", "HOCKEY_CLASS_CODES", "PHASE_CODES", "VERDICT_CODES", "HockeyStickVerdict", "LengthCollapseVerdict",
            "StabilityConfig", "StabilityMonitor", "detect_hockey_stick", "detect_length_collapse", "detect_run",
            "rolling_median", "step_noise"]
 
@@ -261,23 +262,28 @@ REWARD_STD_KEY = "reward/std"
 """Context series: the per-response reward std at the start is the reward detectors' unit."""
 
 
+BUCKET_SERIES = "reward/bucket_XX_mean"
+"""Placeholder series name of a ``per_bucket`` detector: the bucket's own mean-score series."""
+
+
 @dataclass(frozen=True)
 class Detector:
-    """One entry of ``DETECTORS``: a pure function over one metric series, and what the online
-    monitor reports of its verdict. The monitor, ``detect_run`` and ``rlhf report`` read only
-    this table, so a new detector is one function (its own module if it is long) plus one entry."""
+    """One entry of ``DETECTORS``: a pure function over metric series, and what the online
+    monitor reports of its verdict. The monitor and ``detect_run`` run every entry of this table,
+    so a new detector is one function (its own module if it is long) plus one entry."""
 
-    series: str
-    """Metric key read each step (``per_bucket``: ignored, the bucket means are read)."""
+    series: tuple[str, ...]
+    """Metric keys it reads; it runs once the first is recorded (``per_bucket``: ``BUCKET_SERIES``)."""
     detect: Callable[..., Any]
-    """``detect(steps, values, cfg, scale) -> verdict`` (a dataclass; ``scale`` = reward std at the start)."""
+    """``detect(series, cfg, scale) -> verdict`` (a dataclass): ``series`` maps each key to
+    (steps, values) so far; ``scale`` = per-response reward std at the start."""
     state: Callable[[Any], str]
     """The verdict's state string; each change is a ``stability_events.jsonl`` event."""
     metrics: Callable[[Any, float, int, StabilityConfig], dict[str, float]]
-    """``metrics(verdict, last smoothed value, number of values, cfg)`` -> ``{name: value}``,
-    logged as ``stability/<name>`` (per bucket: ``stability/bucket_XX_<name>``)."""
+    """``metrics(verdict, last smoothed value of the first series, its number of values, cfg)``
+    -> ``{name: value}``, logged as ``stability/<name>`` (per bucket: ``stability/bucket_XX_<name>``)."""
     per_bucket: bool = False
-    """Run once per length bucket on ``length_bucket/XX/mean`` (buckets with enough responses)."""
+    """Run once per length bucket on ``reward/bucket_XX_mean`` (buckets with enough responses)."""
     event: str | None = None
     """Event name (default: the registry key; per bucket ``<event>/bucket_XX``)."""
 
@@ -293,13 +299,26 @@ def _hockey_metrics(v: HockeyStickVerdict, smoothed: float, n: int, cfg: Stabili
             "hockey_stick_class": float(HOCKEY_CLASS_CODES[v.verdict])}
 
 
+def _warning_metric(name: str) -> Callable[[Any, float, int, StabilityConfig], dict[str, float]]:
+    return lambda v, sm, n, cfg: {name: float(v.state == "warned")}
+
+
 DETECTORS: dict[str, Detector] = {
-    "length_collapse": Detector(LENGTH_KEY, lambda st, vals, cfg, scale: detect_length_collapse(st, vals, cfg),
-                                lambda v: v.verdict, _length_metrics),
-    "hockey_stick": Detector(REWARD_KEY, detect_hockey_stick, lambda v: f"{v.verdict}/{v.phase}", _hockey_metrics),
-    "buckets": Detector("", detect_hockey_stick, lambda v: f"{v.verdict}/{v.phase}",
-                        lambda v, sm, n, cfg: {"hockey_stick_phase": float(PHASE_CODES[v.phase])},
-                        per_bucket=True, event="hockey_stick"),
+    "length_collapse": Detector(
+        (LENGTH_KEY,), lambda s, cfg, scale: detect_length_collapse(*s[LENGTH_KEY], cfg),
+        lambda v: v.verdict, _length_metrics),
+    "hockey_stick": Detector(
+        (REWARD_KEY,), lambda s, cfg, scale: detect_hockey_stick(*s[REWARD_KEY], cfg, scale=scale),
+        lambda v: f"{v.verdict}/{v.phase}", _hockey_metrics),
+    "collapse_warning": Detector(
+        (LENGTH_KEY, LENGTH_CORR_KEY), lambda s, cfg, scale: collapse_warning(s, cfg),
+        lambda v: v.state, _warning_metric("collapse_warning")),
+    "hockey_stick_warning": Detector(
+        (REWARD_KEY,), hockey_stick_warning, lambda v: v.state, _warning_metric("hockey_stick_warning")),
+    "buckets": Detector(
+        (BUCKET_SERIES,), lambda s, cfg, scale: detect_hockey_stick(*s[BUCKET_SERIES], cfg, scale=scale),
+        lambda v: f"{v.verdict}/{v.phase}", lambda v, sm, n, cfg: {"hockey_stick_phase": float(PHASE_CODES[v.phase])},
+        per_bucket=True, event="hockey_stick"),
 }
 """Name -> detector, in the order the monitor runs them (the hockey stick per length bucket last)."""
 
@@ -317,6 +336,8 @@ class StabilityMonitor:
       stability/reward_z              smoothed reward - baseline, in reward std units
       stability/hockey_stick_phase    0 baseline, 1 decline, 2 trough, 3 recovering, 4 recovered
       stability/hockey_stick_class    0 no_drop, 1 v_shape, 2 hockey_stick, 3 monotone_decline
+      stability/collapse_warning      0 quiet, 1 warned (early warning, ``rlhf.metrics.warning``)
+      stability/hockey_stick_warning  0 quiet, 1 warned
       stability/bucket_XX_hockey_stick_phase   the phase per length bucket
     Every verdict change is appended to ``events`` (``new_events`` holds the last step's):
     ``{"step", "detector", "from", "to", "evidence"}``. ``state_dict()`` is plain JSON.
@@ -356,10 +377,10 @@ class StabilityMonitor:
         vals = self.history.get(REWARD_STD_KEY, [[], []])[1][: self.config.baseline_steps]
         return float(np.median(vals)) if vals else None
 
-    def _run(self, step: int, name: str, det: Detector, series: str, prefix: str, scale) -> dict[str, float]:
+    def _run(self, step: int, name: str, det: Detector, series: dict, prefix: str, scale) -> dict[str, float]:
         cfg = self.config
-        st, vals = self.history[series]
-        verdict = det.detect(st, vals, cfg, scale)
+        st, vals = series[det.series[0]]
+        verdict = det.detect(series, cfg, scale)
         sm = rolling_median(np.asarray(vals[-cfg.smooth_window:]), cfg.smooth_window)[-1]
         self._change(step, name, det.state(verdict), verdict)
         return {f"{prefix}{k}": v for k, v in det.metrics(verdict, float(sm), len(vals), cfg).items()}
@@ -367,7 +388,7 @@ class StabilityMonitor:
     def update(self, step: int, metrics: Mapping[str, float]) -> dict[str, float]:
         cfg = self.config
         self.new_events = []
-        keys = [REWARD_STD_KEY, *(d.series for d in DETECTORS.values() if not d.per_bucket)]
+        keys = [REWARD_STD_KEY, *(k for d in DETECTORS.values() if not d.per_bucket for k in d.series)]
         for key in dict.fromkeys(keys):
             if key in metrics and metrics[key] is not None and math.isfinite(float(metrics[key])):
                 self._append(key, step, float(metrics[key]))
@@ -380,14 +401,15 @@ class StabilityMonitor:
         scale = self.reward_scale()
         for name, det in DETECTORS.items():
             if not det.per_bucket:
-                if det.series in self.history:
-                    out.update(self._run(step, det.event or name, det, det.series, "stability/", scale))
+                if det.series[0] in self.history:
+                    series = {k: self.history[k] for k in det.series if k in self.history}
+                    out.update(self._run(step, det.event or name, det, series, "stability/", scale))
                 continue
             for i in range(cfg.num_buckets):
-                series = bucket_key(i, "mean")
-                if series in self.history and self.history[series][0][-1] == step:
-                    out.update(self._run(step, f"{det.event or name}/bucket_{i:02d}", det, series,
-                                         f"stability/bucket_{i:02d}_", scale))
+                key = bucket_key(i, "mean")
+                if key in self.history and self.history[key][0][-1] == step:
+                    out.update(self._run(step, f"{det.event or name}/bucket_{i:02d}", det,
+                                         {BUCKET_SERIES: self.history[key]}, f"stability/bucket_{i:02d}_", scale))
         return out
 
     def state_dict(self) -> dict:
@@ -406,7 +428,8 @@ def detect_run(records: Sequence[Mapping[str, float]], cfg: StabilityConfig | No
     """Offline detectors over a finished (or running) run's per-step records (``metrics.jsonl``).
 
     Returns one verdict per ``DETECTORS`` entry: ``{"length_collapse": LengthCollapseVerdict,
-    "hockey_stick": HockeyStickVerdict, "buckets": {i: HockeyStickVerdict}}`` (per-bucket ones by bucket).
+    "hockey_stick": HockeyStickVerdict, "collapse_warning": WarningVerdict, "hockey_stick_warning":
+    WarningVerdict, "buckets": {i: HockeyStickVerdict}}`` (per-bucket ones by bucket).
     """
     cfg = cfg or StabilityConfig()
 
@@ -427,11 +450,11 @@ def detect_run(records: Sequence[Mapping[str, float]], cfg: StabilityConfig | No
     out: dict[str, Any] = {}
     for name, det in DETECTORS.items():
         if not det.per_bucket:
-            out[name] = det.detect(*series(det.series), cfg, scale)
+            out[name] = det.detect({k: series(k) for k in det.series}, cfg, scale)
             continue
         out[name] = {}
         for i in range(cfg.num_buckets):
             st, vals = series(bucket_key(i, "mean"), bucket_key(i, "count"))
             if st:
-                out[name][i] = det.detect(st, vals, cfg, scale)
+                out[name][i] = det.detect({BUCKET_SERIES: (st, vals)}, cfg, scale)
     return out
