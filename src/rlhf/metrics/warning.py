@@ -9,8 +9,8 @@ Collapse warning (``stability/collapse_warning``: 0 quiet, 1 warned): raised at 
 where, for ``warn_persistence`` consecutive observations,
   - the reward prefers short responses: the rolling median (``smooth_window``) of the batch's
     score-length correlation ``reward/length_corr`` is <= -``warn_bias_corr``, and
-  - the length has started to move: the rolling median of ``rollout/length_mean`` is <=
-    ``warn_length_fraction`` x its baseline (median of the first ``baseline_steps`` values),
+  - the length has started to move: the rolling median (``warn_smooth_window``, shorter: it
+    must not lag) of ``rollout/length_mean`` is <= ``warn_length_fraction`` x its baseline (median of the first ``baseline_steps`` values),
 within ``early_steps`` of the first step. Neither alone is enough: a length-biased reward
 whose lengths hold still, or a length drift under an unbiased reward, raises nothing. The lead
 time it is evaluated by (``docs/testbed.md``) = the first step whose raw mean length is below
@@ -81,7 +81,7 @@ def collapse_warning(series: Series, cfg: StabilityConfig | None = None) -> Warn
     base = float(np.median(lv[: cfg.baseline_steps]))
     if base <= 0:
         return WarningVerdict()
-    _, lsm = _smoothed(ls, lv, cfg.smooth_window)
+    _, lsm = _smoothed(ls, lv, cfg.warn_smooth_window)
     cs, csm = _smoothed(*series[LENGTH_CORR_KEY], cfg.smooth_window)
     corr_at = dict(zip(cs.tolist(), csm.tolist()))
     corr = np.array([corr_at.get(int(s), math.nan) for s in ls])
