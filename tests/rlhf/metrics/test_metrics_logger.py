@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -128,7 +129,12 @@ def test_wandb_offline_run_holds_logged_keys_and_resume_keeps_its_id(tmp_path, m
             logger.log(s, _bucketed(s) | {"kl/policy_vs_sampling": 0.25 + s})
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    data = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))
+    keys = (b"kl/policy_vs_sampling", b"reward/mean", b"rollout/length_hist", b"stability/length_collapse")
+    for _ in range(600):   # wandb-core may still be writing the file after finish() returns (seen under load)
+        data = b"".join(p.read_bytes() for p in runs[0].glob("run-*.wandb"))
+        if all(k in data for k in keys) and b"2.25" in data:
+            break
+        time.sleep(0.1)
     for key in (b"kl/policy_vs_sampling", b"reward/mean", b"rollout/length_hist", b"stability/length_collapse"):
         assert key in data, key
     assert b"2.25" in data                                # the value logged at step 2
