@@ -10,7 +10,7 @@ without importing torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any, Mapping
+from typing import Annotated, Any, Literal, Mapping
 
 from bairlhf.errors import UserError
 from bairlhf.typed_config import Range, build
@@ -24,6 +24,8 @@ POS = Range(1, None)
 """An integer count >= 1."""
 FRACTION = Range(0, 1, lo_open=True, hi_open=True)
 """A fraction in (0, 1)."""
+Action = Literal["log", "checkpoint", "stop"]
+"""What a detector's verdict does (``rlhf.metrics.actions``)."""
 
 
 @dataclass
@@ -89,6 +91,14 @@ class StabilityConfig:
     ``smooth_window`` so the warning does not lag)."""
     warn_persistence: Annotated[int, POS] = 2
     """A warning is raised once its condition held for this many consecutive observations (>= 1)."""
+    on_collapse_warning: Action = "log"
+    """What the collapse warning does (``rlhf.metrics.actions``): log, checkpoint, or stop."""
+    on_collapse: Action = "log"
+    """What a detected length collapse does: log, checkpoint, or stop."""
+    on_hockey_stick_warning: Action = "log"
+    """What the reward-decline warning does: log, checkpoint, or stop."""
+    on_hockey_stick: Action = "log"
+    """What a decline classed as a hockey stick does: log, checkpoint, or stop."""
 
     def __post_init__(self) -> None:
         if not self.collapse_fraction < self.recovery_fraction:

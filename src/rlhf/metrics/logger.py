@@ -2,6 +2,7 @@
 
     run_dir/metrics.jsonl            {"step": k, "<name>": value, ...} per line, flushed per step
     run_dir/stability_events.jsonl   detector verdict changes {"step", "detector", "from", "to", "evidence"}
+                                     and actions taken {"step", "action", "trigger", "to", "reason"}
     run_dir/tensorboard/             ``tensorboard``: scalars, verdict changes as text, and the
                                      per-step response-length histogram ``rollout/length_hist``
     run_dir/wandb/                   ``wandb``: a W&B run (offline unless ``WANDB_MODE`` says
@@ -266,7 +267,9 @@ class MetricLogger:
         for ev in events:
             self._events.write(json.dumps(ev, default=_clean) + "\n")
             for sink in self._sinks:
-                sink.text(int(ev["step"]), "stability/events", f"{ev['detector']}: {ev['from']} -> {ev['to']}")
+                line = (f"action {ev['action']}: {ev['reason']}" if "action" in ev
+                        else f"{ev['detector']}: {ev['from']} -> {ev['to']}")
+                sink.text(int(ev["step"]), "stability/events", line)
         self._events.flush()
 
     def close(self) -> None:
