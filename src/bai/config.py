@@ -4,6 +4,11 @@ Every refusal is one ``MergeError`` whose message starts with the offending key,
 Checks here need no checkpoint I/O beyond "does this path exist"; the checkpoint-level checks
 (architectures, tensor names and shapes, pickled weights) live in ``bai.merge.plan``.
 
+Each method's keys are one recipe dataclass (``RECIPES``) built by ``bairlhf.typed_config.build``:
+unknown and missing keys, types, enums (``Literal``) and ranges (``Range``) are checked there;
+``load_config`` then applies the rules across keys (alpha xor alphas, weights summing to 1, two
+slerp models, no duplicate alphas, paths that exist) and returns a ``MergeConfig``.
+
 Methods and their keys (``dtype``, ``shard_size``, ``allow_pickle`` are accepted by all):
 
 =================  =====================================================  ==========================
@@ -22,7 +27,6 @@ slerp              models (exactly two, no weights), t                    (none)
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import re
 import typing
@@ -31,30 +35,137 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from bairlhf.errors import UserError
-from bairlhf.typed_config import Range
+from bairlhf.typed_config import YAML_KEY, Range, build, coerce, yaml_keys
 
 WEIGHT_TOLERANCE = 1e-6
 Method = Literal["bai", "linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "slerp"]
 OutDtype = Literal["bfloat16", "float16", "float32"]
 OUT_DTYPES = typing.get_args(OutDtype)
-COMMON_KEYS = {"method", "dtype", "shard_size", "allow_pickle"}
-# method -> (required keys, optional keys); "alpha|alphas" means exactly one of the two
-METHOD_KEYS: dict[str, tuple[set[str], set[str]]] = {
-    "bai": ({"base", "sft_models", "alpha|alphas"}, set()),
-    "linear": ({"models"}, set()),
-    "task_arithmetic": ({"base", "models"}, {"lambda"}),
-    "ties": ({"base", "models", "density"}, {"lambda"}),
-    "dare_linear": ({"base", "models", "density"}, {"lambda", "seed"}),
-    "dare_ties": ({"base", "models", "density"}, {"lambda", "seed"}),
-    "slerp": ({"models", "t"}, set()),
-}
 SUM_TO_ONE = {"bai", "linear"}          # methods whose weights form a convex combination
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
+# Value types, shared by the recipes (YAML) and ``MergeConfig`` (the validated result).
+Weight = Annotated[float, Range(None, None)]
+"""A model's weight: any finite number (bai / linear: >= 0 and summing to 1, checked across keys)."""
+Alpha = Annotated[float, Range(0, 1)]
+"""bai: the weight of M_base, in [0, 1]."""
+T = Annotated[float, Range(0, 1)]
+"""slerp: the interpolation position, in [0, 1]."""
+Density = Annotated[float, Range(0, 1, lo_open=True)]
+"""ties / dare: fraction of each task vector kept, in (0, 1]."""
+Lambda = Annotated[float, Range(None, None)]
+"""Scale of the merged task vector: any finite number."""
+Seed = Annotated[int, Range(0, None)]
+"""dare: seed of the drop masks, an integer >= 0."""
+
 
 class MergeError(UserError):
     """Bad merge input; the message names the key, file or tensor at fault."""
+
+
+# ----------------------------------------------------------------------------- recipes (YAML)
+
+@dataclass
+class WeightedModel:
+    """One ``models`` / ``sft_models`` entry (a bare path string is read as ``{path: ...}``)."""
+
+    path: str
+    """Checkpoint directory."""
+    weight: Weight
+    """Its weight (any finite number)."""
+
+
+@dataclass
+class SlerpModel:
+    """One slerp ``models`` entry (a bare path string is read as ``{path: ...}``)."""
+
+    path: str
+    """Checkpoint directory."""
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """Keys every method accepts."""
+
+    method: Method
+    """The merge method (selects the recipe class, ``RECIPES``)."""
+    dtype: OutDtype = "bfloat16"
+    """Output dtype."""
+    shard_size: int | str = 5 * 10**9
+    """Bytes per output shard: an int or ``"5GB"``, ``"500MB"`` (``parse_size``)."""
+    allow_pickle: bool = False
+    """Accept checkpoints that only have pickled ``.bin`` weights."""
+
+
+@dataclass(kw_only=True)
+class BaiRecipe(Recipe):
+    """``method: bai``: stage 1 ``sft_models`` (weights sum to 1), stage 2 with ``base``."""
+
+    base: str
+    """M_base (the pretrained model)."""
+    sft_models: list[WeightedModel]
+    """The SFT models and their stage-1 weights."""
+    alpha: Alpha | None = None
+    """One merge: the weight of M_base (give ``alpha`` or ``alphas``)."""
+    alphas: list[Alpha] | None = None
+    """A sweep: one output ``DIR/alpha_<a>`` per value, no two alike."""
+
+
+@dataclass(kw_only=True)
+class LinearRecipe(Recipe):
+    """``method: linear``: a weighted average (weights sum to 1)."""
+
+    models: list[WeightedModel]
+    """The models and their weights."""
+
+
+@dataclass(kw_only=True)
+class TaskArithmeticRecipe(Recipe):
+    """``method: task_arithmetic``: base + lambda x sum of weighted task vectors."""
+
+    base: str
+    """The task-vector origin."""
+    models: list[WeightedModel]
+    """The fine-tuned models and their weights."""
+    lam: Lambda = field(default=1.0, metadata={YAML_KEY: "lambda"})
+    """Scale of the merged task vector (YAML ``lambda``)."""
+
+
+@dataclass(kw_only=True)
+class TiesRecipe(TaskArithmeticRecipe):
+    """``method: ties``: trim to ``density``, elect signs, disjoint mean."""
+
+    density: Density
+    """Fraction of each task vector kept."""
+
+
+@dataclass(kw_only=True)
+class DareRecipe(TiesRecipe):
+    """``method: dare_linear`` / ``dare_ties``: random drop to ``density`` and rescale."""
+
+    seed: Seed = 0
+    """Seed of the drop masks."""
+
+
+@dataclass(kw_only=True)
+class SlerpRecipe(Recipe):
+    """``method: slerp``: spherical interpolation of exactly two models."""
+
+    models: list[SlerpModel]
+    """The two models (t = 0 is the first)."""
+    t: T
+    """Interpolation position."""
+
+
+RECIPES: dict[str, type[Recipe]] = {
+    "bai": BaiRecipe, "linear": LinearRecipe, "task_arithmetic": TaskArithmeticRecipe, "ties": TiesRecipe,
+    "dare_linear": DareRecipe, "dare_ties": DareRecipe, "slerp": SlerpRecipe,
+}
+"""Method -> the dataclass of its YAML keys."""
+
+
+# ----------------------------------------------------------------------------- validated config
 
 
 @dataclass
@@ -63,7 +174,7 @@ class ModelEntry:
 
     path: Path
     """Directory of a Hugging Face checkpoint (config.json plus safetensors weights)."""
-    weight: Annotated[float, Range(None, None)] | None = None
+    weight: Weight | None = None
     """Its weight, any finite number; for ``bai`` and ``linear`` each in [0, 1] and all summing to 1
     (within ``WEIGHT_TOLERANCE``). None only for slerp, whose mixing is given by ``t``."""
 
@@ -73,24 +184,24 @@ class MergeConfig:
     """A validated merge recipe. Build it with ``load_config``; fields mirror the YAML keys."""
 
     method: Method
-    """One of ``METHOD_KEYS``: bai, linear, task_arithmetic, ties, dare_linear, dare_ties, slerp."""
+    """One of ``RECIPES``: bai, linear, task_arithmetic, ties, dare_linear, dare_ties, slerp."""
     models: list[ModelEntry]
     """Inputs: for ``bai`` the stage-1 ``sft_models``; otherwise ``models`` (slerp: t=0 is the first)."""
     base: Path | None = None
     """M_base for bai (the pretrained model), the task-vector origin for task_arithmetic/ties/dare."""
-    alphas: list[Annotated[float, Range(0, 1)]] = field(default_factory=list)
+    alphas: list[Alpha] = field(default_factory=list)
     """bai only: the weight(s) of M_base in stage 2 (the paper's alpha), each in [0, 1]; no two
     alike (YAML ``alpha: A`` or ``alphas: [A, ...]``)."""
     sweep: bool = False
     """True when the recipe gave ``alphas`` (a list): outputs go to ``DIR/alpha_<a>``."""
-    t: Annotated[float, Range(0, 1)] | None = None
+    t: T | None = None
     """slerp: interpolation position in [0, 1] (0 = first model)."""
-    density: Annotated[float, Range(0, 1, lo_open=True)] | None = None
+    density: Density | None = None
     """ties / dare: fraction of each task vector kept, in (0, 1]."""
-    lam: Annotated[float, Range(None, None)] = 1.0
+    lam: Lambda = 1.0
     """task_arithmetic / ties / dare: scale of the merged task vector, any finite number (YAML key
     ``lambda``)."""
-    seed: Annotated[int, Range(0, None)] = 0
+    seed: Seed = 0
     """dare: seed of the random drop masks (one stream per tensor and model), an integer >= 0."""
     dtype: OutDtype = "bfloat16"
     """Output dtype: bfloat16, float16 or float32; arithmetic is always float32, rounded once at write."""
@@ -119,8 +230,8 @@ class MergeConfig:
             d["alphas" if self.sweep else "alpha"] = list(self.alphas) if self.sweep else self.alphas[0]
         optional = {"t": self.t, "density": self.density}
         d.update({k: v for k, v in optional.items() if v is not None})
-        req, opt = METHOD_KEYS[self.method]
-        d.update({k: v for k, v in (("lambda", self.lam), ("seed", self.seed)) if k in req | opt})
+        keys = yaml_keys(RECIPES[self.method])
+        d.update({k: v for k, v in (("lambda", self.lam), ("seed", self.seed)) if k in keys})
         d.update(dtype=self.dtype, shard_size=self.shard_size, allow_pickle=self.allow_pickle)
         return d
 
@@ -147,31 +258,10 @@ def parse_size(value: Any, key: str = "shard_size") -> int:
     return n
 
 
-def _range(name: str) -> Range:
-    """The valid range of ``MergeConfig.<name>`` (from its type: the one place ranges are written)."""
-    tp = typing.get_type_hints(MergeConfig, include_extras=True)[name]
-    todo = [tp]
-    while todo:
-        t = todo.pop()
-        if typing.get_origin(t) is typing.Annotated:
-            return next(m for m in t.__metadata__ if isinstance(m, Range))
-        todo += typing.get_args(t)
-    raise KeyError(name)
-
-
-def _number(raw: dict, key: str, field_name: str) -> float:
-    v, rng = raw[key], _range(field_name)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise MergeError(f"{key}: expected a finite number, got {v!r}")
-    if not rng.ok(v):
-        raise MergeError(f"{key}: must be {'in ' if rng.lo is not None and rng.hi is not None else ''}{rng}, got {v!r}")
-    return float(v)
-
-
-def _path(value: Any, key: str) -> Path:
-    if not isinstance(value, (str, os.PathLike)) or not str(value):
+def _path(value: str, key: str) -> Path:
+    if not value:
         raise MergeError(f"{key}: expected a checkpoint directory path, got {value!r}")
-    p = Path(os.path.expanduser(str(value))).resolve()
+    p = Path(os.path.expanduser(value)).resolve()
     if not p.exists():
         raise MergeError(f"{key}: {p} does not exist")
     if not p.is_dir():
@@ -179,33 +269,31 @@ def _path(value: Any, key: str) -> Path:
     return p
 
 
-def _models(raw: dict, key: str, method: str) -> list[ModelEntry]:
-    entries = raw[key]
-    if not isinstance(entries, list) or not entries:
+def _entry(e: Any) -> Any:
+    """A model entry with a bare path as ``{path: ...}`` and an ``os.PathLike`` path as a string."""
+    if isinstance(e, (str, os.PathLike)):
+        return {"path": os.fspath(e)}
+    if isinstance(e, dict) and isinstance(e.get("path"), os.PathLike):
+        return {**e, "path": os.fspath(e["path"])}
+    return e
+
+
+def _plain(raw: dict) -> dict:
+    """The recipe as the recipe dataclasses read it (``_entry`` on each model, ``base`` a string)."""
+    raw = dict(raw)
+    if isinstance(raw.get("base"), os.PathLike):
+        raw["base"] = os.fspath(raw["base"])
+    for key in ("models", "sft_models"):
+        if isinstance(raw.get(key), (list, tuple)):
+            raw[key] = [_entry(e) for e in raw[key]]
+    return raw
+
+
+def _models(entries: list, key: str, method: str) -> list[ModelEntry]:
+    if not entries:
         raise MergeError(f"{key}: expected a non-empty list of {{path, weight}}")
-    out = []
-    for i, e in enumerate(entries):
-        where = f"{key}[{i}]"
-        if isinstance(e, (str, os.PathLike)):
-            e = {"path": e}
-        if not isinstance(e, dict):
-            raise MergeError(f"{where}: expected {{path, weight}}, got {e!r}")
-        allowed = {"path"} if method == "slerp" else {"path", "weight"}
-        for k in e:
-            if k not in allowed:
-                raise MergeError(f"{where}.{k}: unknown key (allowed: {', '.join(sorted(allowed))})"
-                                 + ("; slerp mixes with t" if k == "weight" else ""))
-        if "path" not in e:
-            raise MergeError(f"{where}.path: missing")
-        weight = None
-        if method != "slerp":
-            if "weight" not in e:
-                raise MergeError(f"{where}.weight: missing")
-            weight = e["weight"]
-            if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-                raise MergeError(f"{where}.weight: expected a finite number, got {weight!r}")
-            weight = float(weight)
-        out.append(ModelEntry(path=_path(e["path"], f"{where}.path"), weight=weight))
+    out = [ModelEntry(path=_path(e.path, f"{key}[{i}].path"), weight=getattr(e, "weight", None))
+           for i, e in enumerate(entries)]
     if method in SUM_TO_ONE:
         total = sum(m.weight for m in out)
         if abs(total - 1.0) > WEIGHT_TOLERANCE:
@@ -239,52 +327,30 @@ def load_config(config: "str | os.PathLike | dict | MergeConfig") -> MergeConfig
         raw = config
     if not isinstance(raw, dict):
         raise MergeError(f"config: expected a mapping of keys, got {type(raw).__name__}")
-    method = raw.get("method")
-    if not isinstance(method, str) or method not in METHOD_KEYS:
-        raise MergeError(f"method: {method!r} is not one of {', '.join(METHOD_KEYS)}")
-    required, optional = METHOD_KEYS[method]
-    allowed = COMMON_KEYS | optional | {k for r in required for k in r.split("|")}
-    for k in raw:
-        if k not in allowed:
-            raise MergeError(f"{k}: unknown key for method {method!r} (allowed: {', '.join(sorted(allowed))})")
-    for r in required:
-        present = [k for k in r.split("|") if k in raw]
-        if len(present) != 1:
-            raise MergeError(f"{r.replace('|', ' or ')}: {'missing' if not present else 'give only one'}"
-                             f" (method {method!r})")
+    if "method" not in raw:
+        raise MergeError(f"method: missing (one of {', '.join(RECIPES)})")
+    method = coerce(Method, raw["method"], "method", MergeError)
+    cls = RECIPES[method]
+    note = "; slerp mixes with t" if method == "slerp" else ""
+    r = build(cls, _plain(raw), "", MergeError,
+              unknown=f"{{path}}: unknown key for method {method!r} (allowed: {{known}}){note}",
+              missing=f"{{path}}: missing (method {method!r})")
+    if isinstance(r, BaiRecipe) and (r.alpha is None) == (r.alphas is None):
+        raise MergeError(f"alpha or alphas: {'missing' if r.alpha is None else 'give only one'} (method {method!r})")
 
-    cfg = MergeConfig(method=method, models=_models(raw, "sft_models" if method == "bai" else "models", method))
-    if "base" in raw:
-        cfg.base = _path(raw["base"], "base")
-    if "alpha" in raw:
-        cfg.alphas = [_number(raw, "alpha", "alphas")]
-    if "alphas" in raw:
-        alphas = raw["alphas"]
-        if not isinstance(alphas, list) or not alphas:
-            raise MergeError(f"alphas: expected a non-empty list of numbers in {_range('alphas')}, got {alphas!r}")
-        cfg.alphas = [_number({f"alphas[{i}]": a}, f"alphas[{i}]", "alphas") for i, a in enumerate(alphas)]
-        names = [alpha_dirname(a) for a in cfg.alphas]
-        if len(set(names)) != len(names):
-            raise MergeError(f"alphas: duplicate values {alphas!r}")
-        cfg.sweep = True
-    if "t" in raw:
-        cfg.t = _number(raw, "t", "t")
-    if "density" in raw:
-        cfg.density = _number(raw, "density", "density")
-    if "lambda" in raw:
-        cfg.lam = _number(raw, "lambda", "lam")
-    if "seed" in raw:
-        if isinstance(raw["seed"], bool) or not isinstance(raw["seed"], int) or not _range("seed").ok(raw["seed"]):
-            raise MergeError(f"seed: expected an integer {_range('seed')}, got {raw['seed']!r}")
-        cfg.seed = raw["seed"]
-    if "dtype" in raw:
-        if not isinstance(raw["dtype"], str) or raw["dtype"] not in OUT_DTYPES:
-            raise MergeError(f"dtype: {raw['dtype']!r} is not one of {', '.join(OUT_DTYPES)}")
-        cfg.dtype = raw["dtype"]
-    if "shard_size" in raw:
-        cfg.shard_size = parse_size(raw["shard_size"])
-    if "allow_pickle" in raw:
-        if not isinstance(raw["allow_pickle"], bool):
-            raise MergeError(f"allow_pickle: expected true or false, got {raw['allow_pickle']!r}")
-        cfg.allow_pickle = raw["allow_pickle"]
+    key = "sft_models" if method == "bai" else "models"
+    cfg = MergeConfig(method=method, models=_models(getattr(r, key), key, method), dtype=r.dtype,
+                      allow_pickle=r.allow_pickle, t=getattr(r, "t", None), density=getattr(r, "density", None),
+                      lam=getattr(r, "lam", 1.0), seed=getattr(r, "seed", 0))
+    if getattr(r, "base", None) is not None:
+        cfg.base = _path(r.base, "base")
+    if isinstance(r, BaiRecipe):
+        if r.alphas is not None:
+            if not r.alphas:
+                raise MergeError(f"alphas: expected a non-empty list of numbers in [0, 1], got {r.alphas!r}")
+            names = [alpha_dirname(a) for a in r.alphas]
+            if len(set(names)) != len(names):
+                raise MergeError(f"alphas: duplicate values {r.alphas!r}")
+        cfg.alphas, cfg.sweep = ([r.alpha], False) if r.alpha is not None else (list(r.alphas), True)
+    cfg.shard_size = parse_size(r.shard_size)
     return cfg

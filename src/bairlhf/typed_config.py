@@ -4,9 +4,15 @@
 any work: an unknown key, a missing required field (no default) or a value of the wrong type
 raises ``error`` (the caller's exception class) naming the dotted key. Nested dataclass fields
 recurse (``None`` gives the defaults); ``X | None``, ``list[T]``, ``tuple[...]`` and ``dict``
-fields are checked; floats also accept ints and numeric strings (YAML reads ``5e-5`` as a
-string) and must be finite; other annotations (``Any``) pass through. Imports only the standard
-library.
+(``dict[K, V]``: each key and value, named ``where.key``) fields are checked; floats also accept
+ints and numeric strings (YAML reads ``5e-5`` as a string) and must be finite; other annotations
+(``Any``) pass through. Imports only the standard library.
+
+A field is read from the YAML key of its name, or from ``metadata={YAML_KEY: "lambda"}`` when the
+key cannot be a Python name (``lam: float = field(default=1.0, metadata={YAML_KEY: "lambda"})``);
+messages, ``known`` and ``field_ranges`` use the YAML key. ``coerce(tp, value, key, error)``
+checks one value against an annotation as ``build`` checks a field (for a key that selects the
+rest of the schema, such as a merge ``method``).
 
 Valid ranges and enums are part of the type, so they are checked at load and documented where
 the field is: ``gamma: Annotated[float, Range(0, 1)] = 1.0`` (closed bounds by default,
@@ -29,6 +35,18 @@ UNKNOWN = "{path}: unknown key (known: {known})"
 """Default message of an unknown key."""
 MISSING = "{path}: required"
 """Default message of a missing field that has no default."""
+YAML_KEY = "yaml_key"
+"""Field metadata key naming the YAML key a field is read from (default: the field's name)."""
+
+
+def yaml_key(f: dataclasses.Field) -> str:
+    """The YAML key of a dataclass field."""
+    return f.metadata.get(YAML_KEY, f.name)
+
+
+def yaml_keys(cls) -> list[str]:
+    """The YAML keys of dataclass ``cls``, in field order."""
+    return [yaml_key(f) for f in dataclasses.fields(cls)]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +78,11 @@ class Range:
 def field_ranges(cls, where: str = "") -> dict[str, str]:
     """Dotted key -> its valid range or choices, for every constrained field of ``cls`` (recursive)."""
     out = {}
+    keys = {f.name: yaml_key(f) for f in dataclasses.fields(cls)}
     for name, tp in typing.get_type_hints(cls, include_extras=True).items():
-        key = _path(where, name)
+        if name not in keys:
+            continue
+        key = _path(where, keys[name])
         base, extras = _unannotate(tp)
         if typing.get_origin(base) in (typing.Union, types.UnionType):
             inner = [a for a in typing.get_args(base) if a is not type(None)]
@@ -100,18 +121,25 @@ def build(cls, data, where: str = "", error: type[Exception] = ValueError, *,
         data = {}
     if not isinstance(data, typing.Mapping):
         raise error(f"{where or 'config'}: expected a mapping, got {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    bad = sorted(k for k in data if k not in fields)
+    fields = {yaml_key(f): f for f in dataclasses.fields(cls)}
+    bad = sorted((k for k in data if k not in fields), key=str)
     if bad:
         raise error(unknown.format(where=where, path=_path(where, str(bad[0])), key=bad[0], keys=bad,
                                    known=", ".join(sorted(fields))))
-    for name, f in fields.items():
-        if name not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise error(missing.format(where=where, path=_path(where, name), key=name))
+    for key, f in fields.items():
+        if key not in data and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise error(missing.format(where=where, path=_path(where, key), key=key))
     hints = typing.get_type_hints(cls, include_extras=True)
-    kwargs = {k: _coerce(v, hints.get(k, typing.Any), _path(where, k), error, unknown, missing)
+    kwargs = {fields[k].name: _coerce(v, hints.get(fields[k].name, typing.Any), _path(where, k), error, unknown,
+                                      missing)
               for k, v in data.items()}
     return cls(**kwargs)
+
+
+def coerce(tp, value, key: str, error: type[Exception] = ValueError):
+    """``value`` checked against the annotation ``tp`` as ``build`` checks a field (``Literal``
+    choices, ``Range``, types); raises ``error`` naming ``key``."""
+    return _coerce(value, tp, key, error, UNKNOWN, MISSING)
 
 
 def _coerce(value, tp, key: str, error, unknown: str, missing: str):
@@ -141,7 +169,10 @@ def _coerce_plain(value, tp, key: str, error, unknown: str, missing: str):
     if tp is dict or origin is dict:
         if not isinstance(value, typing.Mapping):
             raise error(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
+        kt, vt = typing.get_args(tp) or (typing.Any, typing.Any)
+        return {_coerce(k, kt, f"{key}.{k}", error, unknown, missing): _coerce(v, vt, f"{key}.{k}", error, unknown,
+                                                                                  missing)
+                for k, v in value.items()}
     if tp is list or origin is list:
         if not isinstance(value, (list, tuple)):
             raise error(f"{key}: expected a list, got {value!r}")

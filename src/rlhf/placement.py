@@ -22,13 +22,20 @@ same GPUs, so the plan's GPU assignment does not change.
 
 from __future__ import annotations
 
-from bairlhf.errors import UserError
-
+import typing
 import uuid
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
-ROLES = ("actor", "critic", "reference", "reward", "rollout")
+from bairlhf.errors import UserError
+from bairlhf.typed_config import Range, build
+
+Role = Literal["actor", "critic", "reference", "reward", "rollout"]
+"""A role of the placement plan."""
+ROLES: tuple[str, ...] = typing.get_args(Role)
 REQUIRED_ROLES = ("actor", "rollout")
+ONE_UP = Range(1, None)   # >= 1
+NONNEG = Range(0, None)   # >= 0
 
 
 class PlacementError(UserError):
@@ -39,29 +46,29 @@ class PlacementError(UserError):
 class RoleGroup:
     """Roles that share the same GPUs."""
 
-    roles: list[str]
+    roles: list[Role]
     """Members, from ``ROLES``; each role appears in exactly one group."""
-    gpus: int
-    """GPUs the group holds (consecutive, node-major)."""
+    gpus: Annotated[int, ONE_UP]
+    """GPUs the group holds (consecutive, node-major; >= 1)."""
 
 
 @dataclass
 class PlacementSpec:
-    """What the plan is computed from (``placement:`` section of a plan YAML)."""
+    """What the plan is computed from (``placement:`` section of a plan YAML, ``spec_from_dict``)."""
 
-    nodes: int = 8
-    """Nodes in the cluster."""
-    gpus_per_node: int = 8
-    """GPUs per node."""
+    nodes: Annotated[int, ONE_UP] = 8
+    """Nodes in the cluster (>= 1)."""
+    gpus_per_node: Annotated[int, ONE_UP] = 8
+    """GPUs per node (>= 1)."""
     groups: list[RoleGroup] = field(default_factory=lambda: [RoleGroup(list(ROLES), 64)])
     """Role groups (default: everything colocated on all 64 GPUs)."""
-    vllm_tp: int = 1
-    """Tensor-parallel size of each vLLM engine."""
-    zero_stage: int = 3
-    """DeepSpeed ZeRO stage of actor / critic (reference / reward shard their weights at stage 3)."""
-    cpus_per_gpu: float = 4.0
-    """Ray CPUs reserved in each GPU's bundle (shared by the roles on that GPU)."""
-    cpus_per_role: float | None = None
+    vllm_tp: Annotated[int, ONE_UP] = 1
+    """Tensor-parallel size of each vLLM engine (>= 1, divides ``gpus_per_node``)."""
+    zero_stage: Annotated[int, Range(0, 3)] = 3
+    """DeepSpeed ZeRO stage of actor / critic, 0-3 (reference / reward shard their weights at stage 3)."""
+    cpus_per_gpu: Annotated[float, NONNEG] = 4.0
+    """Ray CPUs reserved in each GPU's bundle (>= 0; shared by the roles on that GPU)."""
+    cpus_per_role: Annotated[float, NONNEG] | None = None
     """When set, a bundle reserves this many CPUs per role placed on its GPU instead of
     ``cpus_per_gpu`` (the trainer's ``cluster.cpus_per_worker``)."""
     gpu: bool = True
@@ -139,26 +146,21 @@ class PlacementPlan:
 
 
 def make_plan(spec: PlacementSpec) -> PlacementPlan:
-    """Lay the groups out on the cluster; raises ``PlacementError`` naming the key."""
+    """Lay the groups out on the cluster; raises ``PlacementError`` naming the key.
+
+    Single values (roles, ranges) are in the field types, checked when the spec is built from
+    YAML (``spec_from_dict``); the checks here are the ones across fields."""
     gpn = spec.gpus_per_node
-    if spec.nodes < 1 or gpn < 1:
-        raise PlacementError("placement.nodes / placement.gpus_per_node: must be >= 1")
-    if spec.vllm_tp < 1 or gpn % spec.vllm_tp:
-        raise PlacementError(f"placement.vllm_tp: {spec.vllm_tp} must be >= 1 and divide gpus_per_node {gpn}")
-    if spec.zero_stage not in (0, 1, 2, 3):
-        raise PlacementError(f"placement.zero_stage: must be 0-3, got {spec.zero_stage}")
+    if gpn % spec.vllm_tp:
+        raise PlacementError(f"placement.vllm_tp: {spec.vllm_tp} must divide gpus_per_node {gpn}")
     seen: dict[str, int] = {}
     for i, g in enumerate(spec.groups):
         if not g.roles:
             raise PlacementError(f"placement.groups[{i}].roles: empty")
         for r in g.roles:
-            if r not in ROLES:
-                raise PlacementError(f"placement.groups[{i}].roles: unknown role {r!r} (known: {', '.join(ROLES)})")
             if r in seen:
                 raise PlacementError(f"placement.groups[{i}].roles: {r!r} already placed in group {seen[r]}")
             seen[r] = i
-        if g.gpus < 1:
-            raise PlacementError(f"placement.groups[{i}].gpus: must be >= 1, got {g.gpus}")
     for r in REQUIRED_ROLES:
         if r not in seen:
             raise PlacementError(f"placement.groups: role {r!r} is not placed")
@@ -185,20 +187,9 @@ def make_plan(spec: PlacementSpec) -> PlacementPlan:
 
 
 def spec_from_dict(data: dict) -> PlacementSpec:
-    """Build a ``PlacementSpec`` from a YAML mapping (unknown keys are an error naming the key)."""
-    known = {"nodes", "gpus_per_node", "groups", "vllm_tp", "zero_stage", "cpus_per_gpu"}
-    for k in data:
-        if k not in known:
-            raise PlacementError(f"placement.{k}: unknown key (known: {', '.join(sorted(known))})")
-    kw = {k: v for k, v in data.items() if k != "groups"}
-    if "groups" in data:
-        groups = []
-        for i, g in enumerate(data["groups"]):
-            if not isinstance(g, dict) or set(g) != {"roles", "gpus"}:
-                raise PlacementError(f"placement.groups[{i}]: expected {{roles: [...], gpus: N}}, got {g!r}")
-            groups.append(RoleGroup(roles=list(g["roles"]), gpus=int(g["gpus"])))
-        kw["groups"] = groups
-    return PlacementSpec(**kw)
+    """Build a ``PlacementSpec`` from a YAML mapping (``bairlhf.typed_config.build``: an unknown key,
+    an unknown role or a value out of range is an error naming ``placement.<key>``)."""
+    return build(PlacementSpec, data, "placement", PlacementError)
 
 
 def spec_from_ppo_config(cfg, gpus_per_node: int | None = None) -> PlacementSpec:

@@ -70,7 +70,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from bairlhf.errors import UserError
-from bairlhf.typed_config import Range, build
+from bairlhf.typed_config import Range, build, yaml_keys
 from bairlhf.yamlio import load_mapping
 from rlhf.placement import (PlacementError, PlacementPlan, PlacementSpec, make_plan, spec_from_dict,
                             spec_from_ppo_config)
@@ -431,7 +431,31 @@ def step_time(inp: PlanInput, pp: PlacementPlan, seqs_per_engine: int, concurren
 
 # ------------------------------------------------------------------------------ config
 
-PLAN_SECTIONS = ("gpu", "placement", "model", "critic", "workload", "ppo_config", "engine", "megatron")
+@dataclass
+class PlanFile:
+    """The top-level sections of a plan YAML (``build``), each a mapping built by its own dataclass
+    once ``ppo_config`` has filled in ``workload`` / ``placement``."""
+
+    model: dict
+    """``ModelSpec`` of the actor (and reference); required."""
+    gpu: dict | None = None
+    """``GPUSpec``; a preset ``name`` fills the numbers not given."""
+    placement: dict | None = None
+    """``rlhf.placement.PlacementSpec``; None with ``ppo_config``: the trainer's own ``cluster`` section."""
+    critic: dict | None = None
+    """``ModelSpec`` of the critic (and reward model); None: the actor's."""
+    workload: dict | None = None
+    """``Workload``; keys not given come from ``ppo_config`` (or the defaults)."""
+    ppo_config: str | None = None
+    """A ``rlhf train`` YAML (relative to this file) whose batch sizes, lengths, precision, ZeRO stage
+    and engines fill the sections above."""
+    engine: dict | None = None
+    """``rlhf.config.EngineChoice``: training engine per role."""
+    megatron: dict | None = None
+    """``rlhf.config.MegatronConfig`` of the megatron roles."""
+
+
+PLAN_SECTIONS = tuple(yaml_keys(PlanFile))
 """Top-level sections of a plan YAML."""
 
 
@@ -457,32 +481,21 @@ def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> Pla
 
         return plan_input_from_ppo(load_config(path, overrides, check_paths=False))
     apply_overrides(data, list(overrides or []))
-    for k in data:
-        if k not in PLAN_SECTIONS:
-            raise PlacementError(f"{k}: unknown section (known: {', '.join(sorted(PLAN_SECTIONS))})")
-    if "model" not in data:
-        raise PlacementError("model: missing (total_params_b, active_params_b, layers, hidden, ...)")
-    gpu_data = data.get("gpu") or {}
-    if not isinstance(gpu_data, dict):
-        raise PlacementError(f"gpu: expected a mapping, got {gpu_data!r}")
+    pf = build(PlanFile, data, "", PlacementError, unknown="{path}: unknown section (known: {known})",
+               missing="{path}: missing (total_params_b, active_params_b, layers, hidden, ...)")
+    gpu_data = pf.gpu or {}
     preset = GPU_PRESETS.get(gpu_data.get("name", "H100-80GB"))
     gpu = build(GPUSpec, {**(preset or {}), **gpu_data}, "gpu", PlacementError)
-    placement_data = data.get("placement") or {}
-    workload_data = data.get("workload") or {}
-    for key, sec in (("placement", placement_data), ("workload", workload_data)):
-        if not isinstance(sec, dict):
-            raise PlacementError(f"{key}: expected a mapping, got {sec!r}")
-    placement_data, workload_data = dict(placement_data), dict(workload_data)
+    placement_data, workload_data = dict(pf.placement or {}), dict(pf.workload or {})
     placement = None
     from rlhf.config import EngineChoice, MegatronConfig
 
-    engine = build(EngineChoice, data.get("engine"), "engine", PlacementError)
-    megatron = build(MegatronConfig, data.get("megatron"), "megatron", PlacementError)
-    if data.get("ppo_config"):
+    engine = build(EngineChoice, pf.engine, "engine", PlacementError)
+    megatron = build(MegatronConfig, pf.megatron, "megatron", PlacementError)
+    if pf.ppo_config:
         from rlhf.config import load_config
 
-        ppo_path = (path.parent / data["ppo_config"]) if not Path(data["ppo_config"]).is_absolute() else \
-            Path(data["ppo_config"])
+        ppo_path = Path(pf.ppo_config) if Path(pf.ppo_config).is_absolute() else path.parent / pf.ppo_config
         cfg = load_config(ppo_path, check_paths=False)
         p = cfg.ppo
         from_ppo = dict(rollout_batch_size=p.rollout_batch_size, n_samples_per_prompt=p.n_samples_per_prompt,
@@ -493,14 +506,14 @@ def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> Pla
                         precision="bf16" if cfg.deepspeed.bf16 else "fp32")
         workload_data = {**from_ppo, **workload_data}
         placement_data.setdefault("zero_stage", cfg.deepspeed.zero_stage)
-        if "engine" not in data:
+        if pf.engine is None:
             engine, megatron = cfg.engine, cfg.megatron
-        if "placement" not in data:  # the trainer's own cluster section, on 8-GPU nodes
+        if pf.placement is None:  # the trainer's own cluster section, on 8-GPU nodes
             placement = spec_from_ppo_config(cfg, gpus_per_node=8)
     workload = build(Workload, workload_data, "workload", PlacementError)
     _check_workload(workload, "workload")
-    model = build(ModelSpec, data["model"], "model", PlacementError)
-    critic = build(ModelSpec, data["critic"], "critic", PlacementError) if data.get("critic") else model
+    model = build(ModelSpec, pf.model, "model", PlacementError)
+    critic = build(ModelSpec, pf.critic, "critic", PlacementError) if pf.critic else model
     for key, ms in (("model", model), ("critic", critic)):
         _check_model(ms, key)
     if placement is None:

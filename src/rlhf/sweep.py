@@ -55,6 +55,10 @@ class SweepError(UserError):
     """Bad sweep input; the message names the key."""
 
 
+Launcher = Literal["local", "ray_jobs"]
+"""How points run: ``local`` (sequential, this process) or ``ray_jobs`` (one Ray job per point)."""
+
+
 @dataclass
 class SweepFile:
     """The keys of a sweep YAML (checked by ``bairlhf.typed_config.build``)."""
@@ -67,9 +71,9 @@ class SweepFile:
     """A ``bai merge`` recipe with ``method: bai`` and a list of ``alphas``; required."""
     overrides: list[str] = field(default_factory=list)
     """``key.sub=value`` overrides applied to every point."""
-    axes: dict = field(default_factory=dict)
+    axes: dict[str, list] = field(default_factory=dict)
     """Dotted PPO config key -> non-empty list of values; points are alphas x their product."""
-    launcher: Literal["local", "ray_jobs"] = "local"
+    launcher: Launcher = "local"
     """``local`` (sequential, this process) or ``ray_jobs`` (one Ray job per point)."""
     ray_address: str | None = None
     """Dashboard address for ``ray_jobs`` (``http://HEAD:8265``); required with it."""
@@ -104,7 +108,7 @@ class Sweep:
     """The ``bai merge`` recipe (method bai, ``alphas``)."""
     points: list[Point]
     """Every run, in order."""
-    launcher: str = "local"
+    launcher: Launcher = "local"
     """``local`` (sequential, this process) or ``ray_jobs``."""
     ray_address: str | None = None
     """Dashboard address for ``ray_jobs`` (e.g. ``http://head:8265``)."""
@@ -155,7 +159,7 @@ def load_sweep(path: str | Path, extra_overrides: list[str] | None = None) -> Sw
     overrides = _check_overrides(sf.overrides, "overrides") + _check_overrides(list(extra_overrides or []),
                                                                                "command-line override")
     for k, v in sf.axes.items():
-        if not isinstance(k, str) or not k or not isinstance(v, list) or not v:
+        if not k or not v:
             raise SweepError(f"axes.{k}: expected a dotted config key -> non-empty list of values, got {v!r}")
     if sf.launcher == "ray_jobs" and not sf.ray_address:
         raise SweepError("ray_address: required with launcher: ray_jobs (e.g. http://HEAD:8265)")

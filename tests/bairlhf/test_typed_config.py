@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Annotated, Literal
 
 import pytest
 
-from bairlhf.typed_config import build
+from bairlhf.typed_config import YAML_KEY, Range, build, coerce, field_ranges, yaml_keys
 
 
 @dataclass
@@ -62,3 +64,53 @@ def test_message_wording_is_the_callers():
         build(Outer, {}, "top", missing="{where}: missing required key {key!r}")
     with pytest.raises(ValueError, match="^zz: unknown key"):  # top level: no leading dot
         build(Outer, {"zz": 1})
+
+
+@dataclass
+class Aliased:
+    lam: float = field(default=1.0, metadata={YAML_KEY: "lambda"})
+    """read from the YAML key ``lambda``"""
+    need: int = field(default=0, metadata={YAML_KEY: "class"})
+    """another keyword"""
+    axes: dict[str, list[int]] = field(default_factory=dict)
+    """typed mapping"""
+
+
+def test_yaml_key_alias_names_the_yaml_key():
+    assert build(Aliased, {"lambda": "0.5", "class": 3}) == Aliased(lam=0.5, need=3)
+    assert yaml_keys(Aliased) == ["lambda", "class", "axes"]
+    with pytest.raises(MyError, match=r"^a.lambda: expected float, got 'x'$"):
+        build(Aliased, {"lambda": "x"}, "a", MyError)
+    with pytest.raises(MyError, match=r"^a.lam: unknown key \(known: axes, class, lambda\)$"):
+        build(Aliased, {"lam": 1.0}, "a", MyError)       # the field name is not a YAML key
+    with pytest.raises(MyError, match="^a.class: required$"):
+        build(dataclasses.make_dataclass("R", [("need", int, field(metadata={YAML_KEY: "class"}))]), {}, "a", MyError)
+
+
+def test_typed_dict_checks_keys_and_values():
+    assert build(Aliased, {"axes": {"x": [1, 2]}}).axes == {"x": [1, 2]}
+    with pytest.raises(MyError, match=r"^axes.x: expected a list, got 3$"):
+        build(Aliased, {"axes": {"x": 3}}, "", MyError)
+    with pytest.raises(MyError, match=r"^axes.y\[1\]: expected int, got 'b'$"):
+        build(Aliased, {"axes": {"y": [1, "b"]}}, "", MyError)
+    with pytest.raises(MyError, match=r"^axes.5: expected str, got 5$"):
+        build(Aliased, {"axes": {5: [1]}}, "", MyError)
+
+
+def test_coerce_checks_one_value_as_build_does():
+    Choice = Literal["a", "b"]
+    assert coerce(Choice, "a", "k") == "a" and coerce(Choice | None, None, "k") is None
+    assert coerce(Annotated[float, Range(0, 1)], "0.5", "k") == 0.5
+    with pytest.raises(MyError, match="^k: must be one of 'a', 'b', got 'c'$"):
+        coerce(Choice, "c", "k", MyError)
+    with pytest.raises(MyError, match=r"^k: must be in \[0, 1\], got 2.0$"):
+        coerce(Annotated[float, Range(0, 1)], 2, "k", MyError)
+
+
+def test_field_ranges_use_the_yaml_key():
+    @dataclass
+    class R:
+        lam: Annotated[float, Range(0, None)] = field(default=1.0, metadata={YAML_KEY: "lambda"})
+        mode: Literal["x", "y"] = "x"
+
+    assert field_ranges(R) == {"lambda": ">= 0", "mode": "x | y"}

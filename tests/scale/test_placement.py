@@ -47,7 +47,11 @@ def test_split_layout_and_errors():
         (dict(groups=[{"roles": ["actor"], "gpus": 3}, {"roles": ["rollout"], "gpus": 4}], vllm_tp=2),
          "straddle"),
         (dict(vllm_tp=3), "placement.vllm_tp"),
-        (dict(groups=[{"roles": ["actor", "rollout", "judge"], "gpus": 8}]), "unknown role 'judge'"),
+        (dict(groups=[{"roles": ["actor", "rollout", "judge"], "gpus": 8}]),
+         r"^placement.groups\[0\].roles\[2\]: must be one of 'actor', .*got 'judge'"),
+        (dict(zero_stage=4), r"^placement.zero_stage: must be in \[0, 3\], got 4"),
+        (dict(groups=[{"roles": ["actor", "rollout"]}]), r"^placement.groups\[0\].gpus: required"),
+        (dict(groups=[{"roles": ["actor", "rollout"], "gpus": 0}]), r"^placement.groups\[0\].gpus: must be >= 1"),
         (dict(gpu_count=3), "placement.gpu_count: unknown key"),
     ]
     for data, msg in bad:

@@ -17,13 +17,18 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from bairlhf.errors import UserError
-from bairlhf.typed_config import Range, build
+from bairlhf.typed_config import Range, build, coerce
 from rlhf.sft import LORA_TARGETS, LoraSettings  # noqa: F401  (the one LoRA dataclass; calibrate's sft.lora)
 
 
 class CalibrateError(UserError):
     """Bad ``bai calibrate`` input; the message names the key, or the file and line."""
 
+
+Preset = Literal["rust-openthinker-7b-lora", "rust-openthinker-7b-full", "rust-apriel-15b-lora",
+                 "rust-olmo3-7b-lora", "summarization-openthinker-7b-lora", "summarization-apriel-15b-lora",
+                 "summarization-olmo3-7b-lora"]
+"""The names of ``TABLE2_PRESETS``."""
 
 # Table 2 of the paper: SFT hyperparameters per (dataset, model, method); batch size is the
 # effective training batch size. The LoRA rank is not given in the paper (our default r=16).
@@ -90,7 +95,7 @@ class SFTSettings:
     by name (``pipeline.sft_config``); this narrower set (and the longer ``max_len`` default for
     reasoning models) is the calibrate YAML's ``sft:`` section."""
 
-    preset: str | None = None
+    preset: Preset | None = None
     """A Table 2 preset name (``TABLE2_PRESETS``); keys given here override it."""
     method: Literal["lora", "full"] = "lora"
     """``lora`` (default; merges are adapter scalings) or ``full`` (merges stream through ``bai``)."""
@@ -205,10 +210,8 @@ def load_config(data: dict, where: str = "config") -> CalibrateConfig:
     if not isinstance(sft, dict):
         raise CalibrateError(f"{where}.sft: expected a mapping, got {sft!r}")
     sft = dict(sft)
-    preset = sft.get("preset")
-    if preset is not None:
-        if not isinstance(preset, str) or preset not in TABLE2_PRESETS:
-            raise CalibrateError(f"{where}.sft.preset: unknown preset {preset!r}; known: {sorted(TABLE2_PRESETS)}")
+    preset = coerce(Preset | None, sft.get("preset"), f"{where}.sft.preset", CalibrateError)
+    if preset is not None:   # the preset's keys first, so the ones given here override them
         sft = {**TABLE2_PRESETS[preset], **sft}
     data["sft"] = sft
     cfg = build(CalibrateConfig, data, where, CalibrateError)
@@ -229,7 +232,7 @@ def validate(cfg: CalibrateConfig, where: str = "config") -> None:
         (bool(cfg.reasoning.end), "reasoning.end", "must be non-empty"),
         (cfg.reasoning.end in cfg.reasoning.empty_trace, "reasoning.empty_trace",
          f"must contain the end marker {cfg.reasoning.end!r}"),
-        (bool(s.lora.targets) and all(isinstance(t, str) and t for t in s.lora.targets), "sft.lora.targets",
+        (bool(s.lora.targets) and all(s.lora.targets), "sft.lora.targets",
          "must name at least one module"),
         (s.batch_size % min(s.micro_batch_size, s.batch_size) == 0, "sft.batch_size",
          f"{s.batch_size} is not a multiple of sft.micro_batch_size ({s.micro_batch_size})"),
