@@ -4,10 +4,11 @@ Read top to bottom: ``cli_main`` parses the command line; ``train`` first valida
 without writing (config, prompts, reward imports, model weights, the checkpoint to resume, the
 run directory's ownership, the cluster's resources), then creates the run directory (tiny models
 built or BAI merge run, ``config.yaml``), starts the Ray workers, restores the last checkpoint
-when resuming, and calls ``ppo_step`` once per step. A step samples prompts, generates, scores
-(actor, reference, critic, reward), computes token rewards and GAE on the driver, trains actor
-and critic over mini-batches, pushes the new actor weights to the rollout engine, logs metrics
-and checkpoints every K steps. A Ray worker that dies restarts the workers from the last
+when resuming, and calls ``ppo_step`` once per step. A step samples prompts, generates (collated
+into a ``RolloutBatch``, ``rlhf.workers.batch``), scores (actor, reference, critic, reward),
+computes token rewards and GAE on the driver (a ``ScoredBatch``), trains actor and critic over
+mini-batches, pushes the new actor weights to the rollout engine, logs metrics and checkpoints
+every K steps. A Ray worker that dies restarts the workers from the last
 checkpoint (bounded retries); a worker whose constructor fails and a non-finite loss stop the
 run with its last checkpoint intact. Every appended run file is cut back to the checkpoint's
 step on resume and restart, so a resumed run's files equal an uninterrupted run's.
@@ -297,7 +298,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     from rlhf.algo import adaptive_kl_coef, gae, masked_whiten, mismatch_keep_mask, token_rewards, truncated_is_weights
     from rlhf.engines.base import SamplingParams
     from rlhf.metrics import ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, preflight_report, reduce_update_stats
-    from rlhf.workers.batch import collate
+    from rlhf.workers.batch import ScoredBatch, collate
 
     p, r = cfg.ppo, cfg.rollout
     step = state.step
@@ -309,7 +310,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
                             top_k=r.top_k, seed=cfg.seed * 1_000_003 + step)
     gens = ray.get(w.rollout.generate.remote(prompts, params))
     batch = collate(gens, pad_id)
-    mask, B = batch["mask"], len(gens)
+    mask, B = batch.mask, len(gens)
     finished = torch.tensor([g.finished for g in gens])
     t1 = time.perf_counter()
 
@@ -328,7 +329,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
                                       finished.tolist())
     *lp, ref_logp, raw_scores = fetch(lp_refs + [ref_ref, score_ref])
     trainer_logp, entropy, filtered_logp = (torch.cat([x[i] for x in lp]) for i in range(3)) if lp else (None,) * 3
-    old_logp = trainer_logp if p.old_logp_source == "trainer" else batch["rollout_logp"]
+    old_logp = trainer_logp if p.old_logp_source == "trainer" else batch.rollout_logp
     values = torch.cat(fetch(v_refs))
     t2 = time.perf_counter()
 
@@ -347,7 +348,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     metrics.update(preflight_report(mask.sum(1), raw_scores, cfg.metrics) if step == 0 else {})  # length bias, 1st batch
     if sub:  # compare the rollout with the trainer under the same top-k / top-p (``filtered_logp``)
         again = batch_metrics(mask=mask[sub], scores=raw_scores[sub], finished=finished[sub], old_logp=filtered_logp,
-                              rollout_logp=batch["rollout_logp"][sub])
+                              rollout_logp=batch.rollout_logp[sub])
         metrics.update({k: v for k, v in again.items() if k.startswith("kl/rollout_vs_trainer")})
     if cfg.reward.metrics is not None:  # gold metrics beside the reward (e.g. exact accuracy)
         metrics.update(ray.get(w.reward.gold_metrics.remote([g.prompt_ids for g in gens],
@@ -357,17 +358,18 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
             f"kl/rollout_vs_trainer = {metrics['kl/rollout_vs_trainer']:.3g} at step 0 exceeds "
             f"trainer.rollout_check_tol = {rollout_check_tol(cfg):g}: the rollout engine and the trainer "
             "disagree on the same weights (check temperature/top-p handling, dtype, weight loading)")
-    batch.update(old_logp=old_logp, old_values=values, returns=returns,
-                 advantages=masked_whiten(adv, mask) if p.whiten_advantages else adv)
+    is_weights = None
     if p.tis_cap is not None:
-        batch["is_weights"] = truncated_is_weights(old_logp, batch["rollout_logp"], mask, p.tis_cap)
+        is_weights = truncated_is_weights(old_logp, batch.rollout_logp, mask, p.tis_cap)
     if p.mismatch_reject is not None:  # masked IS: no policy gradient from sequences the engines disagree on
-        keep = mismatch_keep_mask(filtered_logp, batch["rollout_logp"], mask, p.mismatch_reject)
-        batch["is_weights"] = keep * batch.get("is_weights", mask.float())
+        keep = mismatch_keep_mask(filtered_logp, batch.rollout_logp, mask, p.mismatch_reject)
+        is_weights = keep * (mask.float() if is_weights is None else is_weights)
         metrics["kl/rollout_vs_trainer_rejected_frac"] = 1.0 - float(keep.amax(-1).mean())
+    scored = ScoredBatch.of(batch, old_logp=old_logp, old_values=values, returns=returns, is_weights=is_weights,
+                            advantages=masked_whiten(adv, mask) if p.whiten_advantages else adv)
 
     # 4. PPO updates: actor (after the critic warm-up) and critic, all ranks in parallel
-    bref = ray.put(batch)
+    bref = ray.put(scored)
     train_actor = step >= p.critic_warmup_steps
     a_plans, c_plans = make_plans(cfg, step, mask, len(w.actor)), make_plans(cfg, step, mask, len(w.critic))
     a_refs = [a.train.remote(bref, pl) for a, pl in zip(w.actor, a_plans)] if train_actor else []
@@ -391,7 +393,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
         "kl/coef": state.kl_coef,
         "reward/shaped_mean": float(rewards.sum(1).mean()), "timing/generate": t1 - t0, "timing/score": t2 - t1,
         "timing/train": t3 - t2, "timing/sync": t4 - t3, "timing/step": t4 - t0,
-        "perf/tokens_per_s": float(batch["attention_mask"].sum()) / max(t4 - t0, 1e-9),
+        "perf/tokens_per_s": float(batch.attention_mask.sum()) / max(t4 - t0, 1e-9),
     })
     if entropy is not None:
         metrics["rollout/entropy"] = float((entropy * mask[sub]).sum() / mask[sub].sum())

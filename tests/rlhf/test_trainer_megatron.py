@@ -47,7 +47,9 @@ def _close(got: dict, want: dict, tol: float = 1e-4) -> dict:
     """The compared metrics of ``got`` that differ from ``want`` by more than ``tol`` (relative above 1)."""
     keys = [k for k in want if k.startswith(COMPARED) and not k.endswith("clipfrac") and k in got]
     assert len(keys) > 20, keys
-    return {k: (got[k], want[k]) for k in keys if abs(got[k] - want[k]) > tol * max(1.0, abs(want[k]))}
+    return {k: (got[k], want[k]) for k in keys
+            if (got[k] is None) != (want[k] is None)   # None: a NaN metric (e.g. all scores equal)
+            or (want[k] is not None and abs(got[k] - want[k]) > tol * max(1.0, abs(want[k])))}
 
 
 

@@ -9,6 +9,7 @@ weight sync (in-process reload and a real gloo broadcast from this process) chan
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -159,15 +160,16 @@ def test_ppo_step_then_broadcast_from_actor_rank0(engine, prompts, tiny_llama, t
     from rlhf.config import load_config
     from rlhf.metrics import batch_metrics
     from rlhf.trainer import make_plans
-    from rlhf.workers.batch import collate
-    from rlhf.workers.group import _init_engines, engine_args
+    from rlhf.workers.batch import ScoredBatch, collate
+    from rlhf.workers.group import _init_engines, trainable_spec
     from rlhf.workers.model_workers import ActorWorker
+    from rlhf.workers.specs import PPOLossSettings
 
     cfg = load_config(None, ["optim.actor_lr=0.01", "ppo.rollout_batch_size=4", "ppo.mini_batch_size=4",
                              "ppo.micro_batch_size=4"])
-    ppo = {"clip_low": 10.0, "clip_high": 10.0, "dual_clip": None, "value_clip": 0.2}
-    actor = ActorWorker.options(num_cpus=0.5).remote(str(tiny_llama), "deepspeed", cfg.deepspeed,
-                                                     engine_args(cfg, "actor"), 0, 1, ppo, 1)
+    spec = dataclasses.replace(trainable_spec(cfg, "actor", str(tiny_llama)),
+                               loss=PPOLossSettings(clip_low=10.0, clip_high=10.0, dual_clip=None, value_clip=0.2))
+    actor = ActorWorker.options(num_cpus=0.5).remote(spec, 0, 1)
     ray.get(_init_engines([actor]))
     params = SamplingParams(max_new_tokens=16, temperature=1.0, seed=5)
 
@@ -175,17 +177,19 @@ def test_ppo_step_then_broadcast_from_actor_rank0(engine, prompts, tiny_llama, t
         gens = engine.generate(prompts, params)
         batch = collate(gens, tokenizer.pad_token_id)
         logp = ray.get(actor.logprobs.remote(batch, list(range(len(gens)))))[0]
-        m = batch_metrics(mask=batch["mask"], scores=torch.zeros(len(gens)),
+        m = batch_metrics(mask=batch.mask, scores=torch.zeros(len(gens)),
                           finished=torch.tensor([g.finished for g in gens]), old_logp=logp,
-                          rollout_logp=batch["rollout_logp"])
+                          rollout_logp=batch.rollout_logp)
         return m["kl/rollout_vs_trainer"], batch, logp, gens
 
     try:
         kl0, batch, logp, _ = rollout_vs_trainer()
         assert kl0 < 1e-3, kl0  # equal weights to start (the engines hold tiny_llama again)
         # one PPO step: push up the responses' own logprobs
-        batch.update(old_logp=logp, advantages=torch.ones_like(logp) * batch["mask"])
-        ray.get(actor.train.remote(batch, make_plans(cfg, 0, batch["mask"], 1)[0]))
+        zeros = torch.zeros_like(logp)  # the critic's fields: the actor's loss reads none of them
+        batch = ScoredBatch.of(batch, old_logp=logp, advantages=torch.ones_like(logp) * batch.mask,
+                               old_values=zeros, returns=zeros)
+        ray.get(actor.train.remote(batch, make_plans(cfg, 0, batch.mask, 1)[0]))
 
         from rlhf.workers import weight_sync as wsync
 

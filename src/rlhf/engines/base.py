@@ -15,9 +15,12 @@ adding a backend is one module implementing ``TrainingEngine`` plus one line the
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Protocol
+from typing import TYPE_CHECKING, Iterable, Protocol
 
 import torch
+
+if TYPE_CHECKING:  # the batch records are built from ``Generation`` below
+    from rlhf.workers.batch import RolloutBatch, ScoredBatch
 
 
 @dataclass(frozen=True)
@@ -92,9 +95,10 @@ class TrainingEngine(Protocol):
 
     Built by ``from_pretrained(model_dir, role, settings, args)`` from a Hugging Face checkpoint;
     ``role`` is ``policy`` (causal LM) or ``critic`` (a ``score`` head read per token, saved as
-    ``AutoModelForSequenceClassification(num_labels=1)``). Batches are the workers' dict
-    (``rlhf.workers.batch``: ``input_ids`` / ``attention_mask`` / ``position_ids`` ``[B, P+T]``, left-padded
-    prompts and right-padded responses, ``responses`` / ``mask`` ``[B, T]``, ``prompt_len``). Outputs are
+    ``AutoModelForSequenceClassification(num_labels=1)``). Batches are the workers' records
+    (``rlhf.workers.batch``: a ``RolloutBatch`` to score, a ``ScoredBatch`` to train on; ``input_ids`` /
+    ``attention_mask`` / ``position_ids`` ``[B, P+T]``, left-padded prompts and right-padded responses,
+    ``responses`` / ``mask`` ``[B, T]``, ``prompt_len``). Outputs are
     per response token, float32, ``[B, T]``: ``logp`` and ``entropy`` (policy) or ``values`` (critic);
     their values where ``mask == 0`` are unspecified. Implementations: ``deepspeed`` and ``megatron``
     (``ENGINES``); a new backend is one module plus one line there.
@@ -110,13 +114,13 @@ class TrainingEngine(Protocol):
     @classmethod
     def from_pretrained(cls, model_dir, role: str, settings, args: EngineArgs) -> "TrainingEngine": ...
 
-    def forward(self, batch: dict) -> dict[str, torch.Tensor]:
+    def forward(self, batch: RolloutBatch) -> dict[str, torch.Tensor]:
         """No-grad per-token outputs of ``batch`` on the CPU, on every rank (collective for model parallelism)."""
         ...
 
-    def forward_backward(self, batch: dict, loss_fn) -> list[dict[str, float]]:
+    def forward_backward(self, batch: ScoredBatch, loss_fn) -> list[dict[str, float]]:
         """Accumulate gradients of ``loss_fn(outputs, sub_batch) -> (loss, stats)`` over the engine's own
-        micro-batches of ``batch`` (outputs as ``forward`` gives them, with grad; the loss is used as
+        micro-batches of ``batch`` (``sub_batch``: ``batch.select_rows(...)``, same class) (outputs as ``forward`` gives them, with grad; the loss is used as
         given, never rescaled). Returns one record per micro-batch: stats as floats plus ``loss``.
         Raises ``FloatingPointError`` on a non-finite loss."""
         ...

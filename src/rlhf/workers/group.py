@@ -6,6 +6,9 @@ cluster test checks: one ``STRICT_PACK`` group per node, one bundle per GPU. ``c
 true`` puts every role on the same GPUs (bundle i hosts actor rank i, critic rank i; reference,
 reward and the rollout worker sit on bundle 0), each taking its share of the GPU (OpenRLHF's
 "colocate all" / veRL's hybrid layout); ``false`` gives each role its own GPUs.
+
+Each worker is constructed from one spec record (``rlhf.workers.specs``) that the ``*_spec``
+functions here fill from the config.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from rlhf.engines.base import EngineArgs
 from rlhf.placement import create_placement_groups, engine_bundles, make_plan, scheduling, spec_from_ppo_config
 from rlhf.workers.model_workers import (ActorWorker, CriticWorker, ReferenceWorker, RewardWorker,
                                         RolloutWorker)
+from rlhf.workers.specs import PPOLossSettings, ReferenceSpec, RewardSpec, RolloutSpec, TrainableSpec
 from rlhf.workers.weight_sync import WeightSync
 
 WORKER_DEATHS = (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.ActorDiedError)
@@ -75,11 +79,17 @@ class Workers:
     """Handles to every Ray worker of a run plus the placement groups they live in."""
 
     actor: list
+    """``ActorWorker`` handles, one per rank."""
     critic: list
+    """``CriticWorker`` handles, one per rank."""
     reference: object
+    """The ``ReferenceWorker``."""
     reward: object
+    """The ``RewardWorker``."""
     rollout: object
+    """The ``RolloutWorker``."""
     groups: list = field(default_factory=list)
+    """The placement groups the workers live in (removed by ``shutdown``)."""
     weight_sync: object = None
     """``rlhf.workers.weight_sync.WeightSync``: how actor weights reach the rollout engine (its
     ``sync(actor, rollout)`` is the one call the trainer makes)."""
@@ -118,9 +128,9 @@ def role_dtype(cfg: PPOConfig) -> str:
     return weights_dtype(bool(settings.bf16), False)
 
 
-def _trainable_group(cls, cfg, plan, pgs, role, n, make_args):
+def _trainable_group(cls, cfg, plan, pgs, role, n, spec: TrainableSpec):
     """Spawn ``n`` ranks of a trainable role; they rendezvous at a port rank 0 picks on its node."""
-    return [cls.options(**_options(cfg, plan, pgs, role, r)).remote(*make_args(r, n)) for r in range(n)]
+    return [cls.options(**_options(cfg, plan, pgs, role, r)).remote(spec, r, n) for r in range(n)]
 
 
 def _init_engines(workers: list) -> list:
@@ -128,33 +138,43 @@ def _init_engines(workers: list) -> list:
     return [w.init_engine.remote(addr, port) for w in workers]
 
 
-def _trainable(cfg: PPOConfig, role: str, paths: "ModelPaths") -> tuple:
-    """Constructor arguments of a trainable role's workers, less rank and world."""
+def trainable_spec(cfg: PPOConfig, role: str, model_path: str) -> TrainableSpec:
+    """The spec of a trainable role's workers (``actor`` or ``critic``) built from ``model_path``."""
     name, settings = engine_settings(cfg, role)
-    return (paths.actor if role == "actor" else paths.critic), name, settings, engine_args(cfg, role)
+    p = cfg.ppo
+    loss = PPOLossSettings(clip_low=p.clip_low, clip_high=p.clip_high, dual_clip=p.dual_clip, value_clip=p.value_clip)
+    return TrainableSpec(model_path=model_path, engine=name, settings=settings, args=engine_args(cfg, role),
+                         loss=loss, threads=cfg.trainer.threads_per_worker)
+
+
+def frozen_specs(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int, plan=None,
+                 pgs=None) -> tuple[ReferenceSpec, RewardSpec, RolloutSpec]:
+    """The specs of the reference, reward and rollout workers (weights in ``role_dtype``); a vLLM
+    rollout's overrides use the placement plan and groups."""
+    t, dtype, r = cfg.trainer.threads_per_worker, role_dtype(cfg), cfg.reward
+    reference = ReferenceSpec(model_path=paths.reference, temperature=cfg.rollout.temperature, dtype=dtype, threads=t)
+    reward = RewardSpec(tokenizer_path=paths.tokenizer, model_path=r.model, function=r.function, metrics=r.metrics,
+                        dtype=dtype, allow_local_code=r.allow_local_code, run_dir=os.path.abspath(cfg.run_dir),
+                        driver_cwd=os.getcwd(), threads=t)
+    vllm = vllm_overrides(cfg, plan, pgs) if cfg.rollout.engine == "vllm" else None
+    rollout = RolloutSpec(engine=cfg.rollout.engine, model_path=paths.actor, pad_id=pad_id, eos_id=eos_id, vllm=vllm,
+                          dtype=dtype, threads=t)
+    return reference, reward, rollout
 
 
 def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Workers:
     """Create the placement plan's groups and all workers; returns once every worker is constructed."""
     plan = make_plan(spec_from_ppo_config(cfg))
     pgs = create_placement_groups(plan)
-    t = cfg.trainer.threads_per_worker
-    ppo = {"clip_low": cfg.ppo.clip_low, "clip_high": cfg.ppo.clip_high, "dual_clip": cfg.ppo.dual_clip,
-           "value_clip": cfg.ppo.value_clip}
-    temp = cfg.rollout.temperature
-    dtype = role_dtype(cfg)  # frozen roles match the trainable ones
-    a_args, c_args = _trainable(cfg, "actor", paths), _trainable(cfg, "critic", paths)
+    ref_spec, reward_spec, rollout_spec = frozen_specs(cfg, paths, pad_id, eos_id, plan, pgs)
     actor = _trainable_group(ActorWorker, cfg, plan, pgs, "actor", cfg.cluster.actor_workers,
-                             lambda r, n: (*a_args, r, n, ppo, t))
+                             trainable_spec(cfg, "actor", paths.actor))
     critic = _trainable_group(CriticWorker, cfg, plan, pgs, "critic", cfg.cluster.critic_workers,
-                              lambda r, n: (*c_args, r, n, ppo, t))
-    reference = ReferenceWorker.options(**_options(cfg, plan, pgs, "reference", 0)).remote(paths.reference, temp, t, dtype)
-    reward = RewardWorker.options(**_options(cfg, plan, pgs, "reward", 0)).remote(
-        paths.tokenizer, cfg.reward.model, cfg.reward.function, t, cfg.reward.metrics, dtype,
-        cfg.reward.allow_local_code, os.path.abspath(cfg.run_dir), os.getcwd())
+                              trainable_spec(cfg, "critic", paths.critic))
+    reference = ReferenceWorker.options(**_options(cfg, plan, pgs, "reference", 0)).remote(ref_spec)
+    reward = RewardWorker.options(**_options(cfg, plan, pgs, "reward", 0)).remote(reward_spec)
     vllm = cfg.rollout.engine == "vllm"  # the vLLM engine actors hold the GPU share, not their driver
-    rollout = RolloutWorker.options(**_options(cfg, plan, pgs, "rollout", 0, gpu=not vllm)).remote(
-        cfg.rollout.engine, paths.actor, pad_id, eos_id, t, vllm_overrides(cfg, plan, pgs) if vllm else None, dtype)
+    rollout = RolloutWorker.options(**_options(cfg, plan, pgs, "rollout", 0, gpu=not vllm)).remote(rollout_spec)
     w = Workers(actor=actor, critic=critic, reference=reference, reward=reward, rollout=rollout, groups=pgs)
     names = ["actor"] * len(actor) + ["critic"] * len(critic) + ["reference", "reward", "rollout"]
     for name, x in zip(names, w.all()):  # constructor errors surface now, named, and are not retried

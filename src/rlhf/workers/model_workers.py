@@ -1,11 +1,12 @@
 """Ray actors for the five PPO roles: actor, critic (trainable, a ``TrainingEngine``), reference,
 reward (frozen) and rollout (a ``RolloutEngine``).
 
-Batches travel as dicts of CPU tensors (``rlhf.workers.batch``): ``input_ids``, ``attention_mask``,
-``position_ids`` ``[B, P+T]`` (prompts left-padded to P, responses right-padded to T) and
-response-aligned ``[B, T]`` tensors. Trainable workers receive the whole batch plus a plan (for
-each epoch and mini-batch, the rows this rank trains on and the global token count), so every
-data-parallel layout computes the same token-mean loss.
+Each worker is built from its role's spec record (``rlhf.workers.specs``). Batches travel as
+``rlhf.workers.batch`` records of CPU tensors: a ``RolloutBatch`` to score (``input_ids``,
+``attention_mask``, ``position_ids`` ``[B, P+T]``, prompts left-padded to P, responses right-padded
+to T, response-aligned ``[B, T]`` tensors) and a ``ScoredBatch`` to train on. Trainable workers
+receive the whole batch plus a plan (for each epoch and mini-batch, the rows this rank trains on and
+the global token count), so every data-parallel layout computes the same token-mean loss.
 
 The actor and critic workers are thin: the engine class comes from ``cfg.engine.<role>`` through
 ``rlhf.engines.base.ENGINES`` and owns the forward, micro-batching, optimizer and checkpoints; the
@@ -26,7 +27,8 @@ import torch
 from rlhf.engines.accelerator import attn_implementation
 from rlhf.engines.deepspeed_engine import (critic_values, filter_logits,  # noqa: F401  (re-exported)
                                            policy_logits, _forward_hidden_or_logits)
-from rlhf.workers.batch import select_rows
+from rlhf.workers.batch import RolloutBatch, ScoredBatch
+from rlhf.workers.specs import ReferenceSpec, RewardSpec, RolloutSpec, TrainableSpec
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 """Env defaults of every worker process (``DS_ACCELERATOR`` is chosen per process by
@@ -50,14 +52,14 @@ def device() -> torch.device:
     return torch.device(model_device(torch.cuda.is_available()))
 
 
-def reward_model_scores(model, batch: dict) -> torch.Tensor:
+def reward_model_scores(model, batch: RolloutBatch) -> torch.Tensor:
     """Scores ``[B]`` of a sequence-classification reward model, read at the last response token
     itself (EOS when finished), as the classifier reads its last non-pad token; never at a pad."""
     from rlhf.algo import last_token_index
 
     backbone = getattr(model, model.base_model_prefix)
     hidden = _forward_hidden_or_logits(backbone, batch).last_hidden_state
-    idx = (batch["prompt_len"] + last_token_index(batch["mask"])).to(hidden.device)
+    idx = (batch.prompt_len + last_token_index(batch.mask)).to(hidden.device)
     return model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), idx]).squeeze(-1).float().cpu()
 
 
@@ -79,13 +81,12 @@ class _TrainableBase:
     engine = None
     role = "policy"
 
-    def __init__(self, model_path: str, engine: str, settings, args, rank: int, world: int, ppo: dict,
-                 threads: int = 1):
+    def __init__(self, spec: TrainableSpec, rank: int, world: int):
         from rlhf.engines.base import engine_class
 
-        _worker_setup(threads)
-        self.model_path, self.engine_cls, self.settings, self.args = model_path, engine_class(engine), settings, args
-        self.rank, self.world, self.ppo = rank, world, ppo
+        _worker_setup(spec.threads)
+        self.spec, self.engine_cls = spec, engine_class(spec.engine)
+        self.rank, self.world, self.loss = rank, world, spec.loss
 
     def address(self) -> tuple[str, int]:
         return free_port()
@@ -93,7 +94,8 @@ class _TrainableBase:
     def init_engine(self, addr: str, port: int) -> None:
         """Join the role's process group (rank 0's address) and build the engine from the checkpoint."""
         _setup_dist(self.rank, self.world, addr, port)
-        self.engine = self.engine_cls.from_pretrained(self.model_path, self.role, self.settings, self.args)
+        s = self.spec
+        self.engine = self.engine_cls.from_pretrained(s.model_path, self.role, s.settings, s.args)
 
     # ------------------------------------------------------------------ rows of the model-parallel group
 
@@ -115,12 +117,12 @@ class _TrainableBase:
         start = sum(len(p) for p in parts[:me])
         return [r for p in parts for r in p], slice(start, start + len(rows)), me == 0
 
-    def _forward(self, batch: dict, rows, **kw) -> dict[str, torch.Tensor]:
+    def _forward(self, batch: RolloutBatch, rows, **kw) -> dict[str, torch.Tensor]:
         pooled, mine, _ = self._pool(rows)
-        out = self.engine.forward(select_rows(batch, pooled), **kw)
+        out = self.engine.forward(batch.select_rows(pooled), **kw)
         return {k: v[mine] for k, v in out.items()}
 
-    def _update(self, batch: dict, plan: list, loss_of) -> list[dict[str, float]]:
+    def _update(self, batch: ScoredBatch, plan: list, loss_of) -> list[dict[str, float]]:
         """Run the planned mini-batches; ``loss_of(num_tokens)`` gives the engine's ``loss_fn``.
 
         Returns one stats dict per micro-batch (with ``tokens`` and ``loss`` as the local token mean)
@@ -134,7 +136,7 @@ class _TrainableBase:
                 pooled, _, report = self._pool(rows)
                 if not pooled:
                     continue
-                recs = self.engine.forward_backward(select_rows(batch, pooled), loss_of(num_tokens))
+                recs = self.engine.forward_backward(batch.select_rows(pooled), loss_of(num_tokens))
                 step = self.engine.step()
                 if not report:
                     continue
@@ -172,7 +174,7 @@ class ActorWorker(_TrainableBase):
     role = "policy"
 
     @torch.no_grad()
-    def logprobs(self, batch: dict, rows: list[int], top_k: int = 0,
+    def logprobs(self, batch: RolloutBatch, rows: list[int], top_k: int = 0,
                  top_p: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``[len(rows), T]`` logprobs of the taken response tokens (the PPO old policy), entropy,
         and the logprobs after the sampler's top-k / top-p filtering (to compare with the rollout's)."""
@@ -183,18 +185,18 @@ class ActorWorker(_TrainableBase):
         out = self._forward(batch, rows, **({"top_k": top_k, "top_p": top_p} if filtering else {}))
         return out["logp"], out["entropy"], out.get("logp_filtered", out["logp"])
 
-    def train(self, batch: dict, plan: list) -> list[dict[str, float]]:
+    def train(self, batch: ScoredBatch, plan: list) -> list[dict[str, float]]:
         from rlhf.algo import masked_mean, policy_loss
 
-        p, dp = self.ppo, self.engine.dp_size
+        p, dp = self.loss, self.engine.dp_size
 
         def loss_of(num_tokens):
-            def loss_fn(out, sub):
-                loss, stats = policy_loss(out["logp"], sub["old_logp"], sub["advantages"], sub["mask"],
-                                          clip_low=p["clip_low"], clip_high=p["clip_high"], dual_clip=p["dual_clip"],
-                                          num_tokens=num_tokens, dp_world_size=dp, is_weights=sub.get("is_weights"))
+            def loss_fn(out, sub: ScoredBatch):
+                loss, stats = policy_loss(out["logp"], sub.old_logp, sub.advantages, sub.mask,
+                                          clip_low=p.clip_low, clip_high=p.clip_high, dual_clip=p.dual_clip,
+                                          num_tokens=num_tokens, dp_world_size=dp, is_weights=sub.is_weights)
                 with torch.no_grad():
-                    stats["entropy"] = masked_mean(out["entropy"].detach(), sub["mask"])
+                    stats["entropy"] = masked_mean(out["entropy"].detach(), sub.mask)
                 return loss, stats
             return loss_fn
 
@@ -213,17 +215,17 @@ class CriticWorker(_TrainableBase):
     role = "critic"
 
     @torch.no_grad()
-    def values(self, batch: dict, rows: list[int]) -> torch.Tensor:
+    def values(self, batch: RolloutBatch, rows: list[int]) -> torch.Tensor:
         return self._forward(batch, rows)["values"]
 
-    def train(self, batch: dict, plan: list) -> list[dict[str, float]]:
+    def train(self, batch: ScoredBatch, plan: list) -> list[dict[str, float]]:
         from rlhf.algo import value_loss
 
-        clip, dp = self.ppo["value_clip"], self.engine.dp_size
+        clip, dp = self.loss.value_clip, self.engine.dp_size
 
         def loss_of(num_tokens):
-            def loss_fn(out, sub):
-                return value_loss(out["values"], sub["old_values"], sub["returns"], sub["mask"], clip=clip,
+            def loss_fn(out, sub: ScoredBatch):
+                return value_loss(out["values"], sub.old_values, sub.returns, sub.mask, clip=clip,
                                   num_tokens=num_tokens, dp_world_size=dp)
             return loss_fn
 
@@ -234,20 +236,20 @@ class CriticWorker(_TrainableBase):
 class ReferenceWorker:
     """The frozen reference policy."""
 
-    def __init__(self, model_path: str, temperature: float, threads: int = 1, dtype: str = "float32"):
+    def __init__(self, spec: ReferenceSpec):
         from rlhf.engines.deepspeed_engine import load_hf_model
 
-        _worker_setup(threads)
-        self.model = load_hf_model(model_path, "policy", getattr(torch, dtype),
-                                   attn_implementation(dtype == "bfloat16")).to(device()).eval()
-        self.temperature = temperature
+        _worker_setup(spec.threads)
+        self.model = load_hf_model(spec.model_path, "policy", getattr(torch, spec.dtype),
+                                   attn_implementation(spec.dtype == "bfloat16")).to(device()).eval()
+        self.temperature = spec.temperature
 
     @torch.no_grad()
-    def logprobs(self, batch: dict) -> torch.Tensor:
+    def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         from rlhf.algo import logprobs_from_logits
 
         logits = policy_logits(self.model, batch, self.temperature)
-        return logprobs_from_logits(logits, batch["responses"].to(logits.device)).cpu()
+        return logprobs_from_logits(logits, batch.responses.to(logits.device)).cpu()
 
     def pid(self) -> int:
         return os.getpid()
@@ -258,32 +260,30 @@ class RewardWorker:
     """The frozen reward: a sequence-classification model scored at the last response token, or a
     rule-based ``module:function`` applied to the decoded texts."""
 
-    def __init__(self, tokenizer_path: str, model_path: str | None, function: str | None, threads: int = 1,
-                 metrics: str | None = None, dtype: str = "float32", allow_local: bool = False,
-                 run_dir: str | None = None, driver_cwd: str | None = None):
+    def __init__(self, spec: RewardSpec):
         from transformers import AutoTokenizer
 
-        _worker_setup(threads)
-        self.tok = AutoTokenizer.from_pretrained(tokenizer_path)
+        _worker_setup(spec.threads)
+        self.tok = AutoTokenizer.from_pretrained(spec.tokenizer_path)
         self.model = self.fn = None
-        if model_path is not None:
+        run_dirs, cwds = [spec.run_dir] if spec.run_dir else [], [spec.driver_cwd] if spec.driver_cwd else []
+        if spec.model_path is not None:
             from transformers import AutoModelForSequenceClassification
 
             self.model = AutoModelForSequenceClassification.from_pretrained(
-                model_path, num_labels=1, dtype=getattr(torch, dtype)).to(device()).eval()
+                spec.model_path, num_labels=1, dtype=getattr(torch, spec.dtype)).to(device()).eval()
         else:
             from rlhf.rewards import load_reward_function
 
-            self.fn = load_reward_function(function, "reward.function", [run_dir] if run_dir else [], allow_local,
-                                           [driver_cwd] if driver_cwd else [])
-        if metrics is not None:
+            self.fn = load_reward_function(spec.function, "reward.function", run_dirs, spec.allow_local_code, cwds)
+        if spec.metrics is not None:
             from rlhf.rewards import load_reward_function
 
-            self.metrics_fn = load_reward_function(metrics, "reward.metrics", [run_dir] if run_dir else [], allow_local,
-                                                   [driver_cwd] if driver_cwd else [])
+            self.metrics_fn = load_reward_function(spec.metrics, "reward.metrics", run_dirs, spec.allow_local_code,
+                                                   cwds)
 
     @torch.no_grad()
-    def score(self, batch: dict, prompts: list[list[int]], responses: list[list[int]],
+    def score(self, batch: RolloutBatch, prompts: list[list[int]], responses: list[list[int]],
               finished: list[bool]) -> torch.Tensor:
         if self.model is not None:
             return reward_model_scores(self.model, batch)
@@ -303,23 +303,20 @@ class RewardWorker:
 
 @ray.remote
 class RolloutWorker:
-    """Holds a ``RolloutEngine`` (transformers generate on CPU; vLLM at scale).
+    """Holds a ``RolloutEngine`` (transformers generate on CPU; vLLM at scale, built with the spec's
+    ``vllm`` overrides: ``num_engines``, ``tensor_parallel_size``, ``num_gpus``, ``bundles``, ...)."""
 
-    ``vllm``: ``VLLMEngineConfig`` overrides for ``engine == "vllm"`` (``num_engines``,
-    ``tensor_parallel_size``, ``num_gpus``, ``bundles`` from the placement plan, ...)."""
-
-    def __init__(self, engine: str, model_path: str, pad_id: int, eos_id: int, threads: int = 1,
-                 vllm: dict | None = None, dtype: str = "float32"):
-        _worker_setup(threads)
-        if engine == "hf":
+    def __init__(self, spec: RolloutSpec):
+        _worker_setup(spec.threads)
+        if spec.engine == "hf":
             from rlhf.engines.hf_rollout import HFRolloutEngine
 
-            self.engine = HFRolloutEngine(model_path, pad_token_id=pad_id, eos_token_id=eos_id,
-                                          dtype=getattr(torch, dtype))
+            self.engine = HFRolloutEngine(spec.model_path, pad_token_id=spec.pad_id, eos_token_id=spec.eos_id,
+                                          dtype=getattr(torch, spec.dtype))
         else:
             from rlhf.engines import vllm_engine  # the scale path (its own issue)
 
-            self.engine = vllm_engine.make_engine(model_path, **(vllm or {}))
+            self.engine = vllm_engine.make_engine(spec.model_path, **(spec.vllm or {}))
 
     def generate(self, prompts, params):
         return self.engine.generate(prompts, params)

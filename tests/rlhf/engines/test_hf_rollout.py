@@ -29,8 +29,8 @@ def test_logprobs_match_trainer_forward_with_left_padding(tiny_llama, tokenizer)
         gens = eng.generate(prompts, SamplingParams(max_new_tokens=10, temperature=temp, seed=3))
         batch = collate(gens, tokenizer.pad_token_id)
         with torch.no_grad():
-            logp = logprobs_from_logits(policy_logits(eng.model, batch, temp), batch["responses"])
-        diff = (logp - batch["rollout_logp"]).abs() * batch["mask"]
+            logp = logprobs_from_logits(policy_logits(eng.model, batch, temp), batch.responses)
+        diff = (logp - batch.rollout_logp).abs() * batch.mask
         assert diff.max() < 1e-4, diff.max()
         for g in gens:
             assert len(g.response_ids) == len(g.logprobs) >= 1
@@ -64,8 +64,8 @@ def test_top_k_top_p_logprobs_match_the_filtered_trainer_distribution(tiny_llama
         batch = collate(gens, tokenizer.pad_token_id)
         with torch.no_grad():
             logits = policy_logits(eng.model, batch, 0.8)
-            filtered = logprobs_from_logits(filter_logits(logits, k, p), batch["responses"])
-            plain = logprobs_from_logits(logits, batch["responses"])
-        m = batch["mask"]
-        assert ((filtered - batch["rollout_logp"]).abs() * m).max() < 1e-4, (k, p)
-        assert ((plain - batch["rollout_logp"]).abs() * m).max() > 1e-3  # the trap: unfiltered logprobs differ
+            filtered = logprobs_from_logits(filter_logits(logits, k, p), batch.responses)
+            plain = logprobs_from_logits(logits, batch.responses)
+        m = batch.mask
+        assert ((filtered - batch.rollout_logp).abs() * m).max() < 1e-4, (k, p)
+        assert ((plain - batch.rollout_logp).abs() * m).max() > 1e-3  # the trap: unfiltered logprobs differ

@@ -32,44 +32,44 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _batch(seed: int = 0) -> dict:
+def _batch(seed: int = 0):
+    """A ``ScoredBatch`` whose ``old_logp`` / ``old_values`` hold noise: the losses below add it to the
+    engine's own outputs (detached) to get a ratio / value-clip anchor that differs from them."""
     from rlhf.engines.base import Generation
-    from rlhf.workers.batch import collate
+    from rlhf.workers.batch import ScoredBatch, collate
 
     g = torch.Generator().manual_seed(seed)
     gens = [Generation(torch.randint(6, 300, (p,), generator=g).tolist(),
                        torch.randint(6, 300, (r,), generator=g).tolist(), [0.0] * r, True)
             for p, r in PROMPT_RESPONSE]
     b = collate(gens, pad_id=5)
-    B, T = b["mask"].shape
-    b["advantages"] = torch.randn(B, T, generator=g) * b["mask"]
-    b["returns"] = torch.randn(B, T, generator=g) * b["mask"]
-    b["noise"] = torch.randn(B, T, generator=g) * 0.05
-    return b
+    B, T = b.mask.shape
+    advantages = torch.randn(B, T, generator=g) * b.mask
+    returns = torch.randn(B, T, generator=g) * b.mask
+    noise = torch.randn(B, T, generator=g) * 0.05
+    return ScoredBatch.of(b, old_logp=noise, old_values=noise, returns=returns, advantages=advantages)
 
 
 def _policy_loss(out, sub, num_tokens, dp):
     from rlhf.algo import masked_mean, policy_loss
 
-    old = (out["logp"].detach() + sub["noise"]) * sub["mask"]
-    loss, stats = policy_loss(out["logp"], old, sub["advantages"], sub["mask"], num_tokens=num_tokens,
+    old = (out["logp"].detach() + sub.old_logp) * sub.mask
+    loss, stats = policy_loss(out["logp"], old, sub.advantages, sub.mask, num_tokens=num_tokens,
                               dp_world_size=dp)
-    stats["entropy"] = masked_mean(out["entropy"].detach(), sub["mask"])
+    stats["entropy"] = masked_mean(out["entropy"].detach(), sub.mask)
     return loss, stats
 
 
 def _value_loss(out, sub, num_tokens, dp):
     from rlhf.algo import value_loss
 
-    old = (out["values"].detach() + sub["noise"]) * sub["mask"]
-    return value_loss(out["values"], old, sub["returns"], sub["mask"], clip=0.2, num_tokens=num_tokens,
+    old = (out["values"].detach() + sub.old_values) * sub.mask
+    return value_loss(out["values"], old, sub.returns, sub.mask, clip=0.2, num_tokens=num_tokens,
                       dp_world_size=dp)
 
 
 def _rows(batch, rows):
-    from rlhf.workers.batch import select_rows
-
-    return select_rows(batch, rows)
+    return batch.select_rows(rows)
 
 
 # ----------------------------------------------------------------------------- the spawned job
@@ -93,7 +93,7 @@ def _job(rank: int, world: int, port: int, layout: str, models: dict, out: str) 
                               "recompute": layout == "pp2", "bf16": False})()
     o = Path(out)
     batch = _batch()
-    ntok = float(batch["mask"].sum())
+    ntok = float(batch.mask.sum())
     rec: dict = {"shim": None}
 
     def make(d, role):
@@ -168,7 +168,7 @@ def _reference(d: Path) -> dict:
     from rlhf.workers.model_workers import critic_values, policy_logits
 
     batch = _batch()
-    ntok = float(batch["mask"].sum())
+    ntok = float(batch.mask.sum())
     ref: dict = {}
     pol = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
     torch.manual_seed(SEED)
@@ -179,10 +179,10 @@ def _reference(d: Path) -> dict:
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 2))
         if name == "policy":
             logits = policy_logits(model, batch, TEMP)
-            out = {"logp": logprobs_from_logits(logits, batch["responses"]) * batch["mask"],
-                   "entropy": entropy_from_logits(logits) * batch["mask"]}
+            out = {"logp": logprobs_from_logits(logits, batch.responses) * batch.mask,
+                   "entropy": entropy_from_logits(logits) * batch.mask}
         else:
-            out = {"values": critic_values(model, batch) * batch["mask"]}
+            out = {"values": critic_values(model, batch) * batch.mask}
         ref[f"{name}_out"] = {k: v.detach().clone() for k, v in out.items()}
         total, _ = loss(out, batch, ntok, 1)
         total.backward()
@@ -235,7 +235,7 @@ def test_megatron_engine_layout(layout, gqa_models, references, tmp_path):
     recs = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     assert recs[0]["shim"] == (not torch.cuda.is_available())
     batch = _batch()
-    m = batch["mask"].bool()
+    m = batch.mask.bool()
     for arch in ARCHS:
         ref = references[arch]
         res = [load_file(str(out / f"{arch}_r{r}.safetensors")) for r in range(2)]

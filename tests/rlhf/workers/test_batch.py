@@ -9,7 +9,7 @@ from rlhf.algo import gae, token_rewards
 from rlhf.config import load_config
 from rlhf.engines.base import Generation
 from rlhf.trainer import make_plans
-from rlhf.workers.batch import collate, response_slice, select_rows
+from rlhf.workers.batch import collate
 
 PAD, EOS = 0, 9
 
@@ -22,31 +22,31 @@ def _gens():
 
 def test_collate_aligns_responses_and_masks():
     b = collate(_gens(), PAD)
-    P, T = b["prompt_len"], b["mask"].shape[1]
+    P, T = b.prompt_len, b.mask.shape[1]
     assert (P, T) == (3, 4)
-    assert b["mask"].tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
-    assert b["responses"][0].tolist() == [11, 12, EOS, PAD]
+    assert b.mask.tolist() == [[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]]
+    assert b.responses[0].tolist() == [11, 12, EOS, PAD]
     # left-padded prompts: positions count real tokens only (as generate does)
-    assert b["position_ids"][1].tolist()[:4] == [0, 0, 0, 1]
-    assert b["attention_mask"][2].tolist() == [0, 1, 1, 1, 0, 0, 0]
+    assert b.position_ids[1].tolist()[:4] == [0, 0, 0, 1]
+    assert b.attention_mask[2].tolist() == [0, 1, 1, 1, 0, 0, 0]
     # the model output at column P-1+t predicts response token t
     cols = torch.arange(P + T)[None, :, None].expand(3, -1, 1)
-    pred_cols = response_slice(cols, b)[..., 0]
+    pred_cols = b.response_slice(cols)[..., 0]
     assert pred_cols[0].tolist() == [2, 3, 4, 5]
-    assert (b["input_ids"].gather(1, pred_cols + 1) == b["responses"]).all()
-    assert b["rollout_logp"][0].tolist() == [-1.0, -2.0, -3.0, 0.0]
+    assert (b.input_ids.gather(1, pred_cols + 1) == b.responses).all()
+    assert b.rollout_logp[0].tolist() == [-1.0, -2.0, -3.0, 0.0]
 
 
 def test_reward_lands_on_eos_not_on_padding_and_values_are_unshifted():
     b = collate(_gens(), PAD)
     scores = torch.tensor([1.0, 2.0, 3.0])
-    zeros = torch.zeros_like(b["mask"])
-    rewards, _ = token_rewards(scores, zeros, zeros, b["mask"], kl_coef=0.1)
+    zeros = torch.zeros_like(b.mask)
+    rewards, _ = token_rewards(scores, zeros, zeros, b.mask, kl_coef=0.1)
     assert rewards.tolist() == [[0, 0, 1.0, 0], [0, 0, 0, 2.0], [3.0, 0, 0, 0]]
-    eos_pos = (b["responses"] == EOS).float().argmax(1)
+    eos_pos = (b.responses == EOS).float().argmax(1)
     assert rewards[0, eos_pos[0]] == 1.0 and rewards[2, eos_pos[2]] == 3.0
     # gamma = lam = 1, V = 0: every response token's advantage is the score; padding stays 0
-    adv, ret = gae(rewards, zeros, b["mask"], gamma=1.0, lam=1.0)
+    adv, ret = gae(rewards, zeros, b.mask, gamma=1.0, lam=1.0)
     assert adv.tolist() == [[1, 1, 1, 0], [2, 2, 2, 2], [3, 0, 0, 0]]
 
 
@@ -70,9 +70,8 @@ def test_plans_cover_every_row_once_per_epoch_for_any_dp_layout():
 
 def test_select_rows_keeps_scalars():
     b = collate(_gens(), PAD)
-    sub = select_rows(b, [2, 0])
-    assert sub["prompt_len"] == b["prompt_len"] and sub["mask"].tolist() == [b["mask"][2].tolist(),
-                                                                              b["mask"][0].tolist()]
+    sub = b.select_rows([2, 0])
+    assert sub.prompt_len == b.prompt_len and sub.mask.tolist() == [b.mask[2].tolist(), b.mask[0].tolist()]
 
 
 def test_reward_model_score_is_read_at_eos_like_hf(tiny_llama, tokenizer):

@@ -9,9 +9,9 @@ describes (``rlhf.engines.deepspeed_engine.init_distributed``) and destroys it i
 when it created it; a process that builds several engines one after another should create the group
 itself first (re-creating a gloo world group on the same ``MASTER_PORT`` hangs its next new_group).
 
-Batches are the workers' dict (``rlhf.workers.batch``): ``input_ids`` / ``attention_mask`` ``[B, P+T]``
-with prompts left-padded to P and responses right-padded to T, ``responses`` and ``mask`` ``[B, T]``,
-``prompt_len`` = P, plus whatever the loss function reads. RoPE in megatron-core ignores
+Batches are the workers' records (``rlhf.workers.batch``: ``RolloutBatch`` to score, ``ScoredBatch`` to
+train on): ``input_ids`` / ``attention_mask`` ``[B, P+T]`` with prompts left-padded to P and responses
+right-padded to T, ``responses`` and ``mask`` ``[B, T]``, ``prompt_len`` = P, plus what the loss reads. RoPE in megatron-core ignores
 ``position_ids``, so the engine right-pads every row (shifts it left by its prompt padding) and reads
 the outputs back at the response positions; the attention mask is explicit (causal + key padding).
 
@@ -39,6 +39,7 @@ from rlhf.engines.megatron import cuda_shim
 from rlhf.engines.megatron.hf_mapping import (ArchSpec, MegatronEngineError, SafetensorsReader, check_layout,
                                               hf_from_full, hf_names, hf_shape, megatron_local_tensor,
                                               megatron_name, read_arch, tp_partition_dim)
+from rlhf.workers.batch import RolloutBatch, ScoredBatch
 
 ROLES = ("policy", "critic")
 STATE_VERSION = 1
@@ -233,11 +234,11 @@ class MegatronEngine:
 
     # ------------------------------------------------------------------ batches
 
-    def _prepare(self, batch: dict) -> dict:
+    def _prepare(self, batch: RolloutBatch) -> dict:
         """Right-padded ids, the explicit attention mask and the position of each response prediction."""
-        ids, attn = batch["input_ids"].cpu(), batch["attention_mask"].cpu().bool()
+        ids, attn = batch.input_ids.cpu(), batch.attention_mask.cpu().bool()
         B, S = ids.shape
-        P, T = int(batch["prompt_len"]), int(batch["mask"].shape[1])
+        P, T = int(batch.prompt_len), int(batch.mask.shape[1])
         left = (attn.long().cumsum(1) == 0).sum(1)                      # prompt padding per row
         cols = torch.arange(S).unsqueeze(0) + left.unsqueeze(1)
         inside = cols < S
@@ -252,17 +253,15 @@ class MegatronEngine:
         pos = pos.clamp(min=0, max=s_eff - 1)
         return {"ids": rp_ids, "amask": amask, "pos": pos, "positions": torch.arange(s_eff).expand(B, s_eff)}
 
-    def _micro_batches(self, batch: dict, mb: int) -> list[dict]:
+    def _micro_batches(self, batch: RolloutBatch, mb: int) -> list[tuple[RolloutBatch, dict]]:
+        """(rows of ``batch``, their ``_prepare`` tensors) per micro-batch of ``mb`` rows, on the device."""
         prep = self._prepare(batch)
         B = prep["ids"].shape[0]
         out = []
         for i in range(0, B, mb):
             rows = slice(i, min(i + mb, B))
-            sub = {k: (v[rows] if torch.is_tensor(v) and v.dim() > 0 and v.shape[0] == B else v)
-                   for k, v in batch.items()}
-            sub["_prep"] = {k: v[rows].to(self.device) for k, v in prep.items()}
-            sub = {k: (v.to(self.device) if torch.is_tensor(v) else v) for k, v in sub.items()}
-            out.append(sub)
+            sub = batch.select_rows(range(rows.start, rows.stop)).to(self.device)
+            out.append((sub, {k: v[rows].to(self.device) for k, v in prep.items()}))
         return out
 
     # ------------------------------------------------------------------ outputs
@@ -281,45 +280,44 @@ class MegatronEngine:
         sez = reduce_from_tensor_model_parallel_region((e * z).sum(-1))
         return se.log() - sez / se
 
-    def _outputs(self, output: torch.Tensor, sub: dict) -> dict[str, torch.Tensor]:
+    def _outputs(self, output: torch.Tensor, sub: RolloutBatch, prep: dict) -> dict[str, torch.Tensor]:
         """Per response token: ``logp`` and ``entropy`` (policy) or ``values`` (critic), zero where mask is 0."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        pos = sub["_prep"]["pos"]
-        keep = sub["mask"].to(output.device) != 0
+        pos = prep["pos"]
+        keep = sub.mask.to(output.device) != 0
         sel = output.gather(1, pos.unsqueeze(-1).expand(-1, -1, output.shape[-1])).float()
         if self.role == "critic":
             return {"values": torch.where(keep, sel.squeeze(-1), torch.zeros((), device=sel.device))}
         logits = sel / self.temperature
         entropy = self._vocab_entropy(logits)
-        target = torch.where(keep, sub["responses"], torch.zeros_like(sub["responses"]))
+        target = torch.where(keep, sub.responses, torch.zeros_like(sub.responses))
         logp = -vocab_parallel_cross_entropy(logits.clone(), target)
         zero = torch.zeros((), device=logp.device)
         return {"logp": torch.where(keep, logp, zero), "entropy": torch.where(keep, entropy, zero)}
 
-    def _run(self, micro: list[dict], step_fn: Callable, forward_only: bool) -> list:
-        """Megatron's schedule (pipelined when PP > 1) over ``micro``; returns what ``step_fn`` gave per
-        micro-batch on the last stage (an empty list elsewhere)."""
+    def _run(self, micro: list[tuple[RolloutBatch, dict]], step_fn: Callable, forward_only: bool) -> list:
+        """Megatron's schedule (pipelined when PP > 1) over ``micro``; returns what
+        ``step_fn(output, sub, prep)`` gave per micro-batch on the last stage (an empty list elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         it = iter(micro)
 
         def forward_step(data_iterator, model):
-            sub = next(data_iterator)
-            prep = sub["_prep"]
+            sub, prep = next(data_iterator)
             out = model(prep["ids"], prep["positions"], prep["amask"])
 
             def loss_func(output_tensor):
-                loss, record = step_fn(output_tensor, sub)
+                loss, record = step_fn(output_tensor, sub, prep)
                 return loss, torch.zeros((), dtype=torch.int), record
             return out, loss_func
 
-        s_eff = micro[0]["_prep"]["ids"].shape[1]
+        s_eff = micro[0][1]["ids"].shape[1]
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else _nullcontext()
         with ctx:
             return get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=it, model=[self.model], num_microbatches=len(micro),
-                seq_length=s_eff, micro_batch_size=max(m["_prep"]["ids"].shape[0] for m in micro),
+                seq_length=s_eff, micro_batch_size=max(prep["ids"].shape[0] for _, prep in micro),
                 forward_only=forward_only)
 
     def _from_last_stage(self, tensor: torch.Tensor | None, shape, dtype=torch.float32) -> torch.Tensor:
@@ -344,28 +342,29 @@ class MegatronEngine:
         return box[0]
 
     @torch.no_grad()
-    def forward(self, batch: dict, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    def forward(self, batch: RolloutBatch, micro_batch_size: int | None = None) -> dict[str, torch.Tensor]:
         """``{"logp", "entropy"}`` (policy) or ``{"values"}`` (critic), each ``[B, T]`` float32 on the CPU,
         on every rank (zero where ``mask`` is 0). Collective over the model-parallel group."""
         self.model.train(False)
         micro = self._micro_batches(batch, micro_batch_size or self.micro_batch_size)
         keys = ("values",) if self.role == "critic" else ("logp", "entropy")
-        store = self._run(micro, lambda out, sub: (torch.zeros(()), self._outputs(out, sub)), forward_only=True)
-        B, T = batch["mask"].shape
+        store = self._run(micro, lambda out, sub, prep: (torch.zeros(()), self._outputs(out, sub, prep)),
+                          forward_only=True)
+        B, T = batch.mask.shape
         result = {}
         for k in keys:
             full = torch.cat([d[k] for d in store], 0) if self.last_stage else None
             result[k] = self._from_last_stage(full, (B, T)).float().cpu()
         return result
 
-    def logprobs(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    def logprobs(self, batch: RolloutBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """Policy: ``(logp, entropy)`` ``[B, T]`` of the response tokens, logits divided by the temperature."""
         if self.role != "policy":
             raise MegatronEngineError("logprobs: this engine is a critic")
         out = self.forward(batch)
         return out["logp"], out["entropy"]
 
-    def values(self, batch: dict) -> torch.Tensor:
+    def values(self, batch: RolloutBatch) -> torch.Tensor:
         """Critic: values ``[B, T]``; V_t is read at the state that predicts response token t."""
         if self.role != "critic":
             raise MegatronEngineError("values: this engine is a policy")
@@ -373,7 +372,7 @@ class MegatronEngine:
 
     # ------------------------------------------------------------------ training
 
-    def forward_backward(self, batch: dict, loss_fn: Callable, micro_batch_size: int | None = None
+    def forward_backward(self, batch: ScoredBatch, loss_fn: Callable, micro_batch_size: int | None = None
                          ) -> list[dict[str, float]]:
         """Accumulate gradients of ``loss_fn`` over the micro-batches of ``batch`` (no optimizer step).
 
@@ -389,8 +388,8 @@ class MegatronEngine:
         self.model.train(True)
         micro = self._micro_batches(batch, micro_batch_size or self.micro_batch_size)
 
-        def step_fn(out, sub):
-            loss, stats = loss_fn(self._outputs(out, sub), sub)
+        def step_fn(out, sub, prep):
+            loss, stats = loss_fn(self._outputs(out, sub, prep), sub)
             rec = {k: float(v) for k, v in stats.items()}
             rec["loss"] = float(loss.detach())
             return loss, rec
