@@ -484,7 +484,8 @@ def load_plan_input(path: str | Path, overrides: list[str] | None = None) -> Pla
     pf = build(PlanFile, data, "", PlacementError, unknown="{path}: unknown section (known: {known})",
                missing="{path}: missing (total_params_b, active_params_b, layers, hidden, ...)")
     gpu_data = pf.gpu or {}
-    preset = GPU_PRESETS.get(gpu_data.get("name", "H100-80GB"))
+    name = gpu_data.get("name", "H100-80GB")
+    preset = GPU_PRESETS.get(name) if isinstance(name, str) else None   # not a str: build names gpu.name
     gpu = build(GPUSpec, {**(preset or {}), **gpu_data}, "gpu", PlacementError)
     placement_data, workload_data = dict(pf.placement or {}), dict(pf.workload or {})
     placement = None

@@ -41,7 +41,8 @@ NON_DETERMINISTIC_PREFIXES = ("timing/", "perf/")
 
 
 class RunStopped(RuntimeError):
-    """The run stopped on purpose (failed rollout check, non-finite values, too many restarts)."""
+    """The run stopped on purpose (failed rollout check, non-finite values, too many restarts, a
+    detector whose ``metrics.on_*`` switch is ``stop``)."""
 
 
 # ----------------------------------------------------------------------------- run directory
@@ -490,6 +491,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
     from transformers import AutoTokenizer
 
     from rlhf.metrics import MetricLogger
+    from rlhf.metrics.actions import take_actions
     from rlhf.metrics.logger import truncate_jsonl
     from rlhf.placement import make_plan, spec_from_ppo_config
     from rlhf.workers import group
@@ -533,8 +535,13 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/length_mean']:.1f}")
                     k = cfg.trainer.save_every
-                    if (k and state.step % k == 0) or state.step == cfg.trainer.total_steps:
+                    saved = bool(k and state.step % k == 0) or state.step == cfg.trainer.total_steps
+                    if saved:
                         save_checkpoint(cfg, w, state, run_dir, tok)
+                    stop = take_actions(logger, cfg.metrics, lambda: latest_checkpoint(run_dir) if saved  # metrics.on_*
+                                        else save_checkpoint(cfg, w, state, run_dir, tok))
+                    if stop:
+                        raise RunStopped(stop)
                 bar.close()
                 return run_dir
             except FloatingPointError as e:

@@ -187,3 +187,17 @@ def test_plan_of_the_tiny_train_config_reads_the_tiny_architecture():
     assert (inp.model.hidden, inp.model.layers, inp.model.vocab) == (64, 2, 384)
     assert inp.model.total_params_b < 1e-3 and inp.workload.precision == "fp32"
     assert P.plan(inp).fits
+
+
+def test_plan_yaml_sections_are_built_by_the_typed_builder(tmp_path):
+    """Each plan YAML section goes through ``bairlhf.typed_config.build``: errors name the dotted key."""
+    cases = [({"model": {"total_params_b": 1}, "gpu": {"name": ["H100"]}}, r"^gpu.name: expected str"),
+             ({"model": {"total_params_b": 1}, "placement": {"groups": [{"roles": ["judge"], "gpus": 1}]}},
+              r"^placement.groups\[0\].roles\[0\]: must be one of 'actor'"),
+             ({"model": {"total_params_b": 1}, "runs": 3}, r"^runs: unknown section"),
+             ({"gpu": {}}, r"^model: missing")]
+    for i, (data, msg) in enumerate(cases):
+        p = tmp_path / f"p{i}.yaml"
+        p.write_text(yaml.safe_dump(data))
+        with pytest.raises(PlacementError, match=msg):
+            P.load_plan_input(p)
