@@ -81,14 +81,15 @@ class StabilityConfig:
     """Pre-flight length-bias check: responses over this many tokens count as long (>= 0; 0: over
     the first batch's median length)."""
     warn_bias_corr: Annotated[float, Range(0, 1, hi_open=True)] = 0.2
-    """Collapse warning: the smoothed score-length correlation must be <= -this (in [0, 1))."""
-    warn_length_fraction: Annotated[float, FRACTION] = 0.85
+    """Collapse warning: the smoothed advantage-length (else score-length) correlation must be
+    <= -this (in [0, 1))."""
+    warn_length_fraction: Annotated[float, FRACTION] = 0.9
     """...and the smoothed mean length <= this fraction of its baseline (in (0, 1))."""
     warn_hockey_z: Annotated[float, Range(0, None, lo_open=True)] = 0.125
     """Hockey-stick warning: smoothed reward this many reward stds below its baseline (> 0)."""
-    warn_smooth_window: Annotated[int, POS] = 3
-    """Collapse warning: rolling-median window of the length series (>= 1; shorter than
-    ``smooth_window`` so the warning does not lag)."""
+    warn_smooth_window: Annotated[int, POS] = 1
+    """Collapse warning: rolling-median window of the length series (>= 1; default 1, raw: the
+    warning must not lag, the persistence and the bias indicator guard it against noise)."""
     warn_persistence: Annotated[int, POS] = 2
     """A warning is raised once its condition held for this many consecutive observations (>= 1)."""
     on_collapse_warning: Action = "log"

@@ -45,7 +45,7 @@ import numpy as np
 
 from rlhf.metrics.batch import bucket_key
 from rlhf.metrics.config import StabilityConfig
-from rlhf.metrics.warning import LENGTH_CORR_KEY, WarningVerdict, collapse_warning, hockey_stick_warning
+from rlhf.metrics.warning import BIAS_KEYS, WarningVerdict, collapse_warning, hockey_stick_warning
 
 __all__ = ["DETECTORS", "Detector", "WarningVerdict", "HOCKEY_CLASS_CODES", "PHASE_CODES", "VERDICT_CODES", "HockeyStickVerdict", "LengthCollapseVerdict",
            "StabilityConfig", "StabilityMonitor", "detect_hockey_stick", "detect_length_collapse", "detect_run",
@@ -311,7 +311,7 @@ DETECTORS: dict[str, Detector] = {
         (REWARD_KEY,), lambda s, cfg, scale: detect_hockey_stick(*s[REWARD_KEY], cfg, scale=scale),
         lambda v: f"{v.verdict}/{v.phase}", _hockey_metrics),
     "collapse_warning": Detector(
-        (LENGTH_KEY, LENGTH_CORR_KEY), lambda s, cfg, scale: collapse_warning(s, cfg),
+        (LENGTH_KEY, *BIAS_KEYS), lambda s, cfg, scale: collapse_warning(s, cfg),
         lambda v: v.state, _warning_metric("collapse_warning")),
     "hockey_stick_warning": Detector(
         (REWARD_KEY,), hockey_stick_warning, lambda v: v.state, _warning_metric("hockey_stick_warning")),

@@ -7,8 +7,10 @@ stretch that proved it).
 
 Collapse warning (``stability/collapse_warning``: 0 quiet, 1 warned): raised at the first step
 where, for ``warn_persistence`` consecutive observations,
-  - the reward prefers short responses: the rolling median (``smooth_window``) of the batch's
-    score-length correlation ``reward/length_corr`` is <= -``warn_bias_corr``, and
+  - the update prefers short responses: the rolling median (``smooth_window``) of the batch's
+    correlation of each response's mean advantage with its length (``advantage/length_corr``;
+    without advantages, the score-length correlation ``reward/length_corr``) is <=
+    -``warn_bias_corr``, and
   - the length has started to move: the rolling median (``warn_smooth_window``, shorter: it
     must not lag) of ``rollout/length_mean`` is <= ``warn_length_fraction`` x its baseline (median of the first ``baseline_steps`` values),
 within ``early_steps`` of the first step. Neither alone is enough: a length-biased reward
@@ -33,6 +35,10 @@ import numpy as np
 from rlhf.metrics.config import StabilityConfig
 
 LENGTH_CORR_KEY = "reward/length_corr"
+ADV_CORR_KEY = "advantage/length_corr"
+BIAS_KEYS = (ADV_CORR_KEY, LENGTH_CORR_KEY)
+"""The bias indicator, first found: the correlation of each response's mean advantage with its
+length (the direction the update pushes), else the score-length correlation."""
 
 Series = Mapping[str, tuple[Sequence[int], Sequence[float]]]
 
@@ -73,7 +79,8 @@ def collapse_warning(series: Series, cfg: StabilityConfig | None = None) -> Warn
     from rlhf.metrics.detectors import LENGTH_KEY, _as_series
 
     cfg = cfg or StabilityConfig()
-    if LENGTH_KEY not in series or LENGTH_CORR_KEY not in series:
+    bias = next((k for k in BIAS_KEYS if k in series and len(series[k][0])), None)
+    if LENGTH_KEY not in series or bias is None:
         return WarningVerdict()
     ls, lv = _as_series(*series[LENGTH_KEY])
     if ls.size < cfg.baseline_steps:
@@ -82,7 +89,7 @@ def collapse_warning(series: Series, cfg: StabilityConfig | None = None) -> Warn
     if base <= 0:
         return WarningVerdict()
     _, lsm = _smoothed(ls, lv, cfg.warn_smooth_window)
-    cs, csm = _smoothed(*series[LENGTH_CORR_KEY], cfg.smooth_window)
+    cs, csm = _smoothed(*series[bias], cfg.smooth_window)
     corr_at = dict(zip(cs.tolist(), csm.tolist()))
     corr = np.array([corr_at.get(int(s), math.nan) for s in ls])
     with np.errstate(invalid="ignore"):
