@@ -35,11 +35,15 @@ Example config (all keys; only ``model``, ``data`` and ``out`` are required)::
     micro_batch_size: 8             # pairs per forward (gradient accumulation = batch / micro)
     lr: 1.0e-5
     weight_decay: 0.0
-    warmup_steps: 0                 # linear warm-up, then constant
+    warmup_steps: 0                 # linear warm-up, then constant (warmup_factor)
     grad_clip: 1.0
     zero_stage: 0
     seed: 0
     force: false
+
+Training runs on the PPO engines' own DeepSpeed setup, ``rlhf.engines.deepspeed_engine.DeepSpeedTrainEngine``
+(torch AdamW with betas 0.9, 0.999; the learning rate follows its ``warmup_factor``); saving gathers
+the weights on every rank (ZeRO-3 included) and rank 0 writes.
 
 Command line: ``rlhf rm CONFIG.yaml [key=value ...] [--force]`` (``key=value`` overrides a key).
 Multi-process data parallel: launch with ``torchrun``/``deepspeed``; a single process starts its own
@@ -98,7 +102,7 @@ class RMConfig:
     weight_decay: Annotated[float, Range(0, None)] = 0.0
     """AdamW weight decay (>= 0)"""
     warmup_steps: Annotated[int, Range(0, None)] = 0
-    """linear warm-up steps (>= 0), then constant"""
+    """linear warm-up steps (>= 0), then constant (``rlhf.engines.deepspeed_engine.warmup_factor``)"""
     grad_clip: Annotated[float, Range(0, None)] = 1.0
     """gradient-norm clipping (>= 0; 0: off)"""
     zero_stage: Annotated[int, Range(0, 3)] = 0
@@ -219,14 +223,14 @@ def pair_accuracy(engine, tokenizer, encoded, micro: int) -> float:
 
 
 def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
-    """Train and save a reward model; returns the output directory."""
-    import deepspeed
+    """Train and save a reward model; returns the output directory. Every rank calls it and returns
+    once the output is in place."""
     import torch
     import torch.distributed as dist
     from bairlhf.progress import progress as tqdm  # plain lines in non-TTY logs
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from rlhf.engines.deepspeed_engine import init_distributed
+    from rlhf.engines.deepspeed_engine import DeepSpeedTrainEngine, EngineSpec, init_distributed
 
     tokenizer = AutoTokenizer.from_pretrained(cfg.model)
     if tokenizer.pad_token_id is None or tokenizer.eos_token_id is None:
@@ -236,26 +240,21 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
     evals = _encode_all(tokenizer, eval_pairs, cfg.max_length, cfg.eval_data) if cfg.eval_data else []
 
     started = init_distributed()  # shared with rlhf sft and the PPO engines: one-rank group when not launched
-    world, rank = dist.get_world_size(), dist.get_rank()
-    if cfg.batch_size % (cfg.micro_batch_size * world):
-        raise RMError(f"batch_size: {cfg.batch_size} is not divisible by micro_batch_size "
-                         f"{cfg.micro_batch_size} x {world} ranks")
-    accum = cfg.batch_size // (cfg.micro_batch_size * world)
-    torch.manual_seed(cfg.seed)
-    model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, dtype=torch.float32)
-    model.config.pad_token_id = tokenizer.pad_token_id
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / (cfg.warmup_steps + 1)))
-    ds_config = {
-        "train_batch_size": cfg.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": accum,
-        "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "steps_per_print": 10 ** 9,
-    }
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, lr_scheduler=sched, config=ds_config)
+    eng = None
     try:
+        world, rank = dist.get_world_size(), dist.get_rank()
+        if cfg.batch_size % (cfg.micro_batch_size * world):
+            raise RMError(f"batch_size: {cfg.batch_size} is not divisible by micro_batch_size "
+                          f"{cfg.micro_batch_size} x {world} ranks")
+        accum = cfg.batch_size // (cfg.micro_batch_size * world)
+        torch.manual_seed(cfg.seed)
+        model = AutoModelForSequenceClassification.from_pretrained(cfg.model, num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tokenizer.pad_token_id
+        spec = EngineSpec(lr=float(cfg.lr), warmup_steps=cfg.warmup_steps, weight_decay=float(cfg.weight_decay),
+                          betas=(0.9, 0.999), grad_clip=float(cfg.grad_clip), micro_batch_size=cfg.micro_batch_size,
+                          grad_accum=accum, seed=cfg.seed, zero_stage=cfg.zero_stage)
+        eng = DeepSpeedTrainEngine(model, spec)
+        engine = eng.engine  # the DeepSpeed engine: the raw sequence-classification forward
         rng = random.Random(cfg.seed)
         order = []
         for _ in range(cfg.epochs):
@@ -265,7 +264,7 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
         mine = order[rank::world]
         micro_batches = [mine[i: i + cfg.micro_batch_size] for i in range(0, len(mine), cfg.micro_batch_size)]
         micro_batches = micro_batches[: len(micro_batches) // accum * accum] or micro_batches
-        engine.train()
+        eng.train(True)
         bar = tqdm(micro_batches, desc="rlhf rm", disable=not show_progress or rank != 0)
         for mb in bar:
             ids, mask = _pad([train[i][0] for i in mb] + [train[i][1] for i in mb], tokenizer.pad_token_id)
@@ -273,10 +272,10 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
             loss = -torch.nn.functional.logsigmoid(scores[: len(mb)] - scores[len(mb):]).mean()
             if not torch.isfinite(loss):
                 raise ValueError("non-finite loss; nothing was written")
-            engine.backward(loss)
-            engine.step()
+            eng.backward(loss / accum)  # the mean over the accumulated micro-batches
+            eng.step()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        engine.eval()
+        eng.train(False)
         all_scores = torch.cat([_scores(engine, tokenizer, [p[0] for p in train], cfg.micro_batch_size * 2),
                                 _scores(engine, tokenizer, [p[1] for p in train], cfg.micro_batch_size * 2)])
         stats = {
@@ -287,28 +286,23 @@ def train_reward_model(cfg: RMConfig, *, show_progress: bool = True) -> Path:
             "eval_pair_accuracy": pair_accuracy(engine, tokenizer, evals, cfg.micro_batch_size * 2) if evals else None,
         }
         out = Path(cfg.out)
+        tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         if rank == 0:
-            tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            unwrapped = engine.module
-            if cfg.zero_stage == 3:
-                from deepspeed.runtime.zero.partition_parameters import GatheredParameters
-
-                with GatheredParameters(list(unwrapped.parameters())):
-                    unwrapped.save_pretrained(str(tmp), safe_serialization=True)
-            else:
-                unwrapped.save_pretrained(str(tmp), safe_serialization=True)
+        eng.save_pretrained(tmp)  # collective: every rank gathers (ZeRO-3), rank 0 writes
+        if rank == 0:
             tokenizer.save_pretrained(str(tmp))
             (tmp / "rm_stats.json").write_text(json.dumps(stats, indent=2) + "\n")
             (tmp / "rm_config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False))
             mark_output(tmp, COMMAND)
             replace_dir(tmp, out)  # an existing out was checked by check_output (an earlier rlhf rm output)
+        dist.barrier()
         return out
     finally:
-        engine.destroy()
-        if started:
-            deepspeed.comm.destroy_process_group()
+        if eng is not None:
+            eng.destroy(group=started)  # also drops DeepSpeed's cached groups
+        elif started:
+            dist.destroy_process_group()
 
 
 def read_stats(path: str | Path) -> dict:

@@ -28,10 +28,13 @@ naming the key or file:line, raised before any work; nothing is written until th
 complete. ``--force`` replaces only an earlier output of ``rlhf sft`` (its marker file,
 ``bairlhf.outputs``), never an input.
 
-DeepSpeed runs everywhere (ZeRO stage 0-3; on CPU through gloo in a single process). A torch
-AdamW optimizer is passed to ``deepspeed.initialize`` (no JIT-compiled ops). Launch several
-processes with the ``deepspeed`` or ``torchrun`` launcher for data parallelism; rank and world
-size come from the usual environment variables, e.g.
+DeepSpeed runs everywhere (ZeRO stage 0-3; on CPU through gloo in a single process) through the
+PPO engines' own setup, ``rlhf.engines.deepspeed_engine.DeepSpeedTrainEngine``: torch AdamW (betas
+0.9, 0.999) as DeepSpeed's client optimizer (no JIT-compiled ops) and its learning-rate schedule,
+``warmup_factor`` with ``int(warmup_ratio x optimizer steps)`` warm-up steps. Saving gathers the
+weights on every rank (ZeRO-3 included) and rank 0 writes. Launch several processes with the
+``deepspeed`` or ``torchrun`` launcher for data parallelism; rank and world size come from the usual
+environment variables, e.g.
 ``deepspeed --num_gpus 8 $(which rlhf) sft CONFIG.yaml`` or
 ``torchrun --nproc_per_node 8 -m rlhf.cli sft CONFIG.yaml``.
 
@@ -124,7 +127,8 @@ class SFTConfig:
     max_len: Annotated[int, Range(2, None)] = 2048
     """Examples longer than this (prompt + response tokens, >= 2) are dropped and counted."""
     warmup_ratio: Annotated[float, Range(0, 1, hi_open=True)] = 0.03
-    """Fraction of optimizer steps with linear warm-up, in [0, 1); constant learning rate afterwards."""
+    """Fraction of optimizer steps with linear warm-up, in [0, 1); constant learning rate afterwards
+    (``rlhf.engines.deepspeed_engine.warmup_factor`` with ``int(warmup_ratio x steps)`` warm-up steps)."""
     weight_decay: Annotated[float, Range(0, None)] = 0.0
     """AdamW weight decay (>= 0)."""
     grad_clip: Annotated[float, Range(0, None)] = 1.0
@@ -311,36 +315,23 @@ def add_lora(model, lora: LoraSettings):
     return get_peft_model(model, cfg)
 
 
-def _ds_config(cfg: SFTConfig, world: int) -> dict:
-    per_step = cfg.micro_batch_size * world
-    return {
-        "train_batch_size": cfg.batch_size,
-        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
-        "gradient_accumulation_steps": cfg.batch_size // per_step,
-        "gradient_clipping": float(cfg.grad_clip),
-        "zero_optimization": {"stage": int(cfg.zero_stage)},
-        "bf16": {"enabled": cfg.dtype == "bfloat16"},
-        "steps_per_print": 10 ** 9,
-        "wall_clock_breakdown": False,
-    }
-
-
-def _save(model, tokenizer, out: Path, meta: dict, metrics: list[dict]) -> None:
-    """Write the adapter (LoRA) or the full checkpoint to a temporary sibling, then rename."""
-    import deepspeed
+def _save(engine, tokenizer, out: Path, meta: dict, metrics: list[dict], lora: bool) -> None:
+    """Write the adapter (LoRA) or the full checkpoint to a temporary sibling, then rename. Every rank
+    calls it (the engine gathers ZeRO-3 partitions collectively), rank 0 writes; every rank returns
+    once ``out`` is in place."""
+    import torch.distributed as dist
 
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    params = [p for p in model.parameters() if hasattr(p, "ds_id")]
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        if int(os.environ.get("RANK", "0")) == 0:
-            model.save_pretrained(str(tmp), safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-            (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in metrics))
-            (tmp / "sft_meta.json").write_text(json.dumps(meta, indent=2))
-    if int(os.environ.get("RANK", "0")) == 0:
+    if engine.rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+    engine.save_pretrained(tmp, trainable_only=lora)  # LoRA: only the adapter is gathered and written
+    if engine.rank == 0:
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "metrics.jsonl").write_text("".join(json.dumps(x) + "\n" for x in metrics))
+        (tmp / "sft_meta.json").write_text(json.dumps(meta, indent=2))
         mark_output(tmp, COMMAND)
         replace_dir(tmp, out)  # an existing out was checked by check_output (an earlier rlhf sft output)
+    dist.barrier()
 
 
 # ----------------------------------------------------------------------------- training
@@ -351,9 +342,10 @@ def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
 
     ``records`` (prompt/response dicts) may be passed in memory instead of reading ``cfg.data``.
     The output holds the adapter or full weights, the tokenizer, ``sft_meta.json`` (config,
-    example counts, final loss, time) and ``metrics.jsonl`` (loss and lr per logged step).
+    example counts, final loss, time) and ``metrics.jsonl`` (loss, the mean over all ranks'
+    micro-batches of the step, and lr per logged step). Every rank calls it and returns once the
+    output is in place.
     """
-    import deepspeed
     import torch
     from bairlhf.progress import progress as tqdm  # plain lines in non-TTY logs
     from transformers import AutoTokenizer
@@ -369,13 +361,13 @@ def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
     examples, dropped = build_examples(tokenizer, records, cfg)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
-    from rlhf.engines.deepspeed_engine import init_distributed
+    from rlhf.engines.deepspeed_engine import DeepSpeedTrainEngine, EngineSpec, init_distributed
 
     created = init_distributed()
     engine = None
     try:
         rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-        ds_config = _ds_config(cfg, world)
+        gas = cfg.batch_size // (cfg.micro_batch_size * world)
         torch.manual_seed(cfg.seed)
         model = load_model(cfg.model, cfg.dtype)
         if cfg.gradient_checkpointing:
@@ -383,18 +375,15 @@ def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
             model.config.use_cache = False
         if cfg.method == "lora":
             model = add_lora(model, cfg.lora)
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=float(cfg.lr), weight_decay=float(cfg.weight_decay))
-        gas = ds_config["gradient_accumulation_steps"]
         micro_per_epoch = math.ceil(len(examples) / (cfg.micro_batch_size * world))
         micro_per_epoch = math.ceil(micro_per_epoch / gas) * gas
         total_steps = cfg.epochs * micro_per_epoch // gas
-        warmup = int(cfg.warmup_ratio * total_steps)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-        engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
-                                               config=ds_config)
-        engine.train()
+        spec = EngineSpec(lr=float(cfg.lr), warmup_steps=int(cfg.warmup_ratio * total_steps),
+                          weight_decay=float(cfg.weight_decay), betas=(0.9, 0.999), grad_clip=float(cfg.grad_clip),
+                          micro_batch_size=cfg.micro_batch_size, grad_accum=gas, seed=cfg.seed,
+                          zero_stage=cfg.zero_stage, bf16=cfg.dtype == "bfloat16")
+        engine = DeepSpeedTrainEngine(model, spec)
+        engine.train(True)
         gen = torch.Generator().manual_seed(cfg.seed)
         t0, step, window, final_loss = time.time(), 0, [], float("nan")
         metrics_lines = []
@@ -407,29 +396,32 @@ def train(cfg: SFTConfig, records: list[dict] | None = None) -> Path:
             for m in range(micro_per_epoch):
                 batch = collate([examples[i] for i in mine[m * cfg.micro_batch_size:(m + 1) * cfg.micro_batch_size]],
                                 pad_id)
-                batch = {k: v.to(engine.device) for k, v in batch.items()}
-                loss = engine(**batch).loss
-                engine.backward(loss)
-                engine.step()
+                batch = {k: v.to(engine.engine.device) for k, v in batch.items()}
+                loss = engine.engine(**batch).loss
+                engine.backward(loss / gas)  # the mean over the accumulated micro-batches
+                rec = engine.step()
                 window.append(loss.item())
                 if (m + 1) % gas == 0:
                     step += 1
                     final_loss = sum(window) / len(window)
+                    if world > 1:  # the mean over every rank's micro-batches of the step
+                        total = torch.tensor(final_loss, dtype=torch.float64)
+                        torch.distributed.all_reduce(total)
+                        final_loss = float(total) / world
                     window = []
                     bar.update(1)
                     bar.set_postfix(loss=f"{final_loss:.4f}")
                     if step % cfg.log_every == 0 or step == total_steps:
-                        metrics_lines.append({"step": step, "epoch": epoch, "loss": final_loss,
-                                              "lr": scheduler.get_last_lr()[0]})
+                        metrics_lines.append({"step": step, "epoch": epoch, "loss": final_loss, "lr": rec["lr"]})
         bar.close()
         meta = {"config": dataclasses.asdict(cfg), "examples": len(examples), "dropped_too_long": dropped,
                 "optimizer_steps": step, "final_loss": final_loss, "seconds": time.time() - t0,
                 "world_size": world}
-        engine.eval()
-        _save(engine.module, tokenizer, out, meta, metrics_lines)
+        engine.train(False)
+        _save(engine, tokenizer, out, meta, metrics_lines, lora=cfg.method == "lora")
     finally:
         if engine is not None:
-            engine.destroy()
-        if created:
-            deepspeed.comm.destroy_process_group()  # also drops DeepSpeed's cached groups
+            engine.destroy(group=created)  # also drops DeepSpeed's cached groups
+        elif created:
+            torch.distributed.destroy_process_group()
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import rlhf.rm as _lib
@@ -19,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
     check_data(cfg)  # every line of the pairs files, before loading anything
     out = train_reward_model(cfg)
     stats = read_stats(out)
+    if int(os.environ.get("RANK", "0")) != 0:   # one line per job, not per rank
+        return 0
     print(f"rlhf rm: wrote {out} (score mean {stats['mean']:.4f}, std {stats['std']:.4f}, "
           f"train pair accuracy {stats['train_pair_accuracy']:.3f}"
           + (f", eval {stats['eval_pair_accuracy']:.3f}" if stats['eval_pair_accuracy'] is not None else "") + ")")

@@ -5,14 +5,17 @@ checkpoint (``policy``: causal LM; ``critic``: ``AutoModelForSequenceClassificat
 per token) and owns the Hugging Face forward: ``forward(batch)`` gives per-token ``logp`` / ``entropy``
 or ``values`` of the workers' batch layout (``rlhf.workers.batch``), ``forward_backward(batch, loss_fn)``
 micro-batches it, ``step()`` is the accumulation boundary. ``DeepSpeedTrainEngine(model, spec)`` wraps
-an already built model (``rlhf sft`` / ``rlhf rm``-style callers and the engine tests).
+an already built model: ``rlhf sft`` (a causal LM, LoRA-wrapped or not) and ``rlhf rm`` (a
+sequence-score model) train through it with their own forward, ``backward`` and ``step``, and save with
+``save_pretrained``: this class is the one DeepSpeed setup of the project (config, optimizer, schedule).
 
-One instance per data-parallel rank, created inside a Ray worker after the process group env
-(``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) is set. The optimizer
-is torch AdamW (fused) handed to DeepSpeed as a client optimizer (no JIT op builds); the learning rate
-warms up linearly then stays constant; gradient clipping is DeepSpeed's. Gradient accumulation
-is DeepSpeed's: ``backward`` never rescales the loss (the PPO losses are already normalised by
-the global token count), ``step`` only updates at the accumulation boundary.
+One instance per data-parallel rank, created inside a Ray worker (or a launched ``rlhf sft`` / ``rlhf rm``
+process) after the process group env (``MASTER_ADDR``, ``MASTER_PORT``, ``RANK``, ``WORLD_SIZE``,
+``LOCAL_RANK``) is set. The optimizer is torch AdamW (fused) handed to DeepSpeed as a client optimizer
+(no JIT op builds); the learning rate follows ``warmup_factor`` (linear warm-up, then constant);
+gradient clipping is DeepSpeed's. Gradient accumulation is DeepSpeed's: ``backward`` never rescales
+the loss (the PPO losses are already normalised by the global token count; ``rlhf sft`` / ``rlhf rm``
+divide their micro-batch means by ``grad_accum``), ``step`` only updates at the accumulation boundary.
 
 State files are loaded without pickle code execution: ``safe_load`` is ``torch.load(weights_only=
 True)`` with an allowlist of the three DeepSpeed classes its checkpoints hold (``SAFE_GLOBALS``),
@@ -32,7 +35,7 @@ import torch
 
 from rlhf.engines.accelerator import attn_implementation
 from rlhf.engines.base import EngineArgs
-from rlhf.workers.batch import response_slice, select_rows, to_device
+from rlhf.workers.batch import RolloutBatch, ScoredBatch
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,14 @@ def first_non_finite(obj, where: str = "") -> str | None:
         if bad is not None:
             return bad
     return None
+
+
+def warmup_factor(step: int, warmup_steps: int) -> float:
+    """The one learning-rate schedule (PPO actor and critic, ``rlhf sft``, ``rlhf rm``): the multiplier of
+    the peak LR at optimizer step ``step`` (0-based) is ``min(1, (step + 1) / warmup_steps)``, or 1 when
+    ``warmup_steps`` is 0. The first step runs at ``lr / warmup_steps``; step ``warmup_steps - 1`` and
+    every later one at ``lr``."""
+    return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 def _free_port() -> int:
@@ -131,16 +142,16 @@ def load_hf_model(model_dir: str | Path, role: str, dtype: torch.dtype = torch.f
 
 # ----------------------------------------------------------------------------- the HF forward
 
-def _forward_hidden_or_logits(model, batch, **kw):
-    batch = to_device(batch, next(model.parameters()).device)
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                 position_ids=batch["position_ids"], use_cache=False, **kw)
+def _forward_hidden_or_logits(model, batch: RolloutBatch, **kw):
+    dev = next(model.parameters()).device
+    return model(input_ids=batch.input_ids.to(dev), attention_mask=batch.attention_mask.to(dev),
+                 position_ids=batch.position_ids.to(dev), use_cache=False, **kw)
 
 
-def policy_logits(model, batch: dict, temperature: float) -> torch.Tensor:
+def policy_logits(model, batch: RolloutBatch, temperature: float) -> torch.Tensor:
     """Logits ``[B, T, V]`` that predict each response token (divided by the sampling temperature)."""
     logits = _forward_hidden_or_logits(model, batch).logits
-    return response_slice(logits, batch).float() / temperature
+    return batch.response_slice(logits).float() / temperature
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -157,12 +168,12 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
-def critic_values(model, batch: dict) -> torch.Tensor:
+def critic_values(model, batch: RolloutBatch) -> torch.Tensor:
     """Values ``[B, T]``: V_t is read at the state that predicts response token t (same positions
     as the policy's logits, so the value mask is the response mask, unshifted)."""
     backbone = getattr(model, model.base_model_prefix)
     hidden = _forward_hidden_or_logits(backbone, batch).last_hidden_state
-    return model.score(response_slice(hidden, batch)).squeeze(-1).float()
+    return model.score(batch.response_slice(hidden)).squeeze(-1).float()
 
 
 class DeepSpeedTrainEngine:
@@ -181,7 +192,7 @@ class DeepSpeedTrainEngine:
         opt = torch.optim.AdamW(params, lr=spec.lr, betas=tuple(spec.betas), weight_decay=spec.weight_decay,
                                 fused=True)  # one kernel per tensor, CPU and GPU (half the step time here)
         warm = max(spec.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm > 0 else 1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_factor(s, warm))
         world = int(os.environ.get("WORLD_SIZE", "1"))
         ds_config = {
             "train_micro_batch_size_per_gpu": spec.micro_batch_size,
@@ -218,13 +229,13 @@ class DeepSpeedTrainEngine:
 
     # ------------------------------------------------------------------ the HF forward
 
-    def _outputs(self, batch: dict, top_k: int = 0, top_p: float = 1.0) -> dict[str, torch.Tensor]:
+    def _outputs(self, batch: RolloutBatch, top_k: int = 0, top_p: float = 1.0) -> dict[str, torch.Tensor]:
         if self.role == "critic":
             return {"values": critic_values(self.module, batch)}
         from rlhf.algo import entropy_from_logits, logprobs_from_logits
 
         logits = policy_logits(self.module, batch, self.temperature)
-        responses = batch["responses"].to(logits.device)
+        responses = batch.responses.to(logits.device)
         out = {"logp": logprobs_from_logits(logits, responses)}
         with torch.no_grad():  # statistics, never differentiated
             out["entropy"] = entropy_from_logits(logits)
@@ -233,28 +244,28 @@ class DeepSpeedTrainEngine:
         return out
 
     @torch.no_grad()
-    def forward(self, batch: dict, top_k: int = 0, top_p: float = 1.0) -> dict[str, torch.Tensor]:
+    def forward(self, batch: RolloutBatch, top_k: int = 0, top_p: float = 1.0) -> dict[str, torch.Tensor]:
         """``{"logp", "entropy"}`` (policy) or ``{"values"}`` (critic), ``[B, T]`` float32 on the CPU, from
         one forward over the whole batch (values at ``mask == 0`` are unspecified). A policy given
         ``top_k`` / ``top_p`` also returns ``logp_filtered``: the logprobs after the sampler's filtering."""
         self.engine.train(False)
         return {k: v.cpu() for k, v in self._outputs(batch, top_k, top_p).items()}
 
-    def forward_backward(self, batch: dict, loss_fn: Callable) -> list[dict[str, float]]:
+    def forward_backward(self, batch: ScoredBatch, loss_fn: Callable) -> list[dict[str, float]]:
         """Accumulate gradients of ``loss_fn(outputs, sub_batch) -> (loss, stats)`` over micro-batches of
         ``spec.micro_batch_size`` rows; the loss is back-propagated as given (never rescaled). The rows
         of one call are one optimizer step's share of this rank (``grad_accum`` micro-batches): the
         following ``step()`` is DeepSpeed's accumulation boundary. Returns one record per micro-batch
         (stats as floats plus ``loss``); raises ``FloatingPointError`` on a non-finite loss."""
         self.engine.train(True)
-        B = int(batch["mask"].shape[0])
+        B = batch.num_rows
         starts = list(range(0, B, self.spec.micro_batch_size))
         out: list[dict[str, float]] = []
         for i, s in enumerate(starts):
             if self._pending:  # the previous micro-batch's DeepSpeed step (never the boundary here)
                 self.engine.step()
                 self._pending = False
-            sub = to_device(select_rows(batch, range(s, min(s + self.spec.micro_batch_size, B))), self.module.device)
+            sub = batch.select_rows(range(s, min(s + self.spec.micro_batch_size, B))).to(self.module.device)
             loss, stats = loss_fn(self._outputs(sub), sub)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} (rank {self.rank})")
@@ -289,12 +300,15 @@ class DeepSpeedTrainEngine:
     def train(self, mode: bool = True) -> None:
         self.engine.train(mode)
 
-    def export_weights(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """(HF name, full CPU tensor copy) of every parameter, one at a time (ZeRO-3 gathers each in
-        turn: collective, every rank must consume the iterator)."""
+    def export_weights(self, trainable_only: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+        """(HF name, full CPU tensor copy) of every parameter (``trainable_only``: of those with
+        ``requires_grad``), one at a time (ZeRO-3 gathers each in turn: collective, every rank must
+        consume the iterator)."""
         import deepspeed
 
         for name, p in self.module.named_parameters():
+            if trainable_only and not p.requires_grad:
+                continue
             with deepspeed.zero.GatheredParameters([p], enabled=self.spec.zero_stage == 3):
                 yield name, p.detach().to("cpu", copy=True)
 
@@ -303,14 +317,19 @@ class DeepSpeedTrainEngine:
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """Parameters and buffers, unsharded, keyed like the Hugging Face model's own state dict."""
         sd = dict(self.export_weights())
+        first = {id(p): n for n, p in self.module.named_parameters()}
+        for name, p in self.module.named_parameters(remove_duplicate=False):  # tied names (lm_head = embed):
+            if name not in sd:  # a copy of the gathered tensor (ZeRO-3's own is an empty partition)
+                sd[name] = sd[first[id(p)]].clone()
         for name, t in self.module.state_dict().items():  # persistent buffers (no parameter is missing)
             if name not in sd and name.rsplit(".", 1)[-1] not in ("inv_freq",):
                 sd.setdefault(name, t.detach().to("cpu", copy=True))
         return sd
 
-    def save_pretrained(self, out_dir: str | Path) -> None:
-        """Hugging Face checkpoint (safetensors); every rank must call it (ZeRO-3 gathers), rank 0 writes."""
-        sd = self.full_state_dict()
+    def save_pretrained(self, out_dir: str | Path, trainable_only: bool = False) -> None:
+        """Hugging Face checkpoint (safetensors); every rank must call it (ZeRO-3 gathers), rank 0 writes.
+        ``trainable_only`` gathers only the trained parameters (a peft model then writes its adapter)."""
+        sd = dict(self.export_weights(trainable_only=True)) if trainable_only else self.full_state_dict()
         if self.rank == 0:
             self.module.save_pretrained(str(out_dir), state_dict=sd, safe_serialization=True)
 
@@ -326,13 +345,15 @@ class DeepSpeedTrainEngine:
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed state under {in_dir}")
 
-    def destroy(self) -> None:
+    def destroy(self, group: bool = True) -> None:
+        """Free the DeepSpeed engine, forget DeepSpeed's cached groups and destroy the process group
+        (``group=False`` keeps it: a caller that did not create it)."""
         import torch.distributed as dist
 
         try:
             self.engine.destroy()
         finally:
-            if dist.is_initialized():
+            if group and dist.is_initialized():
                 dist.destroy_process_group()
             _forget_deepspeed_groups()
 

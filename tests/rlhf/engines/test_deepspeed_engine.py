@@ -122,21 +122,21 @@ def test_policy_from_pretrained_forward_and_update(tiny_llama, dist_env):
     eng = DeepSpeedTrainEngine.from_pretrained(tiny_llama, "policy", DeepSpeedConfig(), args)
     try:
         out = eng.forward(batch)
-        assert set(out) == {"logp", "entropy"} and out["logp"].shape == batch["mask"].shape
+        assert set(out) == {"logp", "entropy"} and out["logp"].shape == batch.mask.shape
         with torch.no_grad():
-            want = logprobs_from_logits(policy_logits(eng.module, batch, 0.7), batch["responses"])
+            want = logprobs_from_logits(policy_logits(eng.module, batch, 0.7), batch.responses)
         assert torch.equal(out["logp"], want)
         seen = []
 
         def loss_fn(o, sub):
-            seen.append(sub["mask"].shape[0])
-            return -(o["logp"] * sub["mask"]).sum() / batch["mask"].sum(), {"tokens": sub["mask"].sum()}
+            seen.append(sub.mask.shape[0])
+            return -(o["logp"] * sub.mask).sum() / batch.mask.sum(), {"tokens": sub.mask.sum()}
 
         recs = eng.forward_backward(batch, loss_fn)
         assert seen == [2, 2] and [set(r) for r in recs] == [{"tokens", "loss"}] * 2
         step = eng.step()
         assert set(step) == {"grad_norm", "lr"} and step["grad_norm"] > 0
-        assert eng.forward(batch)["logp"][batch["mask"] > 0].mean() > want[batch["mask"] > 0].mean()
+        assert eng.forward(batch)["logp"][batch.mask > 0].mean() > want[batch.mask > 0].mean()
         names = [n for n, _ in eng.export_weights()]
         assert names == [n for n, _ in eng.module.named_parameters()] and eng.dp_size == 1
     finally:
