@@ -30,7 +30,8 @@ def test_stop_on_collapse_warning_then_resume(ray_address, tmp_path):
     assert latest_checkpoint(run_dir).name == f"step_{step:06d}"
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert recs[-1]["step"] == step and recs[-1]["stability/collapse_warning"] == 1.0
-    assert recs[-1]["reward/length_corr"] < -0.2          # the short-answer reward's bias, seen by the indicator
+    bias = sorted(r["advantage/length_corr"] for r in recs[-3:])[1]   # median of 3 (metrics.smooth_window)
+    assert bias <= -0.2                                  # the update prefers short answers: the indicator
 
     train(load_config(run_dir / "config.yaml", [f"run_dir={run_dir}"]), resume=True)
     recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
