@@ -182,7 +182,15 @@ class PPOSettings:
     kl_horizon: Annotated[int, ONE_UP] = 10000
     """Adaptive KL horizon (>= 1)."""
     whiten_advantages: bool = True
-    """Whiten advantages over all response tokens of the batch."""
+    """Whiten advantages over all response tokens of the batch (``gae`` only: the critic-free
+    estimators fix their own scale)."""
+    advantage_estimator: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_pp"] = "gae"
+    """Advantage estimator, a key of ``rlhf.algo.estimators.ESTIMATORS``: ``gae`` (PPO with a
+    critic), or critic-free ``grpo``, ``dr_grpo``, ``rloo`` (groups of ``n_samples_per_prompt``
+    >= 2 responses per prompt) or ``reinforce_pp``. Without a critic none is spawned, trained or
+    checkpointed."""
+    grpo_eps: Annotated[float, POS] = 1e-6
+    """Added to the group reward std of ``grpo`` (> 0)."""
     critic_warmup_steps: Annotated[int, NONNEG] = 0
     """Steps at the start where only the critic trains (>= 0)."""
     tis_cap: Annotated[float, POS] | None = None
@@ -399,6 +407,15 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
     _check(n % p.mini_batch_size == 0, "ppo.mini_batch_size",
            f"{p.mini_batch_size} does not divide the rollout batch of {n} sequences "
            "(rollout_batch_size x n_samples_per_prompt)")
+    if p.advantage_estimator != "gae":  # the registry imports torch; the default path stays torch-free
+        from rlhf.algo.estimators import get_estimator
+
+        est = get_estimator(p.advantage_estimator)
+        _check(not est.needs_groups or p.n_samples_per_prompt >= 2, "ppo.n_samples_per_prompt",
+               f"is {p.n_samples_per_prompt}; ppo.advantage_estimator {est.name} compares responses to the "
+               "same prompt and needs >= 2")
+        _check(est.needs_critic or p.critic_warmup_steps == 0, "ppo.critic_warmup_steps",
+               f"must be 0: ppo.advantage_estimator {est.name} trains no critic (model.critic is ignored)")
     m = cfg.megatron
     for role, key in [("actor", "cluster.actor_workers"), ("critic", "cluster.critic_workers")]:
         ranks = getattr(c, role + "_workers")

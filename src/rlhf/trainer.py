@@ -6,8 +6,9 @@ run directory's ownership, the cluster's resources), then creates the run direct
 built or BAI merge run, ``config.yaml``), starts the Ray workers, restores the last checkpoint
 when resuming, and calls ``ppo_step`` once per step. A step samples prompts, generates (collated
 into a ``RolloutBatch``, ``rlhf.workers.batch``), scores (actor, reference, critic, reward),
-computes token rewards and GAE on the driver (a ``ScoredBatch``), trains actor and critic over
-mini-batches, pushes the new actor weights to the rollout engine, logs metrics and checkpoints
+computes token rewards and advantages on the driver (``ppo.advantage_estimator``: GAE with the
+critic, or a critic-free one and then no critic is spawned; a ``ScoredBatch``), trains actor (and
+critic) over mini-batches, pushes the new actor weights to the rollout engine, logs metrics and checkpoints
 every K steps. A Ray worker that dies restarts the workers from the last
 checkpoint (bounded retries); a worker whose constructor fails and a non-finite loss stop the
 run with its last checkpoint intact. Every appended run file is cut back to the checkpoint's
@@ -102,7 +103,7 @@ def build_models(cfg: PPOConfig, run_dir: Path, tok) -> None:
 
 def check_inputs(cfg: PPOConfig, run_dir: Path):
     """Refuse bad inputs before any work; returns the tokenizer (the tiny one built in memory)."""
-    from rlhf.workers.preflight import check_model_dir, check_reward_functions
+    from rlhf.workers.preflight import check_model_dir, check_reward_functions, uses_critic
 
     check_reward_functions(cfg, run_dir)
     paths, m = model_paths(cfg, run_dir), cfg.model
@@ -121,7 +122,8 @@ def check_inputs(cfg: PPOConfig, run_dir: Path):
     seen, to_build = set(), m.actor == "tiny" or m.bai_recipe is not None
     for key, p in [("model.actor", paths.actor), ("model.reference", paths.reference),
                    ("reward.model", cfg.reward.model), ("model.critic", paths.critic)]:
-        if p is None or p in seen or (to_build and p == paths.actor and not Path(p).exists()):
+        if p is None or p in seen or (to_build and p == paths.actor and not Path(p).exists()) or (
+                key == "model.critic" and not uses_critic(cfg)):
             continue  # the tiny / merged actor is built after validation
         seen.add(p)
         check_model_dir(key, p, m.allow_pickle)
@@ -258,12 +260,16 @@ def split(n: int, world: int) -> list[list[int]]:
     return [list(range(r * k, (r + 1) * k)) for r in range(world)]
 
 
-def make_plans(cfg: PPOConfig, step: int, mask: torch.Tensor, world: int) -> list[list]:
-    """Per rank: for each epoch, the (rows, global mini-batch token count) of each mini-batch.
+def make_plans(cfg: PPOConfig, step: int, mask: torch.Tensor, world: int, loss_agg: str = "token_mean") -> list[list]:
+    """Per rank: for each epoch, the (rows, loss divisor) of each mini-batch; the divisor is the
+    global mini-batch's token count, or rows x ``rollout.max_new_tokens`` for ``loss_agg``
+    ``token_sum_norm`` (``rlhf.algo.estimators.loss_num_tokens``).
 
     Rows are shuffled per epoch with a generator seeded by (seed, step, epoch), so a resumed run
     trains on the same mini-batches. Each mini-batch is split contiguously over the ranks.
     """
+    from rlhf.algo import loss_num_tokens
+
     B, mb = mask.shape[0], cfg.ppo.mini_batch_size
     plans: list[list] = [[] for _ in range(world)]
     for epoch in range(cfg.ppo.ppo_epochs):
@@ -272,7 +278,7 @@ def make_plans(cfg: PPOConfig, step: int, mask: torch.Tensor, world: int) -> lis
         per_rank: list[list] = [[] for _ in range(world)]
         for i in range(0, B, mb):
             rows = perm[i:i + mb]
-            ntok = float(mask[rows].sum())
+            ntok = loss_num_tokens(loss_agg, float(mask[rows].sum()), len(rows), cfg.rollout.max_new_tokens)
             for r, shard in enumerate(split(len(rows), world)):
                 per_rank[r].append(([rows[j] for j in shard], ntok))
         for r in range(world):
@@ -296,7 +302,8 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     """One PPO step; returns its metrics. Mutates ``state`` (step, data position, KL coefficient)."""
     import ray
 
-    from rlhf.algo import adaptive_kl_coef, gae, masked_whiten, mismatch_keep_mask, token_rewards, truncated_is_weights
+    from rlhf.algo import adaptive_kl_coef, get_estimator, mismatch_keep_mask, truncated_is_weights
+    from rlhf.algo.driver import step_advantages
     from rlhf.engines.base import SamplingParams
     from rlhf.metrics import ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, preflight_report, reduce_update_stats
     from rlhf.workers.batch import ScoredBatch, collate
@@ -318,7 +325,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     # 2. score: trainer logprobs (the old policy; with old_logp_source rollout only at step 0, for the
     #    rollout-vs-trainer check), reference logprobs, values, reward
     bref = ray.put(batch)
-    a_shards, c_shards = split(B, len(w.actor)), split(B, len(w.critic))
+    c_shards = split(B, len(w.critic)) if w.critic else []  # no critic: a critic-free estimator
     rescore = p.old_logp_source == "trainer" or step == 0
     sub = list(range(B)) if rescore else sorted(random.Random(cfg.seed * 7919 + step).sample(
         range(B), min(B, p.mismatch_sample_rows)))  # old logprobs from the rollout: a sampled subset
@@ -331,7 +338,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     *lp, ref_logp, raw_scores = fetch(lp_refs + [ref_ref, score_ref])
     trainer_logp, entropy, filtered_logp = (torch.cat([x[i] for x in lp]) for i in range(3)) if lp else (None,) * 3
     old_logp = trainer_logp if p.old_logp_source == "trainer" else batch.rollout_logp
-    values = torch.cat(fetch(v_refs))
+    values = torch.cat(fetch(v_refs)) if v_refs else None
     t2 = time.perf_counter()
 
     # 3. rewards and advantages (driver side, pure math)
@@ -341,11 +348,12 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     scores = scores - cfg.reward.missing_eos_penalty * (~finished).float()
     if cfg.reward.normalize and B > 1:
         scores = (scores - scores.mean()) / (scores.std() + 1e-8)
-    rewards, kl = token_rewards(scores, old_logp, ref_logp, mask, state.kl_coef, p.kl_kind)
-    adv, _ = gae(rewards, values, mask, p.gamma, p.lam_actor)
-    _, returns = gae(rewards, values, mask, p.gamma, p.lam_critic)
+    est = get_estimator(p.advantage_estimator)
+    adv = step_advantages(est.name, scores, old_logp, ref_logp, values, mask, kl_coef=state.kl_coef, kl_kind=p.kl_kind,
+                        gamma=p.gamma, lam_actor=p.lam_actor, lam_critic=p.lam_critic, whiten=p.whiten_advantages,
+                        n_samples_per_prompt=p.n_samples_per_prompt, eps=p.grpo_eps)
     metrics = batch_metrics(mask=mask, scores=raw_scores, finished=finished, old_logp=old_logp, ref_logp=ref_logp,
-                            values=values, returns=returns, advantages=adv, config=cfg.metrics)
+                            values=values, returns=adv.returns, advantages=adv.advantages, config=cfg.metrics)
     metrics.update(preflight_report(mask.sum(1), raw_scores, cfg.metrics) if step == 0 else {})  # length bias, 1st batch
     if sub:  # compare the rollout with the trainer under the same top-k / top-p (``filtered_logp``)
         again = batch_metrics(mask=mask[sub], scores=raw_scores[sub], finished=finished[sub], old_logp=filtered_logp,
@@ -366,13 +374,14 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
         keep = mismatch_keep_mask(filtered_logp, batch.rollout_logp, mask, p.mismatch_reject)
         is_weights = keep * (mask.float() if is_weights is None else is_weights)
         metrics["kl/rollout_vs_trainer_rejected_frac"] = 1.0 - float(keep.amax(-1).mean())
-    scored = ScoredBatch.of(batch, old_logp=old_logp, old_values=values, returns=returns, is_weights=is_weights,
-                            advantages=masked_whiten(adv, mask) if p.whiten_advantages else adv)
+    scored = ScoredBatch.of(batch, old_logp=old_logp, old_values=values, returns=adv.returns, is_weights=is_weights,
+                            advantages=adv.train)
 
     # 4. PPO updates: actor (after the critic warm-up) and critic, all ranks in parallel
     bref = ray.put(scored)
     train_actor = step >= p.critic_warmup_steps
-    a_plans, c_plans = make_plans(cfg, step, mask, len(w.actor)), make_plans(cfg, step, mask, len(w.critic))
+    a_plans = make_plans(cfg, step, mask, len(w.actor), est.loss_agg)
+    c_plans = make_plans(cfg, step, mask, len(w.critic)) if w.critic else []
     a_refs = [a.train.remote(bref, pl) for a, pl in zip(w.actor, a_plans)] if train_actor else []
     c_refs = [c.train.remote(bref, pl) for c, pl in zip(w.critic, c_plans)]
     stats = fetch(a_refs + c_refs)
@@ -392,7 +401,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     metrics.update(reduce_update_stats(c_stats, CRITIC_STAT_NAMES))
     metrics.update({
         "kl/coef": state.kl_coef,
-        "reward/shaped_mean": float(rewards.sum(1).mean()), "timing/generate": t1 - t0, "timing/score": t2 - t1,
+        "reward/shaped_mean": float(adv.rewards.sum(1).mean()), "timing/generate": t1 - t0, "timing/score": t2 - t1,
         "timing/train": t3 - t2, "timing/sync": t4 - t3, "timing/step": t4 - t0,
         "perf/tokens_per_s": float(batch.attention_mask.sum()) / max(t4 - t0, 1e-9),
     })
@@ -429,8 +438,8 @@ def probe_step(cfg: PPOConfig, w, probe_ids: list[list[int]], run_dir: Path, ste
 
 
 def save_checkpoint(cfg: PPOConfig, w, state: LoopState, run_dir: Path, tok) -> Path:
-    """``checkpoints/step_XXXXXX``: actor (HF format, loadable directly), critic, engine states, and
-    ``trainer_state.json`` (step, data position, KL coefficient, detector and RNG states; no pickle).
+    """``checkpoints/step_XXXXXX``: actor (HF format, loadable directly), critic (if the run has one),
+    engine states, and ``trainer_state.json`` (step, data position, KL coefficient, detector and RNG states; no pickle).
     Written to a temporary sibling, then renamed; ``latest`` is replaced atomically."""
     from rlhf.workers.preflight import TRAINER_STATE
 
@@ -495,7 +504,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
     from rlhf.metrics.logger import truncate_jsonl
     from rlhf.placement import make_plan, spec_from_ppo_config
     from rlhf.workers import group
-    from rlhf.workers.preflight import check_checkpoint, check_resources
+    from rlhf.workers.preflight import check_checkpoint, check_resources, uses_critic
 
     run_dir = Path(cfg.run_dir)
     # 1. validate, writing nothing
@@ -504,7 +513,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
     tok = check_inputs(cfg, run_dir)
     ckpt = latest_checkpoint(run_dir) if resuming else None
     if ckpt is not None:
-        check_checkpoint(ckpt)
+        check_checkpoint(ckpt, critic=uses_critic(cfg))
     group.init_ray(cfg.cluster.address)
     if cfg.cluster.address is None:  # a fixed local cluster: refuse a plan that cannot fit now, naming the resource
         check_resources(make_plan(spec_from_ppo_config(cfg)))

@@ -186,3 +186,33 @@ def test_prompts_are_checked_at_load(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.prompt_key: column 'prompt' not in"):
         load_config(None, [f"data.path={tmp_path / 'p.parquet'}"])
     assert check_prompts(load_config(None, [f"data.path={tmp_path / 'p.parquet'}", "data.prompt_key=question"]).data) == 2
+
+
+def test_advantage_estimator_choices_match_the_registry():
+    import dataclasses
+    import typing
+
+    from rlhf.algo.estimators import ESTIMATORS
+    from rlhf.config import PPOSettings
+
+    hints = typing.get_type_hints(PPOSettings)
+    assert typing.get_args(hints["advantage_estimator"]) == tuple(ESTIMATORS)
+    assert {f.name: f.default for f in dataclasses.fields(PPOSettings)}["advantage_estimator"] == "gae"
+    cfg = load_config(None, ["ppo.advantage_estimator=grpo", "ppo.n_samples_per_prompt=4", "ppo.grpo_eps=1e-4"])
+    assert cfg.ppo.advantage_estimator == "grpo" and cfg.ppo.grpo_eps == 1e-4
+    load_config(None, ["ppo.advantage_estimator=reinforce_pp"])  # no groups needed
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo"])
+def test_group_estimators_refuse_one_sample_per_prompt(name):
+    with pytest.raises(ConfigError, match=r"^ppo\.n_samples_per_prompt: is 1; .*needs >= 2"):
+        load_config(None, [f"ppo.advantage_estimator={name}", "ppo.n_samples_per_prompt=1"])
+
+
+@pytest.mark.parametrize("override, key", [(["ppo.advantage_estimator=ppo"], "ppo.advantage_estimator"),
+                                           (["ppo.grpo_eps=0"], "ppo.grpo_eps"),
+                                           (["ppo.advantage_estimator=rloo", "ppo.n_samples_per_prompt=2",
+                                             "ppo.critic_warmup_steps=2"], "ppo.critic_warmup_steps")])
+def test_bad_estimator_settings_name_the_key(override, key):
+    with pytest.raises(ConfigError, match=rf"^{key.replace('.', r'[.]')}"):
+        load_config(None, override)

@@ -70,12 +70,13 @@ class ScoredBatch(RolloutBatch):
     old_logp: torch.Tensor
     """Logprobs of the policy that sampled (the trainer's recomputation, or the rollout's with
     ``ppo.old_logp_source: rollout``): the PPO ratio's denominator."""
-    old_values: torch.Tensor
-    """Critic values before the update (the value-clip anchor)."""
-    returns: torch.Tensor
-    """Critic targets: GAE with ``ppo.lam_critic``."""
+    old_values: torch.Tensor | None
+    """Critic values before the update (the value-clip anchor); None without a critic."""
+    returns: torch.Tensor | None
+    """Critic targets: GAE with ``ppo.lam_critic``; None without a critic."""
     advantages: torch.Tensor
-    """GAE with ``ppo.lam_actor``, whitened over the batch when ``ppo.whiten_advantages``."""
+    """The ``ppo.advantage_estimator``'s advantages (GAE with ``ppo.lam_actor``, whitened over the
+    batch when ``ppo.whiten_advantages``)."""
     is_weights: torch.Tensor | None = None
     """Per-token importance weights against the rollout engine (``ppo.tis_cap``, times the
     ``ppo.mismatch_reject`` keep mask), or ``None``: all ones."""

@@ -24,6 +24,7 @@ from rlhf.engines.base import EngineArgs
 from rlhf.placement import create_placement_groups, engine_bundles, make_plan, scheduling, spec_from_ppo_config
 from rlhf.workers.model_workers import (ActorWorker, CriticWorker, ReferenceWorker, RewardWorker,
                                         RolloutWorker)
+from rlhf.workers.preflight import uses_critic
 from rlhf.workers.specs import PPOLossSettings, ReferenceSpec, RewardSpec, RolloutSpec, TrainableSpec
 from rlhf.workers.weight_sync import WeightSync
 
@@ -81,7 +82,8 @@ class Workers:
     actor: list
     """``ActorWorker`` handles, one per rank."""
     critic: list
-    """``CriticWorker`` handles, one per rank."""
+    """``CriticWorker`` handles, one per rank; empty when the advantage estimator needs no critic
+    (``preflight.uses_critic``)."""
     reference: object
     """The ``ReferenceWorker``."""
     reward: object
@@ -163,14 +165,15 @@ def frozen_specs(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int, pl
 
 
 def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Workers:
-    """Create the placement plan's groups and all workers; returns once every worker is constructed."""
+    """Create the placement plan's groups and all workers (no critic when ``ppo.advantage_estimator``
+    needs none; its plan slots stay unused); returns once every worker is constructed."""
     plan = make_plan(spec_from_ppo_config(cfg))
     pgs = create_placement_groups(plan)
     ref_spec, reward_spec, rollout_spec = frozen_specs(cfg, paths, pad_id, eos_id, plan, pgs)
     actor = _trainable_group(ActorWorker, cfg, plan, pgs, "actor", cfg.cluster.actor_workers,
                              trainable_spec(cfg, "actor", paths.actor))
     critic = _trainable_group(CriticWorker, cfg, plan, pgs, "critic", cfg.cluster.critic_workers,
-                              trainable_spec(cfg, "critic", paths.critic))
+                              trainable_spec(cfg, "critic", paths.critic)) if uses_critic(cfg) else []
     reference = ReferenceWorker.options(**_options(cfg, plan, pgs, "reference", 0)).remote(ref_spec)
     reward = RewardWorker.options(**_options(cfg, plan, pgs, "reward", 0)).remote(reward_spec)
     vllm = cfg.rollout.engine == "vllm"  # the vLLM engine actors hold the GPU share, not their driver
@@ -186,7 +189,7 @@ def spawn(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int) -> Worker
             shutdown(w, graceful=False)
             raise WorkerStartError(f"the {name} worker failed to start: {_creation_error(e)}") from None
     try:
-        ray.get(_init_engines(actor) + _init_engines(critic))
+        ray.get(_init_engines(actor) + (_init_engines(critic) if critic else []))
     except ray.exceptions.RayTaskError as e:  # a checkpoint or layout the engine refuses: named, not retried
         shutdown(w, graceful=False)
         raise WorkerStartError(f"a training engine failed to start: {_creation_error(e)}") from None

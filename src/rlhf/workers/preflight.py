@@ -4,7 +4,8 @@ constructor and is retried as a crash.
 
 - ``check_model_dir``: weights present (safetensors, or ``.bin`` with ``model.allow_pickle``), the
   index's shards all there, every safetensors header readable and every floating tensor finite.
-- ``check_checkpoint``: a checkpoint directory of ``rlhf train``: its HF actor / critic as above,
+- ``check_checkpoint``: a checkpoint directory of ``rlhf train``: its HF actor / critic (when the
+  run has one, ``uses_critic``) as above,
   the JSON trainer state, and every DeepSpeed state file loaded without pickle code execution
   (``deepspeed_engine.safe_load``) with finite tensors (weights and optimizer moments).
 - ``check_reward_functions``: ``reward.function`` / ``reward.metrics`` import here, from installed
@@ -22,6 +23,14 @@ import json
 from pathlib import Path
 
 from rlhf.config import ConfigError
+
+
+def uses_critic(cfg) -> bool:
+    """Whether the run spawns, trains and checkpoints a critic (``ppo.advantage_estimator``'s
+    ``needs_critic``)."""
+    from rlhf.algo.estimators import get_estimator
+
+    return get_estimator(cfg.ppo.advantage_estimator).needs_critic
 
 
 def check_model_dir(key: str, path: str | Path, allow_pickle: bool = False) -> None:
@@ -81,8 +90,9 @@ def read_trainer_state(ckpt: Path) -> dict:
     return s
 
 
-def check_checkpoint(ckpt: Path) -> dict:
-    """Validate everything ``restore`` will load from ``ckpt``; returns the trainer state."""
+def check_checkpoint(ckpt: Path, critic: bool = True) -> dict:
+    """Validate everything ``restore`` will load from ``ckpt`` (the critic only with ``critic``);
+    returns the trainer state."""
     from safetensors.torch import load_file
 
     from rlhf.engines.deepspeed_engine import first_non_finite, safe_load
@@ -90,7 +100,7 @@ def check_checkpoint(ckpt: Path) -> dict:
     if not ckpt.is_dir():
         raise ConfigError(f"--resume: {ckpt.parent / 'latest'} names {ckpt.name}, which does not exist")
     state = read_trainer_state(ckpt)
-    for role in ("actor", "critic"):
+    for role in ("actor", "critic") if critic else ("actor",):
         check_model_dir(f"checkpoint {role}", ckpt / role)
         files = sorted((ckpt / f"{role}_state").rglob("*.pt"))  # DeepSpeed; megatron: safetensors + JSON
         files += sorted((ckpt / f"{role}_state").glob("megatron_*.safetensors"))
