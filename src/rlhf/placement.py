@@ -201,18 +201,22 @@ def spec_from_ppo_config(cfg, gpus_per_node: int | None = None) -> PlacementSpec
     from exactly this plan (``rlhf.workers.group.spawn``): actor / critic rank i on their slot i,
     reference / reward on their first slot, vLLM engine e on ``engine_bundles(plan, pgs)[e]``.
     """
+    from rlhf.algo.estimators import get_estimator
+
     c, r = cfg.cluster, cfg.rollout
+    critic = get_estimator(cfg.ppo.advantage_estimator).needs_critic   # critic-free runs place no critic
+    roles = [x for x in ROLES if critic or x != "critic"]
     rollout_gpus = r.num_engines * r.tensor_parallel_size
     if c.colocate:
-        n = max(c.actor_workers, c.critic_workers, rollout_gpus)
-        groups = [RoleGroup(list(ROLES), n)]
+        n = max(c.actor_workers, c.critic_workers if critic else 0, rollout_gpus)
+        groups = [RoleGroup(roles, n)]
     else:
-        groups = [RoleGroup(["actor"], c.actor_workers), RoleGroup(["critic"], c.critic_workers),
+        groups = [RoleGroup(["actor"], c.actor_workers), *([RoleGroup(["critic"], c.critic_workers)] if critic else []),
                   RoleGroup(["reference"], 1), RoleGroup(["reward"], 1), RoleGroup(["rollout"], rollout_gpus)]
     total = sum(g.gpus for g in groups)
     gpn = gpus_per_node or c.gpus_per_node or total
     return PlacementSpec(nodes=-(-total // gpn), gpus_per_node=gpn, groups=groups, vllm_tp=r.tensor_parallel_size,
-                         zero_stage=cfg.deepspeed.zero_stage, cpus_per_gpu=c.cpus_per_worker * len(ROLES),
+                         zero_stage=cfg.deepspeed.zero_stage, cpus_per_gpu=c.cpus_per_worker * len(roles),
                          cpus_per_role=c.cpus_per_worker, gpu=c.gpus_per_worker > 0)
 
 
