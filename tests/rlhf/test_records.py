@@ -15,6 +15,7 @@ import torch
 
 from rlhf.config import load_config
 from rlhf.engines.base import EngineArgs, Generation
+from rlhf.engines.megatron.engine import RightPadded
 from rlhf.workers import batch as batch_mod, specs as specs_mod
 from rlhf.workers.batch import RolloutBatch, ScoredBatch, collate
 from rlhf.workers.group import ModelPaths, Workers, frozen_specs, trainable_spec
@@ -24,7 +25,7 @@ def _records() -> list[type]:
     mods = [batch_mod, specs_mod]
     found = [c for m in mods for _, c in inspect.getmembers(m, inspect.isclass)
              if dataclasses.is_dataclass(c) and c.__module__ == m.__name__]
-    return found + [EngineArgs, ModelPaths, Workers]
+    return found + [EngineArgs, ModelPaths, Workers, RightPadded]
 
 
 def _undocumented(cls: type) -> list[str]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -43,6 +44,24 @@ from rlhf.workers.batch import RolloutBatch, ScoredBatch
 
 ROLES = ("policy", "critic")
 STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RightPadded:
+    """A batch in megatron's layout: every row shifted left by its prompt padding (``_prepare``)."""
+
+    ids: torch.Tensor
+    """``[B, s]`` int64: the real tokens of each row from column 0, 0 after them."""
+    amask: torch.Tensor
+    """``[B, 1, s, s]`` bool: the attention mask, True = masked (causal, or a padding key)."""
+    pos: torch.Tensor
+    """``[B, T]`` int64: the column whose output predicts response token j."""
+    positions: torch.Tensor
+    """``[B, s]`` int64: position ids 0 .. s-1."""
+
+    def rows(self, rows: slice, device) -> "RightPadded":
+        """The given rows, on ``device``."""
+        return replace(self, **{f.name: getattr(self, f.name)[rows].to(device) for f in fields(self)})
 
 
 class ValueHead(torch.nn.Module):
@@ -234,7 +253,7 @@ class MegatronEngine:
 
     # ------------------------------------------------------------------ batches
 
-    def _prepare(self, batch: RolloutBatch) -> dict:
+    def _prepare(self, batch: RolloutBatch) -> RightPadded:
         """Right-padded ids, the explicit attention mask and the position of each response prediction."""
         ids, attn = batch.input_ids.cpu(), batch.attention_mask.cpu().bool()
         B, S = ids.shape
@@ -251,17 +270,17 @@ class MegatronEngine:
         amask = (causal.unsqueeze(0) | ~valid.unsqueeze(1)).unsqueeze(1)  # [B, 1, s, s], True = masked
         pos = (P - 1 - left).unsqueeze(1) + torch.arange(T).unsqueeze(0)  # predicts response token j
         pos = pos.clamp(min=0, max=s_eff - 1)
-        return {"ids": rp_ids, "amask": amask, "pos": pos, "positions": torch.arange(s_eff).expand(B, s_eff)}
+        return RightPadded(ids=rp_ids, amask=amask, pos=pos, positions=torch.arange(s_eff).expand(B, s_eff))
 
-    def _micro_batches(self, batch: RolloutBatch, mb: int) -> list[tuple[RolloutBatch, dict]]:
+    def _micro_batches(self, batch: RolloutBatch, mb: int) -> list[tuple[RolloutBatch, RightPadded]]:
         """(rows of ``batch``, their ``_prepare`` tensors) per micro-batch of ``mb`` rows, on the device."""
         prep = self._prepare(batch)
-        B = prep["ids"].shape[0]
+        B = prep.ids.shape[0]
         out = []
         for i in range(0, B, mb):
             rows = slice(i, min(i + mb, B))
             sub = batch.select_rows(range(rows.start, rows.stop)).to(self.device)
-            out.append((sub, {k: v[rows].to(self.device) for k, v in prep.items()}))
+            out.append((sub, prep.rows(rows, self.device)))
         return out
 
     # ------------------------------------------------------------------ outputs
@@ -280,11 +299,11 @@ class MegatronEngine:
         sez = reduce_from_tensor_model_parallel_region((e * z).sum(-1))
         return se.log() - sez / se
 
-    def _outputs(self, output: torch.Tensor, sub: RolloutBatch, prep: dict) -> dict[str, torch.Tensor]:
+    def _outputs(self, output: torch.Tensor, sub: RolloutBatch, prep: RightPadded) -> dict[str, torch.Tensor]:
         """Per response token: ``logp`` and ``entropy`` (policy) or ``values`` (critic), zero where mask is 0."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        pos = prep["pos"]
+        pos = prep.pos
         keep = sub.mask.to(output.device) != 0
         sel = output.gather(1, pos.unsqueeze(-1).expand(-1, -1, output.shape[-1])).float()
         if self.role == "critic":
@@ -296,7 +315,7 @@ class MegatronEngine:
         zero = torch.zeros((), device=logp.device)
         return {"logp": torch.where(keep, logp, zero), "entropy": torch.where(keep, entropy, zero)}
 
-    def _run(self, micro: list[tuple[RolloutBatch, dict]], step_fn: Callable, forward_only: bool) -> list:
+    def _run(self, micro: list[tuple[RolloutBatch, RightPadded]], step_fn: Callable, forward_only: bool) -> list:
         """Megatron's schedule (pipelined when PP > 1) over ``micro``; returns what
         ``step_fn(output, sub, prep)`` gave per micro-batch on the last stage (an empty list elsewhere)."""
         from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -305,19 +324,19 @@ class MegatronEngine:
 
         def forward_step(data_iterator, model):
             sub, prep = next(data_iterator)
-            out = model(prep["ids"], prep["positions"], prep["amask"])
+            out = model(prep.ids, prep.positions, prep.amask)
 
             def loss_func(output_tensor):
                 loss, record = step_fn(output_tensor, sub, prep)
                 return loss, torch.zeros((), dtype=torch.int), record
             return out, loss_func
 
-        s_eff = micro[0][1]["ids"].shape[1]
+        s_eff = micro[0][1].ids.shape[1]
         ctx = torch.autocast(self.device.type, dtype=torch.bfloat16) if self.bf16 else _nullcontext()
         with ctx:
             return get_forward_backward_func()(
                 forward_step_func=forward_step, data_iterator=it, model=[self.model], num_microbatches=len(micro),
-                seq_length=s_eff, micro_batch_size=max(prep["ids"].shape[0] for _, prep in micro),
+                seq_length=s_eff, micro_batch_size=max(prep.ids.shape[0] for _, prep in micro),
                 forward_only=forward_only)
 
     def _from_last_stage(self, tensor: torch.Tensor | None, shape, dtype=torch.float32) -> torch.Tensor:
