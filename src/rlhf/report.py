@@ -11,6 +11,7 @@ buckets and detector thresholds), then writes
     length_heatmap.png   per run: steps on x, length buckets on y, response counts as color (from
                          ``reward/bucket_XX_count``), mean length and collapse onset drawn over it
     summary.md           per run: final reward, minimum length, collapse and hockey-stick verdicts,
+                         the early warnings' steps, the actions taken (``stability_events.jsonl``)
                          and the pre-flight length-bias check of the first batch
 
 into ``--out`` (built in a temporary sibling directory, then renamed into place).
@@ -47,7 +48,7 @@ from bairlhf.yamlio import load_mapping, load_yaml
 from rlhf.metrics.batch import bucket_key
 from rlhf.metrics.config import StabilityConfig
 from rlhf.metrics.detectors import detect_run, rolling_median
-from rlhf.metrics.logger import METRICS_FILE
+from rlhf.metrics.logger import EVENTS_FILE, METRICS_FILE, read_jsonl
 from rlhf.metrics.preflight import CORR, GAP, GAP_STD, SPEARMAN, THRESHOLD, bucket_mean_key, preflight_line
 
 COMMAND = "rlhf report"
@@ -486,6 +487,11 @@ def summary_markdown(runs: list[Run]) -> str:
                   f"| half / full recovery step | {_fmt(hs.half_recovery_step)} / {_fmt(hs.recovery_step)} |",
                   f"| recovery slope (reward / step) | {_fmt(hs.recovery_slope)} |",
                   f"| severity (area below baseline, z·steps) | {_fmt(hs.severity)} |"]
+        cw, hw = run.verdicts["collapse_warning"], run.verdicts["hockey_stick_warning"]
+        lines += [f"| collapse warning step (early warning) | {_fmt(cw.step)} |",
+                  f"| hockey-stick warning step | {_fmt(hw.step)} |"]
+        actions = [e for e in read_jsonl(run.path / EVENTS_FILE) if "action" in e]
+        lines += [f"| action at step {e.get('step')} | {e.get('action')}: {e.get('reason')} |" for e in actions]
         lines += preflight_rows(run)
         if run.verdicts["buckets"]:
             lines += ["", "| length bucket | verdict | onset | depth (z) | trough (length) | recovery | slope |",

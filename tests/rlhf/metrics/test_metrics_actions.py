@@ -46,3 +46,22 @@ def test_take_actions_on_a_logger(tmp_path):
     events = [json.loads(x) for x in (tmp_path / "stability_events.jsonl").read_text().splitlines()]
     assert events[-1]["action"] == "stop" and events[-1]["step"] == stop_at
     assert any(e.get("detector") == "collapse_warning" and e["to"] == "warned" and e["step"] == stop_at for e in events)
+
+
+def test_report_lists_warnings_and_actions(tmp_path):
+    """`rlhf report`'s summary.md shows the collapse warning's step and each action taken."""
+    from rlhf.report import write_report
+
+    cfg = StabilityConfig(on_collapse_warning="checkpoint")
+    lengths = np.interp(np.arange(40), [0, 10, 30, 39], [100, 100, 30, 30])
+    run = tmp_path / "run"
+    with MetricLogger(run, monitor=StabilityMonitor(cfg), tensorboard=False) as logger:
+        for step in range(1, 41):
+            logger.log(step, {LENGTH_KEY: float(lengths[step - 1]), LENGTH_CORR_KEY: -0.5,
+                              "reward/mean": 0.1 * step, "reward/std": 1.0})
+            take_actions(logger, cfg, lambda: "ckpt")
+    out = write_report([run], tmp_path / "report")
+    text = (out / "summary.md").read_text()
+    warned = [json.loads(x) for x in (run / "stability_events.jsonl").read_text().splitlines() if "action" in x]
+    assert warned and f"| collapse warning step (early warning) | {warned[0]['step']} |" in text
+    assert f"| action at step {warned[0]['step']} | checkpoint: collapse_warning -> warned" in text
