@@ -67,14 +67,27 @@ def _driver(run_dir: Path, ray_address: str, *extra: str, runner: list[str] | No
 
 def test_local_ray_listens_on_loopback_only(ray_address, reference):
     """Every Ray listener (GCS, raylet, agents, the workers' and drivers' core-worker ports) of a local
-    cluster started as `rlhf train` starts it is on 127.0.0.1. Not checked: the actor / critic
-    processes, whose torch.distributed rendezvous store binds every interface (torch has no
-    bind-address option for it)."""
+    cluster started as `rlhf train` starts it is on 127.0.0.1. Checked: this process and every process
+    of this module's Ray session (those whose command line names its session directory, and all
+    below them); processes left over from other test modules' clusters are not this cluster's. Not
+    checked: the actor / critic processes (and children holding their fds), whose torch.distributed
+    rendezvous store binds every interface (torch has no bind-address option for it)."""
+    import ray
+
     from rlhf_faults import descendants, listening_sockets
 
     assert ray_address.startswith("127.0.0.1:"), ray_address
+    session = ray._private.worker._global_node.get_session_dir_path()
+    roots = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and session.encode() in (d / "cmdline").read_bytes():
+                roots.append(int(d.name))
+        except OSError:
+            continue
+    pids = {os.getpid(), *roots, *(c for r in roots for c in descendants(r))}
     exempt = ("ray::ActorWorker", "ray::CriticWorker")  # also their forked children holding the store's fd
-    socks = [s for s in listening_sockets([os.getpid(), *descendants(os.getpid())])
+    socks = [s for s in listening_sockets(sorted(pids))
              if not any(name.startswith(exempt) for name in s[2].split(" | "))]
     assert any("gcs_server" in s[2] for s in socks) and any("raylet" in s[2] for s in socks), socks
     outside = sorted({s for s in socks if s[0] not in ("127.0.0.1", "::1")})
