@@ -192,6 +192,16 @@ def _ols_slope(x: np.ndarray, y: np.ndarray) -> float | None:
     return float((xc * (y - y.mean())).sum() / (xc * xc).sum())
 
 
+def reward_z(v: np.ndarray, cfg: StabilityConfig, scale: float | None):
+    """(baseline, step noise, unit, smoothed series, z) of a reward series: z = (smoothed - baseline)
+    / unit, unit = ``scale`` (reward std at the start) or, when unknown, the series' step noise."""
+    base = float(np.median(v[: cfg.baseline_steps]))
+    noise = step_noise(v)
+    unit = float(scale) if scale is not None and scale > 0 and math.isfinite(scale) else (noise if noise > 0 else 1.0)
+    sm = rolling_median(v, cfg.smooth_window)
+    return base, noise, unit, sm, (sm - base) / unit
+
+
 def detect_hockey_stick(steps: Sequence[int], values: Sequence[float], cfg: StabilityConfig | None = None,
                         scale: float | None = None) -> HockeyStickVerdict:
     """Reward hockey stick on a reward series; ``scale`` = per-response reward std at the start."""
@@ -199,11 +209,7 @@ def detect_hockey_stick(steps: Sequence[int], values: Sequence[float], cfg: Stab
     s, v = _as_series(steps, values)
     if s.size < cfg.baseline_steps:
         return HockeyStickVerdict()
-    base = float(np.median(v[: cfg.baseline_steps]))
-    noise = step_noise(v)
-    unit = float(scale) if scale is not None and scale > 0 and math.isfinite(scale) else (noise if noise > 0 else 1.0)
-    sm = rolling_median(v, cfg.smooth_window)
-    z = (sm - base) / unit
+    base, noise, unit, sm, z = reward_z(v, cfg, scale)
     severity = float(np.clip(-z, 0, None).sum())
     out = HockeyStickVerdict(baseline=base, scale=unit, severity=severity)
     thr = max(cfg.drop_z, cfg.noise_k * noise / unit)

@@ -105,7 +105,7 @@ def collapse_warning(series: Series, cfg: StabilityConfig | None = None) -> Warn
 def hockey_stick_warning(series: Series, cfg: StabilityConfig | None = None,
                          scale: float | None = None) -> WarningVerdict:
     """The hockey-stick warning on ``series["reward/mean"]``; ``scale`` = reward std at the start."""
-    from rlhf.metrics.detectors import REWARD_KEY, _as_series, step_noise
+    from rlhf.metrics.detectors import REWARD_KEY, _as_series, reward_z
 
     cfg = cfg or StabilityConfig()
     if REWARD_KEY not in series:
@@ -113,11 +113,7 @@ def hockey_stick_warning(series: Series, cfg: StabilityConfig | None = None,
     s, v = _as_series(*series[REWARD_KEY])
     if s.size < cfg.baseline_steps:
         return WarningVerdict()
-    base = float(np.median(v[: cfg.baseline_steps]))
-    noise = step_noise(v)
-    unit = float(scale) if scale is not None and scale > 0 and math.isfinite(scale) else (noise if noise > 0 else 1.0)
-    _, sm = _smoothed(s, v, cfg.smooth_window)
-    z = (sm - base) / unit
+    _, noise, unit, _, z = reward_z(v, cfg, scale)
     thr = max(cfg.warn_hockey_z, 0.5 * cfg.noise_k * noise / unit)
     cond = (z <= -thr) & ((s - s[0]) <= cfg.early_steps)
     cond[: cfg.baseline_steps] = False
