@@ -22,7 +22,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -60,6 +60,8 @@ class LoopState:
     """Current KL coefficient (adaptive controller)."""
     monitor: object
     """``rlhf.metrics.StabilityMonitor`` (detector state)."""
+    rollbacks: list[dict] = field(default_factory=list)
+    """The run's rollbacks so far (their ``stability_events.jsonl`` records, ``rlhf.metrics.actions``)."""
 
 
 def model_paths(cfg: PPOConfig, run_dir: Path):
@@ -455,7 +457,7 @@ def save_checkpoint(cfg: PPOConfig, w, state: LoopState, run_dir: Path, tok) -> 
     tok.save_pretrained(str(tmp / "actor"))
     atomic_write(tmp / TRAINER_STATE, json.dumps({
         "step": state.step, "sampler": state.sampler.state_dict(), "kl_coef": state.kl_coef,
-        "monitor": state.monitor.state_dict(), "rng": rng_state()}))
+        "monitor": state.monitor.state_dict(), "rng": rng_state(), "rollbacks": state.rollbacks}))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     atomic_write(root / "latest", final.name)
@@ -469,6 +471,11 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return run_dir / "checkpoints" / f.read_text().strip() if f.exists() else None
 
 
+def checkpoint_steps(run_dir: Path) -> list[int]:
+    """Steps of the complete checkpoints in ``run_dir/checkpoints`` (``step_XXXXXX``), ascending."""
+    return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit())
+
+
 def restore(w, state: LoopState, ckpt: Path) -> None:
     """Load engine states into the workers and the loop state from a checkpoint (checked by
     ``preflight.check_checkpoint`` before any worker started)."""
@@ -480,7 +487,118 @@ def restore(w, state: LoopState, ckpt: Path) -> None:
     state.step, state.kl_coef = int(s["step"]), float(s["kl_coef"])
     state.sampler.load_state_dict(s["sampler"])
     state.monitor.load_state_dict(s["monitor"])
+    state.rollbacks = list(s.get("rollbacks", []))  # absent in checkpoints of older versions
     set_rng_state(s["rng"])
+
+
+# ----------------------------------------------------------------------------- rollbacks
+
+ROLLBACK_DIR = "rollback"
+"""``run_dir/rollback/NN_step_W/``: the run files as they were when rollback NN fired at step W
+(``metrics.jsonl``, ``stability_events.jsonl``, ``probes.jsonl``) and a ``merge`` rollback's actor."""
+SWITCHES = ("on_collapse_warning", "on_collapse", "on_hockey_stick_warning", "on_hockey_stick")
+
+
+def check_rollback(cfg: PPOConfig) -> None:
+    """Refuse, before any work, a ``metrics.on_*: rollback`` the run cannot carry out."""
+    m = cfg.metrics
+    keys = [k for k in SWITCHES if getattr(m, k) == "rollback"]
+    if not keys:
+        return
+    if cfg.trainer.save_every == 0:
+        raise ConfigError(f"metrics.{keys[0]}: rollback goes back to the last checkpoint before the warning, "
+                          "and trainer.save_every = 0 saves none; set trainer.save_every >= 1")
+    if m.rollback_change == "kl" and cfg.ppo.kl_coef == 0:
+        raise ConfigError("metrics.rollback_kl_factor: ppo.kl_coef is 0, so multiplying it changes nothing; "
+                          "set ppo.kl_coef > 0 or choose another metrics.rollback_change")
+    if m.rollback_change == "merge" and cfg.engine.actor == "megatron":
+        raise ConfigError("metrics.rollback_change: merge re-initializes the actor's DeepSpeed engine in place, "
+                          "which engine.actor = megatron does not support; use kl or lr")
+
+
+def rollback_base(cfg: PPOConfig, run_dir: Path) -> str:
+    """The base model a ``merge`` rollback merges the actor with: the BAI recipe's ``base`` when
+    the run starts from a ``model.bai_recipe`` that names one (the pre-BAI base), else the run's
+    initial actor (``model.actor``, the tiny actor, or the recipe's merge)."""
+    if cfg.model.bai_recipe is not None:
+        from bai.config import load_config as load_merge_config
+
+        base = load_merge_config(cfg.model.bai_recipe).base
+        if base is not None:
+            return str(base)
+    return model_paths(cfg, run_dir).actor
+
+
+def roll_back(cfg: PPOConfig, w, state: LoopState, run_dir: Path, tok, logger, act: dict):
+    """Carry out the due rollback ``act`` (``rlhf.metrics.actions.pick_rollback``); returns the new
+    ``MetricLogger`` (the old one is closed).
+
+    Keeps the run files in ``rollback/NN_step_W``, drops any checkpoint after the restored step R,
+    restores the workers and the loop state from ``step_R``, applies ``metrics.rollback_change``,
+    syncs the rollout engine, writes ``step_R`` again (the change and the rollback count in its
+    trainer state, so a resume keeps them), cuts the run files back to R and records the rollback."""
+    from bai.merge import merge
+
+    from rlhf.metrics import MetricLogger
+    from rlhf.metrics.actions import lr_factor, rollback_change, rollback_record
+    from rlhf.metrics.logger import EVENTS_FILE, METRICS_FILE, truncate_jsonl
+
+    m, R, W = cfg.metrics, int(act["restored_step"]), int(act["fired_at"])
+    done = list(state.rollbacks)
+    n = len(done) + 1
+    keep = run_dir / ROLLBACK_DIR / f"{n:02d}_step_{W:06d}"
+    keep.mkdir(parents=True, exist_ok=True)
+    logger.close()
+    for name in (METRICS_FILE, EVENTS_FILE, "probes.jsonl"):
+        if (run_dir / name).exists():
+            shutil.copy(run_dir / name, keep / name)
+    root = run_dir / "checkpoints"
+    ckpt = root / f"step_{R:06d}"
+    atomic_write(root / "latest", ckpt.name)  # first: a kill from here on resumes from step R
+    for s in checkpoint_steps(run_dir):
+        if s > R:  # none is expected (no save at the firing step), but never resume the abandoned steps
+            shutil.rmtree(root / f"step_{s:06d}", ignore_errors=True)
+    restore(w, state, ckpt)
+    state.rollbacks = done  # the count is the run's, not the checkpoint's
+    change = rollback_change(m, state.kl_coef, rollback_base(cfg, run_dir) if m.rollback_change == "merge" else None)
+    if change["kind"] == "kl":
+        state.kl_coef = change["kl_coef"][1]
+    elif change["kind"] == "lr":
+        lrs = fetch([x.scale_lr.remote(change["factor"]) for x in [*w.actor, *w.critic]])
+        change["actor_lr"] = lrs[0][0]
+        if w.critic:
+            change["critic_lr"] = lrs[len(w.actor)][0]
+    else:
+        r = change["ratio"]
+        out = keep / "actor"
+        merge({"method": "linear", "dtype": "float32", "models": [
+            {"path": str(ckpt / "actor"), "weight": 1.0 - r}, {"path": change["base"], "weight": r}]},
+            out, force=True, progress=False)
+        change["merged"] = str(out.relative_to(run_dir))
+        fetch([a.rebuild.remote(str(out)) for a in w.actor])
+        f = lr_factor(done)  # earlier lr rollbacks hold on in the fresh optimizer
+        if f != 1.0:
+            fetch([a.scale_lr.remote(f) for a in w.actor])
+    sync_weights(w)
+    rec = rollback_record(act, change, n, ckpt.name)
+    state.rollbacks = done + [rec]
+    save_checkpoint(cfg, w, state, run_dir, tok)  # step_R again, now with the change
+    truncate_jsonl(run_dir / "probes.jsonl", R)
+    logger = MetricLogger(run_dir, resume_step=R, monitor=state.monitor, loggers=cfg.trainer.loggers)
+    logger.log_events([rec])
+    print(f"[{COMMAND}] {rec['reason']}", file=sys.stderr)
+    return logger
+
+
+def relog_rollbacks(logger, state: LoopState) -> None:
+    """Append the restored state's rollback records that ``stability_events.jsonl`` lacks (a run
+    killed between writing the rolled-back checkpoint and its record)."""
+    from rlhf.metrics.logger import read_jsonl
+
+    have = {e.get("rollback") for e in read_jsonl(logger.events_path) if e.get("action") == "rollback"}
+    missing = [r for r in state.rollbacks if r["rollback"] not in have and r["step"] <= state.step]
+    if missing:
+        logger.log_events(missing)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -500,7 +618,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
     from transformers import AutoTokenizer
 
     from rlhf.metrics import MetricLogger
-    from rlhf.metrics.actions import take_actions
+    from rlhf.metrics.actions import due_actions, pick_rollback, take_actions
     from rlhf.metrics.logger import truncate_jsonl
     from rlhf.placement import make_plan, spec_from_ppo_config
     from rlhf.workers import group
@@ -508,6 +626,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
 
     run_dir = Path(cfg.run_dir)
     # 1. validate, writing nothing
+    check_rollback(cfg)
     resuming, changes = check_run_dir(cfg, resume, force)
     raw = load_prompts(cfg.data.path, cfg.data.prompt_key, cfg.data.num_builtin)
     tok = check_inputs(cfg, run_dir)
@@ -535,6 +654,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
                     sync_weights(w)
                 truncate_jsonl(run_dir / "probes.jsonl", state.step)  # the logger cuts metrics and events
                 logger = MetricLogger(run_dir, resume_step=state.step, monitor=state.monitor, loggers=cfg.trainer.loggers)
+                relog_rollbacks(logger, state)
                 bar = tqdm(total=cfg.trainer.total_steps, initial=state.step, desc="ppo", unit="step")
                 while state.step < cfg.trainer.total_steps:
                     metrics = ppo_step(cfg, w, state, prompt_ids, tok.pad_token_id)
@@ -543,12 +663,19 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
                     metrics = logger.log(state.step, metrics)  # the monitor adds stability/*
                     bar.update(1)
                     bar.set_postfix(reward=f"{metrics['reward/mean']:.3f}", len=f"{metrics['rollout/length_mean']:.1f}")
+                    acts = due_actions(state.monitor.new_events, cfg.metrics, state.rollbacks,  # metrics.on_*
+                                       checkpoint_steps(run_dir))
+                    roll = pick_rollback(acts)
+                    if roll is not None:  # back to an earlier checkpoint: this step is abandoned, not saved
+                        logger = roll_back(cfg, w, state, run_dir, tok, logger, roll)  # closes the old one
+                        bar.update(state.step - bar.n)
+                        continue
                     k = cfg.trainer.save_every
                     saved = bool(k and state.step % k == 0) or state.step == cfg.trainer.total_steps
                     if saved:
                         save_checkpoint(cfg, w, state, run_dir, tok)
-                    stop = take_actions(logger, cfg.metrics, lambda: latest_checkpoint(run_dir) if saved  # metrics.on_*
-                                        else save_checkpoint(cfg, w, state, run_dir, tok))
+                    stop = take_actions(logger, cfg.metrics, lambda: latest_checkpoint(run_dir) if saved
+                                        else save_checkpoint(cfg, w, state, run_dir, tok), acts)
                     if stop:
                         raise RunStopped(stop)
                 bar.close()

@@ -6,6 +6,7 @@ action recorded, and ``--resume`` continues it to the end without firing again."
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -38,3 +39,63 @@ def test_stop_on_collapse_warning_then_resume(ray_address, tmp_path):
     assert [r["step"] for r in recs] == list(range(1, 15))
     events = [json.loads(x) for x in (run_dir / "stability_events.jsonl").read_text().splitlines()]
     assert [e["step"] for e in events if "action" in e] == [step]   # latched: no second stop
+
+
+def _jsonl(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_rollback_merge_then_resume_after_rollback(ray_address, tmp_path):
+    """``metrics.on_collapse_warning=rollback`` with ``rollback_change=merge``: at the warning the run
+    goes back to the last checkpoint before it, re-merges the actor with the initial (tiny) actor
+    through ``bai.merge`` and trains on; the warning fires again on the new path and falls back to
+    ``log`` (``rollback_max`` 1). A run killed right after the rollback (only the rewritten
+    checkpoint left) resumes with the merged weights and the count, and repeats the same steps."""
+    import torch
+    from safetensors.torch import load_file
+
+    run_dir = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith(("trainer.save_every", "metrics.on_collapse_warning",
+                                                 "trainer.total_steps"))]
+    args += ["trainer.save_every=2", "trainer.total_steps=12", "metrics.on_collapse_warning=rollback",
+             "metrics.rollback_change=merge", "metrics.rollback_merge_ratio=0.5", f"run_dir={run_dir}"]
+    train(load_config(None, args))
+    events = _jsonl(run_dir / "stability_events.jsonl")
+    (rb,) = [e for e in events if e.get("action") == "rollback"]
+    R, W = rb["restored_step"], rb["fired_at"]
+    assert rb["step"] == R and R == (W - 1) // 2 * 2 and R >= 2 and rb["trigger"] == "collapse_warning"
+    assert rb["change"]["kind"] == "merge" and rb["change"]["ratio"] == 0.5 and rb["rollback"] == 1
+    assert rb["change"]["base"] == str(run_dir / "models" / "tiny_actor")
+    assert f"rolled back to step_{R:06d}" in rb["reason"]
+    recs = _jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in recs] == list(range(1, 13))          # the abandoned steps were cut
+    kept = run_dir / "rollback" / f"01_step_{W:06d}"
+    assert [r["step"] for r in _jsonl(kept / "metrics.jsonl")][-1] == W   # ...and kept aside
+    after = [e for e in events if "action" in e and e["step"] > R]
+    assert all(e["action"] == "log" and "metrics.rollback_max = 1" in e["reason"] for e in after)
+    # the merge: ratio 0.5 of the base (tiny actor) and the restored actor, and what the engine held
+    def weights(d):
+        return {k: v.float() for f in sorted(d.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    merged, base = weights(kept / "actor"), weights(run_dir / "models" / "tiny_actor")
+    saved = weights(run_dir / "checkpoints" / f"step_{R:06d}" / "actor")   # the rewritten step_R: the engine's
+    name = next(k for k in base if k.endswith("q_proj.weight"))
+    assert not torch.equal(merged[name], base[name]) and torch.allclose(saved[name], merged[name])
+
+    # killed right after the rollback: only the rewritten step_R is left
+    full = {r["step"]: r for r in recs}
+    ckpts = run_dir / "checkpoints"
+    state = json.loads((ckpts / f"step_{R:06d}" / "trainer_state.json").read_text())
+    assert [r["rollback"] for r in state["rollbacks"]] == [1]
+    for p in ckpts.glob("step_*"):
+        if int(p.name[5:]) > R:
+            shutil.rmtree(p)
+    (ckpts / "latest").write_text(f"step_{R:06d}")
+    train(load_config(run_dir / "config.yaml", [f"run_dir={run_dir}"]), resume=True)
+    again = _jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in again] == list(range(1, 13))
+    for r in again[R:]:                                              # the same path as before the kill
+        for k in ("rollout/length_mean", "reward/mean", "kl/coef"):
+            assert r[k] == pytest.approx(full[r["step"]][k], rel=1e-4, abs=1e-6), (r["step"], k)
+    events = _jsonl(run_dir / "stability_events.jsonl")
+    assert [e["rollback"] for e in events if e.get("action") == "rollback"] == [1]   # no second rollback

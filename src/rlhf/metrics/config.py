@@ -24,8 +24,12 @@ POS = Range(1, None)
 """An integer count >= 1."""
 FRACTION = Range(0, 1, lo_open=True, hi_open=True)
 """A fraction in (0, 1)."""
-Action = Literal["log", "checkpoint", "stop"]
+Action = Literal["log", "checkpoint", "stop", "rollback"]
 """What a detector's verdict does (``rlhf.metrics.actions``)."""
+Fallback = Literal["log", "checkpoint", "stop"]
+"""What a ``rollback`` switch does when no rollback is possible."""
+POSITIVE = Range(0, None, lo_open=True)
+"""A number > 0."""
 
 
 @dataclass
@@ -93,13 +97,32 @@ class StabilityConfig:
     warn_persistence: Annotated[int, POS] = 2
     """A warning is raised once its condition held for this many consecutive observations (>= 1)."""
     on_collapse_warning: Action = "log"
-    """What the collapse warning does (``rlhf.metrics.actions``): log, checkpoint, or stop."""
+    """What the collapse warning does (``rlhf.metrics.actions``): log, checkpoint, stop, or rollback."""
     on_collapse: Action = "log"
-    """What a detected length collapse does: log, checkpoint, or stop."""
+    """What a detected length collapse does: log, checkpoint, stop, or rollback."""
     on_hockey_stick_warning: Action = "log"
-    """What the reward-decline warning does: log, checkpoint, or stop."""
+    """What the reward-decline warning does: log, checkpoint, stop, or rollback."""
     on_hockey_stick: Action = "log"
-    """What a decline classed as a hockey stick does: log, checkpoint, or stop."""
+    """What a decline classed as a hockey stick does: log, checkpoint, stop, or rollback."""
+    rollback_change: Literal["kl", "lr", "merge"] = "kl"
+    """What a ``rollback`` changes before training on from the restored checkpoint: ``kl`` (the KL
+    coefficient x ``rollback_kl_factor``), ``lr`` (actor and critic learning rates x
+    ``rollback_lr_factor``) or ``merge`` (the actor re-initialized as a linear merge of its restored
+    weights with the base model at ``rollback_merge_ratio``: an online BAI)."""
+    rollback_kl_factor: Annotated[float, POSITIVE] = 2.0
+    """``rollback_change: kl``: the KL coefficient is multiplied by this from the rollback on (> 0;
+    with ``ppo.kl_target`` the adaptive controller continues from the multiplied value)."""
+    rollback_lr_factor: Annotated[float, POSITIVE] = 0.5
+    """``rollback_change: lr``: actor and critic learning rates (peak and current) are multiplied
+    by this from the rollback on (> 0)."""
+    rollback_merge_ratio: Annotated[float, Range(0, 1, lo_open=True)] = 0.5
+    """``rollback_change: merge``: the base model's weight in the merge, actor = ratio x base +
+    (1 - ratio) x restored actor (in (0, 1]; 1 = restart from the base)."""
+    rollback_max: Annotated[int, POS] = 1
+    """At most this many rollbacks per run (>= 1); later ones fall back to ``rollback_fallback``."""
+    rollback_fallback: Fallback = "log"
+    """What a ``rollback`` switch does instead when no rollback is possible (``rollback_max``
+    reached, or no checkpoint before the firing step): log, checkpoint, or stop."""
 
     def __post_init__(self) -> None:
         if not self.collapse_fraction < self.recovery_fraction:

@@ -147,6 +147,30 @@ class _TrainableBase:
                     out.append(step)
         return out
 
+    # ------------------------------------------------------------------ rollbacks (``metrics.on_*: rollback``)
+
+    def scale_lr(self, factor: float) -> list[float]:
+        """Multiply this rank's learning rates by ``factor`` from now on: the optimizer's current
+        ones and the schedule's peaks (``scheduler.base_lrs``, so the warm-up / constant schedule
+        goes on scaled). Both engines keep them in the state ``save_state`` writes, so a resume
+        keeps the change. Returns the new learning rates, one per parameter group."""
+        opt, sched = self.engine.optimizer, getattr(self.engine, "scheduler", None)
+        for g in opt.param_groups:
+            g["lr"] = g["lr"] * factor
+        if sched is not None:
+            sched.base_lrs = [b * factor for b in sched.base_lrs]
+            sched._last_lr = [g["lr"] for g in opt.param_groups]  # what get_last_lr reports
+        return [float(g["lr"]) for g in opt.param_groups]
+
+    def rebuild(self, model_dir: str) -> None:
+        """Re-initialize this rank's engine from the Hugging Face checkpoint ``model_dir`` in the
+        same process group, with a fresh optimizer and LR schedule (the ``merge`` rollback's
+        re-merged actor; DeepSpeed engines only, the trainer refuses it for megatron)."""
+        s = self.spec
+        self.engine.destroy(group=False)
+        self.engine = None
+        self.engine = self.engine_cls.from_pretrained(model_dir, self.role, s.settings, s.args)
+
     # ------------------------------------------------------------------ checkpoints
 
     def save_state(self, out_dir: str) -> None:

@@ -27,7 +27,7 @@ def test_due_actions_per_switch():
     assert "metrics.on_collapse_warning = stop" in acts[0]["reason"]
     assert due_actions(events, StabilityConfig()) == []          # default: log only
     with pytest.raises(MetricsConfigError, match="metrics.on_collapse"):
-        StabilityConfig.from_dict({"on_collapse": "rollback"})
+        StabilityConfig.from_dict({"on_collapse": "restart"})
 
 
 def test_take_actions_on_a_logger(tmp_path):

@@ -1,0 +1,54 @@
+"""The trainable workers' ``scale_lr`` (the ``lr`` rollback, ``rlhf.metrics.actions``) on a real
+DeepSpeed engine (CPU, gloo, one rank): the current and the scheduled learning rates are scaled,
+the warm-up goes on scaled, and ``save_state`` / ``load_state`` keep the change (so does a resume)."""
+
+from __future__ import annotations
+
+import socket
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from rlhf.engines.deepspeed_engine import DeepSpeedTrainEngine, EngineSpec
+from rlhf.workers.model_workers import _TrainableBase
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def dist_env(monkeypatch):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
+                 "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+
+
+def _step(eng, ids):
+    eng.backward(eng.engine(input_ids=ids, labels=ids).loss)
+    return eng.step()
+
+
+@pytest.mark.parametrize("zero", [0, 1])
+def test_scale_lr_holds_through_the_schedule_and_the_state(tiny_llama, tmp_path, dist_env, zero):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 12))
+    spec = EngineSpec(lr=1e-2, warmup_steps=4, micro_batch_size=2, grad_accum=1, zero_stage=zero)
+    eng = DeepSpeedTrainEngine(AutoModelForCausalLM.from_pretrained(str(tiny_llama)), spec)
+    try:
+        assert _step(eng, ids)["lr"] == pytest.approx(5e-3)            # warm-up: 2/4 of the peak next
+        worker = SimpleNamespace(engine=eng)
+        assert _TrainableBase.scale_lr(worker, 0.5) == [pytest.approx(2.5e-3)]   # 2/4 x peak x 0.5
+        assert _step(eng, ids)["lr"] == pytest.approx(3.75e-3)          # 3/4 x the halved peak
+        eng.save_state(tmp_path / "state")
+        lrs = [_step(eng, ids)["lr"] for _ in range(2)]
+        assert lrs == pytest.approx([5e-3, 5e-3])                        # the halved peak, constant
+        eng.load_state(tmp_path / "state")
+        assert eng.optimizer.param_groups[0]["lr"] == pytest.approx(3.75e-3)
+        assert [_step(eng, ids)["lr"] for _ in range(2)] == pytest.approx(lrs)
+    finally:
+        eng.destroy()
