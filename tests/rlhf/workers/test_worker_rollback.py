@@ -52,3 +52,25 @@ def test_scale_lr_holds_through_the_schedule_and_the_state(tiny_llama, tmp_path,
         assert [_step(eng, ids)["lr"] for _ in range(2)] == pytest.approx(lrs)
     finally:
         eng.destroy()
+
+
+def test_scale_lr_on_a_plain_adamw_and_lambda_schedule():
+    """The pair the megatron engine holds (``engine.optimizer`` AdamW, ``engine.scheduler`` LambdaLR;
+    its ``save_state`` writes the param groups and the scheduler state without ``lr_lambdas``)."""
+    def pair():
+        p = torch.nn.Parameter(torch.ones(3))
+        opt = torch.optim.AdamW([p], lr=1e-2)
+        return p, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 4))
+
+    p, opt, sched = pair()
+    opt.step(), sched.step()                                            # lr 2/4 x peak
+    assert _TrainableBase.scale_lr(SimpleNamespace(engine=SimpleNamespace(optimizer=opt, scheduler=sched)),
+                                   0.1) == [pytest.approx(5e-4)]
+    assert sched.get_last_lr() == [pytest.approx(5e-4)]
+    saved = ({k: v for k, v in opt.state_dict()["param_groups"][0].items() if k != "params"},
+             {k: v for k, v in sched.state_dict().items() if k != "lr_lambdas"})
+    q, opt2, sched2 = pair()
+    opt2.load_state_dict({"state": {}, "param_groups": [{**saved[0], "params": [0]}]})
+    sched2.load_state_dict({**saved[1], "lr_lambdas": [None]})
+    opt2.step(), sched2.step()
+    assert opt2.param_groups[0]["lr"] == pytest.approx(7.5e-4)          # 3/4 x the scaled peak 1e-3
