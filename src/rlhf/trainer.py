@@ -9,7 +9,9 @@ into a ``RolloutBatch``, ``rlhf.workers.batch``), scores (actor, reference, crit
 computes token rewards and advantages on the driver (``ppo.advantage_estimator``: GAE with the
 critic, or a critic-free one and then no critic is spawned; a ``ScoredBatch``), trains actor (and
 critic) over mini-batches, pushes the new actor weights to the rollout engine, logs metrics and checkpoints
-every K steps. A Ray worker that dies restarts the workers from the last
+every K steps, and acts on the detectors' verdicts (``metrics.on_*``: checkpoint, stop, or
+``roll_back`` to the last checkpoint before a warning with a changed KL coefficient, learning rate or
+re-merged actor, ``rlhf.metrics.actions``). A Ray worker that dies restarts the workers from the last
 checkpoint (bounded retries); a worker whose constructor fails and a non-finite loss stop the
 run with its last checkpoint intact. Every appended run file is cut back to the checkpoint's
 step on resume and restart, so a resumed run's files equal an uninterrupted run's.
@@ -441,7 +443,8 @@ def probe_step(cfg: PPOConfig, w, probe_ids: list[list[int]], run_dir: Path, ste
 
 def save_checkpoint(cfg: PPOConfig, w, state: LoopState, run_dir: Path, tok) -> Path:
     """``checkpoints/step_XXXXXX``: actor (HF format, loadable directly), critic (if the run has one),
-    engine states, and ``trainer_state.json`` (step, data position, KL coefficient, detector and RNG states; no pickle).
+    engine states, and ``trainer_state.json`` (step, data position, KL coefficient, detector and RNG states, the
+run's rollbacks; no pickle).
     Written to a temporary sibling, then renamed; ``latest`` is replaced atomically."""
     from rlhf.workers.preflight import TRAINER_STATE
 

@@ -103,3 +103,22 @@ def test_rollback_keys_are_checked(key, value, msg):
     with pytest.raises(MetricsConfigError, match=msg):
         StabilityConfig.from_dict({key: value})
     assert StabilityConfig.from_dict({"on_collapse": "rollback", "rollback_merge_ratio": 1}).rollback_merge_ratio == 1
+
+
+def test_report_lists_a_rollback(tmp_path):
+    """A rollback record reaches `rlhf report`'s summary as an action row (and TensorBoard text via
+    ``log_events``, as every action)."""
+    from rlhf.metrics import MetricLogger
+    from rlhf.report import write_report
+
+    run = tmp_path / "run"
+    (act,) = due_actions([WARNED], StabilityConfig(on_collapse_warning="rollback"), checkpoint_steps=[6])
+    rec = rollback_record(act, {"kind": "lr", "factor": 0.5}, 1, "step_000006")
+    with MetricLogger(run, tensorboard=False) as logger:
+        for step in range(1, 11):
+            logger.log(step, {"rollout/length_mean": 50.0, "reward/mean": 0.1 * step, "reward/std": 1.0})
+            if step == 6:
+                logger.log_events([rec])
+    text = (write_report([run], tmp_path / "report") / "summary.md").read_text()
+    assert ("| action at step 6 | rollback: collapse_warning -> warned at step 9 (metrics.on_collapse_warning = "
+            "rollback): rolled back to step_000006 (step 6), learning rates x 0.5; rollback 1 |") in text
