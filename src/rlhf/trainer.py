@@ -216,7 +216,8 @@ def open_run_dir(cfg: PPOConfig, resuming: bool, changes: dict, overrides, tok) 
     run_dir.mkdir(parents=True, exist_ok=True)
     try:
         mark_output(run_dir, COMMAND)
-        for stale in [*run_dir.glob("checkpoints/.tmp_step_*"), *run_dir.glob("models/*.tmp")]:
+        for stale in [*run_dir.glob("checkpoints/.tmp_step_*"), *run_dir.glob("checkpoints/.old_step_*"),
+                      *run_dir.glob("models/*.tmp")]:
             shutil.rmtree(stale, ignore_errors=True)
         build_models(cfg, run_dir, tok)
     except BaseException:
@@ -461,8 +462,12 @@ run's rollbacks; no pickle).
     atomic_write(tmp / TRAINER_STATE, json.dumps({
         "step": state.step, "sampler": state.sampler.state_dict(), "kl_coef": state.kl_coef,
         "monitor": state.monitor.state_dict(), "rng": rng_state(), "rollbacks": state.rollbacks}))
-    shutil.rmtree(final, ignore_errors=True)
+    old = root / f".old_{final.name}"  # a rollback writes its restored step again: swap, never leave a gap
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
     tmp.rename(final)
+    shutil.rmtree(old, ignore_errors=True)
     atomic_write(root / "latest", final.name)
     for old in sorted(root.glob("step_*"))[:-max(cfg.trainer.keep_checkpoints, 1)]:
         shutil.rmtree(old, ignore_errors=True)
