@@ -156,7 +156,15 @@ class PPOSettings:
     mini_batch_size: Annotated[int, ONE_UP] = 8
     """Sequences per optimizer step (global, all data-parallel ranks; >= 1, divides the rollout batch)."""
     micro_batch_size: Annotated[int, ONE_UP] = 4
-    """Sequences per forward/backward on one rank (>= 1)."""
+    """Sequences per forward/backward on one rank (>= 1), padded to the batch's longest prompt
+    and response (unless ``max_tokens_per_micro_batch`` is set)."""
+    max_tokens_per_micro_batch: Annotated[int, ONE_UP] | None = None
+    """Padding-free micro-batching (None: off): every forward (scoring: actor, critic, reference,
+    reward model; and the PPO updates) runs on groups of rows sorted by length whose padded size,
+    rows x (longest prompt + longest response) of the group, stays within this many tokens, each
+    trimmed of its all-padding columns; ``micro_batch_size`` is then not used. The losses stay
+    normalised by the global token count, so the gradients equal the padded path's. A row longer
+    than the budget is a micro-batch of its own. DeepSpeed engine only."""
     ppo_epochs: Annotated[int, ONE_UP] = 1
     """Passes over each rollout batch (>= 1)."""
     clip_low: Annotated[float, Range(0, 1, lo_open=True, hi_open=True)] = 0.2
@@ -323,6 +331,10 @@ class TrainerConfig:
     against an fp32 trainer, see docs/precision.md; a missed weight sync gives ~0.5)."""
     threads_per_worker: Annotated[int, ONE_UP] = 1
     """torch threads in each worker (>= 1)."""
+    peak_tflops: Annotated[float, POS] | None = None
+    """The whole job's peak (TFLOP/s, > 0) that ``perf/mfu*`` divide by (``rlhf.metrics.perf``); None:
+    a matmul probe at start on a CPU run, the GPUs' data-sheet bf16 peak on a GPU run (none, so no
+    MFU, when the driver sees no GPU: set it, e.g. 64 x 989 for 8 nodes of 8 H100)."""
     loggers: list[Literal["jsonl", "tensorboard", "wandb"]] = field(default_factory=lambda: ["jsonl", "tensorboard"])
     """Where metrics go (``rlhf.metrics.logger``): ``jsonl`` (``metrics.jsonl``, required: resume, the
     detectors and ``rlhf report`` read it), ``tensorboard`` (``tensorboard/``) and ``wandb`` (``wandb/``,
@@ -428,6 +440,9 @@ def validate(cfg: PPOConfig, check_paths: bool = True) -> PPOConfig:
         _check(p.mini_batch_size % (dp * p.micro_batch_size) == 0, "ppo.micro_batch_size",
                f"mini_batch_size {p.mini_batch_size} is not a multiple of micro_batch_size {p.micro_batch_size} "
                f"x {what}")
+    _check(p.max_tokens_per_micro_batch is None or "megatron" not in (cfg.engine.actor, cfg.engine.critic),
+           "ppo.max_tokens_per_micro_batch", "is not supported by the megatron engine (its pipeline schedule "
+           "runs micro-batches of one shape): set it null or use engine.actor/critic: deepspeed")
     if p.old_logp_source == "rollout":
         _check(cfg.rollout.top_k == 0 and cfg.rollout.top_p == 1.0, "ppo.old_logp_source",
                "rollout needs rollout.top_k 0 and rollout.top_p 1.0 (the engine's logprobs are of the filtered "

@@ -19,6 +19,7 @@ step on resume and restart, so a resumed run's files equal an uninterrupted run'
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -410,10 +411,42 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
         "timing/train": t3 - t2, "timing/sync": t4 - t3, "timing/step": t4 - t0,
         "perf/tokens_per_s": float(batch.attention_mask.sum()) / max(t4 - t0, 1e-9),
     })
+    metrics.update(step_mfu(cfg, batch, bool(w.critic), train_actor,
+                            {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "step": t4 - t0}))
     if entropy is not None:
         metrics["rollout/entropy"] = float((entropy * mask[sub]).sum() / mask[sub].sum())
     state.step += 1
     return metrics
+
+
+@functools.lru_cache(maxsize=8)
+def _shape(path: str, head: str):
+    from rlhf.metrics.perf import model_shape
+
+    return model_shape(json.loads((Path(path) / "config.json").read_text()), head)
+
+
+@functools.lru_cache(maxsize=4)
+def _peak(override, gpu_run: bool, bf16: bool):
+    from rlhf.engines.accelerator import job_peak_tflops
+
+    return job_peak_tflops(override, gpu_run, bf16)
+
+
+def step_mfu(cfg: PPOConfig, batch, critic: bool, actor_trains: bool, seconds: dict) -> dict[str, float]:
+    """``perf/mfu*`` of one step (``rlhf.metrics.perf``): the models' shapes from their
+    ``config.json``, the batch's real tokens, the peak of ``trainer.peak_tflops`` or the start-up probe."""
+    from rlhf.metrics.perf import mfu_metrics, step_flops
+    from rlhf.workers.group import engine_settings
+
+    paths = model_paths(cfg, Path(cfg.run_dir))
+    resp = float(batch.mask.sum())
+    flops = step_flops(_shape(paths.actor, "lm"), _shape(paths.critic, "score") if critic else None,
+                       _shape(cfg.reward.model, "score") if cfg.reward.model else None,
+                       float(batch.attention_mask.sum()) - resp, resp, batch.num_rows, cfg.ppo.ppo_epochs,
+                       actor_scores=cfg.ppo.old_logp_source == "trainer", actor_trains=actor_trains)
+    bf16 = bool(engine_settings(cfg, "actor")[1].bf16)
+    return mfu_metrics(flops, seconds, _peak(cfg.trainer.peak_tflops, cfg.cluster.gpus_per_worker > 0, bf16))
 
 
 def sync_weights(w) -> None:

@@ -80,7 +80,7 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
     """Clipped value loss: ``0.5 max((V - R)^2, (V_old + clip(V - V_old, +-clip) - R)^2)`` per token.
 
     ``clip=None`` gives the plain ``0.5 (V - R)^2``. Aggregated like ``policy_loss``. Stats
-    (detached local token means): ``vf_clipfrac`` (clipped branch strictly larger),
+    (detached local token means): ``vf_clipfrac`` (the clip binds and its branch is strictly larger),
     ``value_mean``, ``value_error`` (mean squared error of V to R), ``tokens``.
     """
     if not (values.shape == old_values.shape == returns.shape == mask.shape):
@@ -94,7 +94,8 @@ def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Te
         clipped = torch.zeros_like(err1, dtype=torch.bool)
     else:
         old = old_values.float()
-        v_clipped = old + (v - old).clamp(-clip, clip)
+        beyond = (v - old).abs() > clip  # V itself where the clip does not bind: no rounding of V_old + (V - V_old)
+        v_clipped = torch.where(beyond, old + (v - old).clamp(-clip, clip), v)
         err2 = (v_clipped - ret).pow(2)
         per_token = 0.5 * torch.maximum(err1, err2)
         clipped = err2 > err1

@@ -194,6 +194,57 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_tflops_per_gpu: float 
     return tokens_per_s * flops_per_token / (num_gpus * peak_tflops_per_gpu * 1e12)
 
 
+def matmul_peak_tflops(dtype: str = "bfloat16", n: int = 1024, repeats: int = 5, device: str = "cpu") -> float:
+    """This device's dense matmul throughput (TFLOP/s): the best of ``repeats`` timed ``n x n`` by
+    ``n x n`` products in ``dtype`` with the current torch threads, after one warm-up. The CPU's
+    MFU denominator (2 threads of the 2-core CI machine: about 0.18 bf16, 0.079 fp32)."""
+    import time
+
+    import torch
+
+    if n < 1 or repeats < 1:
+        raise AcceleratorError(f"matmul probe: n {n} and repeats {repeats} must be >= 1")
+    a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    a @ b
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return 2.0 * n ** 3 / best / 1e12
+
+
+def job_peak_tflops(override: float | None, gpu_run: bool, bf16: bool, cpu_threads: int | None = None) -> float | None:
+    """The whole job's peak for ``perf/mfu`` (TFLOP/s): ``override`` (``trainer.peak_tflops``) when
+    set; on a GPU run the driver's GPU model (``peak_tflops``) times the GPUs Ray reports, or None
+    when the driver sees no GPU (then set the override); on a CPU run a matmul probe
+    (``matmul_peak_tflops``) in the training precision with ``cpu_threads`` (default: every core)."""
+    if override is not None:
+        return peak_tflops("", override)
+    if gpu_run:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        import ray
+
+        per = peak_tflops(torch.cuda.get_device_name(0))
+        n = float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 1.0
+        return per * max(n, 1.0) if per is not None else None
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads or os.cpu_count() or 1)
+    try:
+        return matmul_peak_tflops("bfloat16" if bf16 else "float32", n=1024, repeats=3)
+    finally:
+        torch.set_num_threads(before)
+
+
 def current_env() -> dict[str, str]:
     """``os.environ`` as a plain dict (what the pure functions take)."""
     return dict(os.environ)

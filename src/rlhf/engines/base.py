@@ -81,6 +81,10 @@ class EngineArgs:
     """Global gradient-norm clip (> 0)."""
     micro_batch_size: int = 1
     """Rows per forward in ``forward_backward`` (>= 1)."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of one micro-batch (0: off, ``micro_batch_size`` rows padded to the batch): rows
+    sorted by length and grouped while rows x (longest prompt + longest response) fits, each group
+    trimmed of its all-padding columns (``rlhf.workers.batch.token_budget_micro_batches``)."""
     grad_accum: int = 1
     """Micro-batches per optimizer step on one data-parallel rank (>= 1; DeepSpeed's accumulation
     boundary; megatron accumulates whatever one ``forward_backward`` call holds)."""

@@ -35,7 +35,7 @@ import torch
 
 from rlhf.engines.accelerator import attn_implementation
 from rlhf.engines.base import EngineArgs
-from rlhf.workers.batch import RolloutBatch, ScoredBatch
+from rlhf.workers.batch import RolloutBatch, ScoredBatch, forward_in_micro_batches, token_budget_micro_batches
 
 
 @dataclass(frozen=True)
@@ -148,10 +148,29 @@ def _forward_hidden_or_logits(model, batch: RolloutBatch, **kw):
                  position_ids=batch.position_ids.to(dev), use_cache=False, **kw)
 
 
+def _keeps_logits(model) -> bool:
+    """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' LM head on the last
+    k positions only)."""
+    import inspect
+
+    fwd = getattr(model, "forward", None)
+    try:
+        return fwd is not None and "logits_to_keep" in inspect.signature(fwd).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def policy_logits(model, batch: RolloutBatch, temperature: float) -> torch.Tensor:
-    """Logits ``[B, T, V]`` that predict each response token (divided by the sampling temperature)."""
-    logits = _forward_hidden_or_logits(model, batch).logits
-    return batch.response_slice(logits).float() / temperature
+    """Logits ``[B, T, V]`` that predict each response token (divided by the sampling temperature).
+    The LM head runs on the T+1 last positions only (``logits_to_keep``; response tokens start at
+    column P for every row), not on the prompt: the same values with less work (a vocab-sized
+    matmul per prompt token saved, forward and backward)."""
+    T = batch.mask.shape[1]
+    if _keeps_logits(model):
+        logits = _forward_hidden_or_logits(model, batch, logits_to_keep=T + 1).logits[:, :T]
+    else:
+        logits = batch.response_slice(_forward_hidden_or_logits(model, batch).logits)
+    return logits.float() / temperature
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -243,12 +262,37 @@ class DeepSpeedTrainEngine:
                 out["logp_filtered"] = logprobs_from_logits(filter_logits(logits, top_k, top_p), responses)
         return out
 
+    def _micro_rows(self, batch: RolloutBatch, rows_per_group: int | None) -> list[list[int]]:
+        """The row groups one call runs: ``rows_per_group`` rows each (``None``: all rows at once),
+        or, with ``spec.max_tokens_per_micro_batch``, token-budget groups of trimmed rows; then every
+        data-parallel rank runs as many groups as the rank that needs the most (ZeRO's collectives
+        run per micro-batch), a rank with too few rows filling in empty groups."""
+        B, budget = batch.num_rows, self.spec.max_tokens_per_micro_batch
+        if not budget:
+            step = rows_per_group or max(B, 1)
+            return [list(range(s, min(s + step, B))) for s in range(0, B, step)]
+        p_len, r_len = batch.row_lengths()
+        groups = token_budget_micro_batches(p_len.tolist(), r_len.tolist(), budget)
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            n = torch.tensor([len(groups)], dtype=torch.long)
+            dist.all_reduce(n, op=dist.ReduceOp.MAX)
+            groups = token_budget_micro_batches(p_len.tolist(), r_len.tolist(), budget, parts=int(n))
+            groups += [[] for _ in range(int(n) - len(groups))]
+        return groups
+
     @torch.no_grad()
     def forward(self, batch: RolloutBatch, top_k: int = 0, top_p: float = 1.0) -> dict[str, torch.Tensor]:
         """``{"logp", "entropy"}`` (policy) or ``{"values"}`` (critic), ``[B, T]`` float32 on the CPU, from
-        one forward over the whole batch (values at ``mask == 0`` are unspecified). A policy given
+        one forward over the whole batch, or over token-budget micro-batches of trimmed rows with
+        ``spec.max_tokens_per_micro_batch`` (values at ``mask == 0`` are unspecified). A policy given
         ``top_k`` / ``top_p`` also returns ``logp_filtered``: the logprobs after the sampler's filtering."""
         self.engine.train(False)
+        if self.spec.max_tokens_per_micro_batch:
+            dev = self.module.device
+            return forward_in_micro_batches(batch, self._micro_rows(batch, None),
+                                            lambda sub: self._outputs(sub.to(dev), top_k, top_p))
         return {k: v.cpu() for k, v in self._outputs(batch, top_k, top_p).items()}
 
     def forward_backward(self, batch: ScoredBatch, loss_fn: Callable) -> list[dict[str, float]]:
@@ -258,22 +302,29 @@ class DeepSpeedTrainEngine:
         following ``step()`` is DeepSpeed's accumulation boundary. Returns one record per micro-batch
         (stats as floats plus ``loss``); raises ``FloatingPointError`` on a non-finite loss."""
         self.engine.train(True)
-        B = batch.num_rows
-        starts = list(range(0, B, self.spec.micro_batch_size))
+        budget = self.spec.max_tokens_per_micro_batch
+        groups = self._micro_rows(batch, self.spec.micro_batch_size)
         out: list[dict[str, float]] = []
-        for i, s in enumerate(starts):
+        for i, rows in enumerate(groups):
             if self._pending:  # the previous micro-batch's DeepSpeed step (never the boundary here)
                 self.engine.step()
                 self._pending = False
-            sub = batch.select_rows(range(s, min(s + self.spec.micro_batch_size, B))).to(self.module.device)
+            if budget:  # as many micro-batches as the groups: the last one is the accumulation boundary
+                self.engine.set_gradient_accumulation_boundary(i == len(groups) - 1)
+            sub = batch.select_rows(rows or [0])
+            sub = (sub.trimmed() if budget else sub).to(self.module.device)
             loss, stats = loss_fn(self._outputs(sub), sub)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite loss {loss.item()} (rank {self.rank})")
+            if not rows:  # an empty group: a zero-weight pass that keeps this rank's collectives in step
+                loss = loss * 0.0
             self.engine.backward(loss, scale_wrt_gas=False)
+            self._pending = True
+            if not rows:
+                continue
             rec = {k: float(v) for k, v in stats.items()}
             rec["loss"] = float(loss.detach())
             out.append(rec)
-            self._pending = True
         return out
 
     def backward(self, loss: torch.Tensor) -> None:

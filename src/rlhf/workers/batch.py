@@ -61,6 +61,102 @@ class RolloutBatch:
         P, T = self.prompt_len, self.mask.shape[1]
         return x[:, P - 1:P - 1 + T]
 
+    def row_lengths(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(real prompt tokens, real response tokens) per row, ``[B]`` int64 each."""
+        P = self.prompt_len
+        return self.attention_mask[:, :P].sum(1), self.mask.sum(1).long()
+
+    def trimmed(self) -> Self:
+        """The record without the columns that are padding in every row: the prompt block cut to
+        the longest real prompt (``prompt_len`` becomes it), the response block to the longest
+        response (at least one column); same class. Real tokens keep their positions and
+        attention, so a model's outputs on them are those of the untrimmed record."""
+        P, T = self.prompt_len, self.mask.shape[1]
+        p_len, r_len = self.row_lengths()
+        p2 = max(int(p_len.max()), 1) if p_len.numel() else P
+        t2 = max(int(r_len.max()), 1) if r_len.numel() else T
+        if (p2, t2) == (P, T):
+            return self
+        cols = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if not torch.is_tensor(v):
+                continue
+            cols[f.name] = v[:, P - p2:P + t2] if f.name in _FULL_WIDTH else v[:, :t2]
+        return replace(self, **cols, prompt_len=p2)
+
+
+_FULL_WIDTH = frozenset({"input_ids", "attention_mask", "position_ids"})
+"""The ``[B, P+T]`` fields; every other tensor field of both records is ``[B, T]``."""
+
+
+def token_budget_micro_batches(prompt_lens, response_lens, max_tokens: int, parts: int = 0) -> list[list[int]]:
+    """Rows grouped into micro-batches whose padded size (rows x (longest prompt + longest
+    response) of the group) stays within ``max_tokens``: rows sorted longest first (ties by row
+    index), each added to the current group while the group's padded size allows, else a new
+    group is opened. A row longer than the budget is a group of its own. ``parts`` > 0 asks for at
+    least that many groups (data-parallel ranks must run the same number of micro-batches): the
+    group with the most rows is halved until there are ``parts``, or every group is one row.
+    Deterministic; pure (lists of ints in, lists of row indices out, each sorted)."""
+    p = [int(x) for x in prompt_lens]
+    r = [int(x) for x in response_lens]
+    if len(p) != len(r):
+        raise ValueError(f"token_budget_micro_batches: {len(p)} prompt lengths but {len(r)} response lengths")
+    if max_tokens < 1:
+        raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
+    order = sorted(range(len(p)), key=lambda i: (-(p[i] + r[i]), i))
+    groups: list[list[int]] = []
+    cur: list[int] = []
+    mp = mr = 0
+    for i in order:
+        np_, nr = max(mp, p[i]), max(mr, r[i])
+        if cur and (len(cur) + 1) * (np_ + nr) > max_tokens:
+            groups.append(cur)
+            cur, np_, nr = [], p[i], r[i]
+        cur.append(i)
+        mp, mr = np_, nr
+    if cur:
+        groups.append(cur)
+    def cost(g: list[int]) -> int:
+        return len(g) * (max(p[i] for i in g) + max(r[i] for i in g)) if len(g) > 1 else -1
+
+    while len(groups) < parts and any(len(g) > 1 for g in groups):
+        k = max(range(len(groups)), key=lambda j: (cost(groups[j]), -j))
+        g = groups[k]
+        groups[k:k + 1] = [g[:len(g) // 2], g[len(g) // 2:]]
+    return [sorted(g) for g in groups]
+
+
+def forward_in_micro_batches(batch: RolloutBatch, groups: list[list[int]], fn) -> dict[str, torch.Tensor]:
+    """``fn(sub)`` -> ``{name: [b, t] or [b] tensor}`` run on each group of rows of ``batch``
+    (``token_budget_micro_batches``), each ``trimmed()``, put back in ``batch``'s row order and
+    width: ``[B, T]`` outputs are zero beyond each group's own response width (there the mask
+    is 0 anyway), ``[B]`` outputs are copied. An empty group runs ``fn`` on row 0 and drops the
+    result (a rank with fewer groups than its peers keeps their collectives in step). The no-grad
+    scoring passes use it."""
+    B, T = batch.mask.shape
+    out: dict[str, torch.Tensor] = {}
+    for rows in groups:
+        res = fn(batch.select_rows(rows or [0]).trimmed())
+        if not rows:
+            continue
+        idx = torch.as_tensor(rows, dtype=torch.long)
+        for k, v in res.items():
+            v = v.detach().cpu()
+            if k not in out:
+                out[k] = torch.zeros((B, T) if v.dim() == 2 else (B,), dtype=v.dtype)
+            if v.dim() == 2:
+                out[k][idx, :v.shape[1]] = v
+            else:
+                out[k][idx] = v
+    return out
+
+
+def budget_groups(batch: RolloutBatch, max_tokens: int) -> list[list[int]]:
+    """``token_budget_micro_batches`` of ``batch``'s rows (one process: no peers to match)."""
+    p_len, r_len = batch.row_lengths()
+    return token_budget_micro_batches(p_len.tolist(), r_len.tolist(), max_tokens)
+
 
 @dataclass(frozen=True)
 class ScoredBatch(RolloutBatch):

@@ -113,6 +113,7 @@ def engine_args(cfg: PPOConfig, role: str) -> EngineArgs:
     return EngineArgs(lr=o.actor_lr if role == "actor" else o.critic_lr, warmup_steps=o.warmup_steps,
                       weight_decay=o.weight_decay, betas=tuple(o.betas), grad_clip=o.grad_clip,
                       micro_batch_size=p.micro_batch_size, grad_accum=max(local_mini // p.micro_batch_size, 1),
+                      max_tokens_per_micro_batch=p.max_tokens_per_micro_batch or 0,
                       seed=cfg.seed, temperature=cfg.rollout.temperature)
 
 
@@ -154,10 +155,12 @@ def frozen_specs(cfg: PPOConfig, paths: ModelPaths, pad_id: int, eos_id: int, pl
     """The specs of the reference, reward and rollout workers (weights in ``role_dtype``); a vLLM
     rollout's overrides use the placement plan and groups."""
     t, dtype, r = cfg.trainer.threads_per_worker, role_dtype(cfg), cfg.reward
-    reference = ReferenceSpec(model_path=paths.reference, temperature=cfg.rollout.temperature, dtype=dtype, threads=t)
+    reference = ReferenceSpec(model_path=paths.reference, temperature=cfg.rollout.temperature, dtype=dtype, threads=t,
+                              max_tokens_per_micro_batch=cfg.ppo.max_tokens_per_micro_batch or 0)
     reward = RewardSpec(tokenizer_path=paths.tokenizer, model_path=r.model, function=r.function, metrics=r.metrics,
                         dtype=dtype, allow_local_code=r.allow_local_code, run_dir=os.path.abspath(cfg.run_dir),
-                        driver_cwd=os.getcwd(), threads=t)
+                        driver_cwd=os.getcwd(), threads=t,
+                        max_tokens_per_micro_batch=cfg.ppo.max_tokens_per_micro_batch or 0)
     vllm = vllm_overrides(cfg, plan, pgs) if cfg.rollout.engine == "vllm" else None
     rollout = RolloutSpec(engine=cfg.rollout.engine, model_path=paths.actor, pad_id=pad_id, eos_id=eos_id, vllm=vllm,
                           dtype=dtype, threads=t)

@@ -27,7 +27,7 @@ import torch
 from rlhf.engines.accelerator import attn_implementation
 from rlhf.engines.deepspeed_engine import (critic_values, filter_logits,  # noqa: F401  (re-exported)
                                            policy_logits, _forward_hidden_or_logits)
-from rlhf.workers.batch import RolloutBatch, ScoredBatch
+from rlhf.workers.batch import RolloutBatch, ScoredBatch, budget_groups, forward_in_micro_batches
 from rlhf.workers.specs import ReferenceSpec, RewardSpec, RolloutSpec, TrainableSpec
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -266,14 +266,19 @@ class ReferenceWorker:
         _worker_setup(spec.threads)
         self.model = load_hf_model(spec.model_path, "policy", getattr(torch, spec.dtype),
                                    attn_implementation(spec.dtype == "bfloat16")).to(device()).eval()
-        self.temperature = spec.temperature
+        self.temperature, self.budget = spec.temperature, spec.max_tokens_per_micro_batch
 
     @torch.no_grad()
     def logprobs(self, batch: RolloutBatch) -> torch.Tensor:
         from rlhf.algo import logprobs_from_logits
 
-        logits = policy_logits(self.model, batch, self.temperature)
-        return logprobs_from_logits(logits, batch.responses.to(logits.device)).cpu()
+        def logp(sub: RolloutBatch) -> dict[str, torch.Tensor]:
+            logits = policy_logits(self.model, sub, self.temperature)
+            return {"logp": logprobs_from_logits(logits, sub.responses.to(logits.device)).cpu()}
+
+        if self.budget:
+            return forward_in_micro_batches(batch, budget_groups(batch, self.budget), logp)["logp"]
+        return logp(batch)["logp"]
 
     def pid(self) -> int:
         return os.getpid()
@@ -290,6 +295,7 @@ class RewardWorker:
         _worker_setup(spec.threads)
         self.tok = AutoTokenizer.from_pretrained(spec.tokenizer_path)
         self.model = self.fn = None
+        self.budget = spec.max_tokens_per_micro_batch
         run_dirs, cwds = [spec.run_dir] if spec.run_dir else [], [spec.driver_cwd] if spec.driver_cwd else []
         if spec.model_path is not None:
             from transformers import AutoModelForSequenceClassification
@@ -310,6 +316,9 @@ class RewardWorker:
     def score(self, batch: RolloutBatch, prompts: list[list[int]], responses: list[list[int]],
               finished: list[bool]) -> torch.Tensor:
         if self.model is not None:
+            if self.budget:
+                return forward_in_micro_batches(batch, budget_groups(batch, self.budget),
+                                                lambda sub: {"s": reward_model_scores(self.model, sub)})["s"]
             return reward_model_scores(self.model, batch)
         ptxt = self.tok.batch_decode(prompts, skip_special_tokens=False)
         rtxt = self.tok.batch_decode(responses, skip_special_tokens=True)

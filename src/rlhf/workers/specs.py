@@ -57,6 +57,8 @@ class ReferenceSpec:
     """Weights dtype (a ``torch`` attribute name: ``float32`` / ``bfloat16``)."""
     threads: int = 1
     """torch threads of the worker process."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of one scoring forward (``ppo.max_tokens_per_micro_batch``; 0: the whole batch at once)."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,8 @@ class RewardSpec:
     """The driver's working directory (searched for local reward modules)."""
     threads: int = 1
     """torch threads of the worker process."""
+    max_tokens_per_micro_batch: int = 0
+    """Token budget of one scoring forward (``ppo.max_tokens_per_micro_batch``; 0: the whole batch at once)."""
 
 
 @dataclass(frozen=True)
