@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 import torch
@@ -11,16 +10,6 @@ import torch
 from rlhf.engines.deepspeed_engine import DeepSpeedTrainEngine, EngineSpec
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def dist_env(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
 
 
 class _Evil:

@@ -7,7 +7,6 @@ padded path's outputs, losses, statistics and gradients within 1e-5, for the pol
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 import torch
@@ -73,16 +72,6 @@ def test_forward_in_micro_batches_restores_row_order():
 
 
 # ----------------------------------------------------------------------------- the engine, fp32
-
-
-@pytest.fixture
-def dist_env(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
 
 
 def _spread_batch(n=6, seed=0) -> ScoredBatch:

@@ -4,7 +4,6 @@ the warm-up goes on scaled, and ``save_state`` / ``load_state`` keep the change 
 
 from __future__ import annotations
 
-import socket
 from types import SimpleNamespace
 
 import pytest
@@ -14,16 +13,6 @@ from rlhf.engines.deepspeed_engine import DeepSpeedTrainEngine, EngineSpec
 from rlhf.workers.model_workers import _TrainableBase
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def dist_env(monkeypatch):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    for k, v in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                 "LOCAL_RANK": "0"}.items():
-        monkeypatch.setenv(k, v)
 
 
 def _step(eng, ids):
