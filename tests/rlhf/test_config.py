@@ -216,3 +216,14 @@ def test_group_estimators_refuse_one_sample_per_prompt(name):
 def test_bad_estimator_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=rf"^{key.replace('.', r'[.]')}"):
         load_config(None, override)
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["ppo.max_tokens_per_micro_batch=0"], "ppo.max_tokens_per_micro_batch"),
+    (["ppo.max_tokens_per_micro_batch=512", "engine.actor=megatron"], "ppo.max_tokens_per_micro_batch"),
+    (["trainer.peak_tflops=0"], "trainer.peak_tflops"),
+    (["trainer.peak_tflops=-3"], "trainer.peak_tflops"),
+])
+def test_budget_and_peak_keys_are_checked(overrides, key):
+    with pytest.raises(ConfigError, match="^" + key.replace(".", r"\.")):
+        load_config(None, overrides)
