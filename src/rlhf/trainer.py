@@ -435,14 +435,19 @@ def _peak(override, gpu_run: bool, bf16: bool):
 
 def step_mfu(cfg: PPOConfig, batch, critic: bool, actor_trains: bool, seconds: dict) -> dict[str, float]:
     """``perf/mfu*`` of one step (``rlhf.metrics.perf``): the models' shapes from their
-    ``config.json``, the batch's real tokens, the peak of ``trainer.peak_tflops`` or the start-up probe."""
+    ``config.json`` (none when one lacks the decoder fields counted), the batch's real tokens, the peak of
+    ``trainer.peak_tflops`` or the start-up probe."""
     from rlhf.metrics.perf import mfu_metrics, step_flops
     from rlhf.workers.group import engine_settings
 
     paths = model_paths(cfg, Path(cfg.run_dir))
     resp = float(batch.mask.sum())
-    flops = step_flops(_shape(paths.actor, "lm"), _shape(paths.critic, "score") if critic else None,
-                       _shape(cfg.reward.model, "score") if cfg.reward.model else None,
+    try:
+        shapes = (_shape(paths.actor, "lm"), _shape(paths.critic, "score") if critic else None,
+                  _shape(cfg.reward.model, "score") if cfg.reward.model else None)
+    except (KeyError, OSError, ValueError):  # a config without the decoder fields it counts: no MFU
+        return {}
+    flops = step_flops(*shapes,
                        float(batch.attention_mask.sum()) - resp, resp, batch.num_rows, cfg.ppo.ppo_epochs,
                        actor_scores=cfg.ppo.old_logp_source == "trainer", actor_trains=actor_trains)
     bf16 = bool(engine_settings(cfg, "actor")[1].bf16)
