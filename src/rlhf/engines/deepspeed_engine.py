@@ -25,6 +25,7 @@ and ``load_state`` routes DeepSpeed's own loads through it (DeepSpeed itself pas
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -150,10 +151,15 @@ def _forward_hidden_or_logits(model, batch: RolloutBatch, **kw):
 
 def _keeps_logits(model) -> bool:
     """Whether the causal LM's forward takes ``logits_to_keep`` (transformers' LM head on the last
-    k positions only)."""
+    k positions only); looked up once per model class."""
+    return _class_keeps_logits(type(model))
+
+
+@functools.lru_cache(maxsize=None)
+def _class_keeps_logits(cls) -> bool:
     import inspect
 
-    fwd = getattr(model, "forward", None)
+    fwd = getattr(cls, "forward", None)
     try:
         return fwd is not None and "logits_to_keep" in inspect.signature(fwd).parameters
     except (TypeError, ValueError):
