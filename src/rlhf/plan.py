@@ -615,8 +615,8 @@ def plan_input_from_ppo(cfg) -> PlanInput:
 # ------------------------------------------------------------------------------ CLI
 
 def render(inp: PlanInput, res: PlanResult) -> str:
-    engines = []
-    for role in ("actor", "critic"):
+    engines, placed = [], make_plan(inp.placement)
+    for role in ("actor", "critic") if placed.of("critic") else ("actor",):  # critic-free: none placed
         if inp.engines.get(role, "deepspeed") == "megatron":
             mg = _megatron(inp)
             engines.append(f"{role} megatron (TP {mg.tensor_parallel}, PP {mg.pipeline_parallel}, "
@@ -624,7 +624,7 @@ def render(inp: PlanInput, res: PlanResult) -> str:
                            f"{'recompute, ' if mg.recompute else ''}{'bf16' if mg.bf16 else 'fp32'})")
         else:
             engines.append(f"{role} deepspeed (ZeRO-{inp.placement.zero_stage}, {inp.workload.precision})")
-    lines = [make_plan(inp.placement).describe(), "engines: " + ", ".join(engines),
+    lines = [placed.describe(), "engines: " + ", ".join(engines),
              f"model: {inp.model.total_params_b:g}B total / {inp.model.active_params_b or inp.model.total_params_b:g}B "
              f"active; GPU {inp.gpu.name}: {inp.gpu.memory_gb:g} GB, usable {res.usable_gb:.1f} GB",
              "", f"{'GPU':<12} {'role':<10} {'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'kv':>8} {'total':>8}  (GB)"]

@@ -201,3 +201,22 @@ def test_plan_yaml_sections_are_built_by_the_typed_builder(tmp_path):
         p.write_text(yaml.safe_dump(data))
         with pytest.raises(PlacementError, match=msg):
             P.load_plan_input(p)
+
+
+def test_plan_of_a_critic_free_config_counts_no_critic(capsys):
+    """A critic-free estimator (GRPO) spawns no critic (``rlhf.workers.group.spawn``), so the plan
+    places, sizes and times none: less memory per GPU and no critic passes in the step time."""
+    groups = ["ppo.n_samples_per_prompt=4"]
+    with_critic = P.plan(P.load_plan_input(PPO_8X8, groups))
+    grpo = [*groups, "ppo.advantage_estimator=grpo"]
+    assert cli.main(["plan", str(PPO_8X8), *grpo]) == 0
+    out = capsys.readouterr().out
+    assert "critic" not in out and "actor deepspeed (ZeRO-3, bf16)" in out
+    inp = P.load_plan_input(PPO_8X8, grpo)
+    res = P.plan(inp)
+    key = next(iter(res.per_gpu))
+    assert [m.role for m in res.per_gpu[key]] == ["actor", "reference", "reward", "rollout"]
+    assert res.step_time_s["train"] < with_critic.step_time_s["train"]
+    critic_mem = next(m.total for m in with_critic.per_gpu[key] if m.role == "critic")
+    assert sum(m.total for m in res.per_gpu[key]) == pytest.approx(
+        sum(m.total for m in with_critic.per_gpu[key]) - critic_mem)

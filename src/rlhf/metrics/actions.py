@@ -78,9 +78,15 @@ def due_actions(events: Iterable[Mapping], cfg, rollbacks: Iterable[Mapping] = (
     ``checkpoint_steps`` before ``fire_step``, and never before the last of the run's earlier
     ``rollbacks`` (their records, ``rollback_record``), so a rollback cannot undo another. One that
     cannot run (``cfg.rollback_max`` rollbacks made, or no such checkpoint) becomes
-    ``cfg.rollback_fallback`` with the reason saying why (a ``log`` one is still recorded)."""
+    ``cfg.rollback_fallback`` with the reason saying why (a ``log`` one is still recorded). After a
+    ``kl`` or ``lr`` rollback to step R, one that fires on step R + 1 is only logged: that batch was
+    sampled by the restored weights before the change acted on any update, so it repeats the
+    evidence of that rollback and says nothing about the change (after a ``merge`` the merged
+    weights sample step R + 1, so a firing there is new evidence and acts)."""
     rollbacks = list(rollbacks)
     floor = max((int(r["restored_step"]) for r in rollbacks), default=-1)
+    # a merge changes the weights that sample step floor + 1; kl and lr act on updates only
+    replayed = bool(rollbacks) and rollbacks[-1].get("change", {}).get("kind") in ("kl", "lr")
     steps = sorted(int(s) for s in checkpoint_steps if int(s) >= floor)
     out = []
     for ev in events:
@@ -100,7 +106,13 @@ def due_actions(events: Iterable[Mapping], cfg, rollbacks: Iterable[Mapping] = (
             why = (f"metrics.rollback_max = {cfg.rollback_max} rollback(s) already made"
                    if len(rollbacks) >= cfg.rollback_max else
                    f"no checkpoint before step {before} to roll back to" if target is None else None)
-            if why is not None:
+            if replayed and int(ev["step"]) <= floor + 1:
+                # the replayed step after a kl / lr rollback: its batch was sampled by the restored
+                # weights before the change could act, so acting again would repeat the same
+                # evidence (and compound the change, or fall back) without testing the change
+                act.update(action="log", reason=f"{reason}: fired on step {ev['step']}, replayed from the "
+                           f"rollback to step {floor} before its change could act; not acted on")
+            elif why is not None:
                 act.update(action=cfg.rollback_fallback,
                            reason=f"{reason}: {why}; metrics.rollback_fallback = {cfg.rollback_fallback}")
             else:

@@ -55,6 +55,27 @@ def test_rollback_max_and_the_fallback():
     assert act["action"] == "log" and "no checkpoint before step 7" in act["reason"]
 
 
+def test_a_firing_on_the_replayed_step_after_a_kl_or_lr_rollback_is_only_logged():
+    # rolled back to step 8; step 9 replays the batch the restored weights sampled: the same
+    # evidence, before the change acted, so no second rollback (nor a fallback stop) at step 9
+    cfg = StabilityConfig(on_collapse_warning="rollback", rollback_max=3, rollback_fallback="stop")
+    for kind in ("kl", "lr"):
+        done = [{"restored_step": 8, "rollback": 1, "change": {"kind": kind}}]
+        (act,) = due_actions([WARNED], cfg, rollbacks=done, checkpoint_steps=[4, 8])
+        assert act["action"] == "log" and "restored_step" not in act
+        assert "replayed from the rollback to step 8 before its change could act" in act["reason"]
+        later = dict(WARNED, step=11)                  # after updates made with the change: acts again
+        (act,) = due_actions([later], cfg, rollbacks=done, checkpoint_steps=[4, 8, 10])
+        assert act["action"] == "rollback" and act["restored_step"] == 10
+    cfg1 = StabilityConfig(on_collapse_warning="rollback", rollback_max=1, rollback_fallback="stop")
+    (act,) = due_actions([WARNED], cfg1, rollbacks=done, checkpoint_steps=[8])
+    assert act["action"] == "log"                     # not the fallback stop either
+    # after a merge the merged weights sample step 9: new evidence, so it acts
+    merged = [{"restored_step": 8, "rollback": 1, "change": {"kind": "merge"}}]
+    (act,) = due_actions([WARNED], cfg, rollbacks=merged, checkpoint_steps=[4, 8])
+    assert act["action"] == "rollback" and act["restored_step"] == 8
+
+
 def test_pick_rollback_a_stop_wins():
     cfg = StabilityConfig(on_collapse_warning="rollback", on_hockey_stick_warning="stop")
     hs = {"step": 9, "detector": "hockey_stick_warning", "from": "quiet", "to": "warned"}
