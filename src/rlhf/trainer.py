@@ -34,6 +34,7 @@ from bairlhf.errors import UserError
 from bairlhf.outputs import atomic_write, check_output, mark_output, owner
 from rlhf.config import ConfigError, PPOConfig, load_config, rollout_check_tol, save_config, to_dict
 from rlhf.data import PromptSampler, encode_prompts, load_prompts
+from rlhf.workers import async_rollout
 from rlhf.workers.perf import step_mfu
 from rlhf.workers.rollback import check_rollback, relog_rollbacks, roll_back
 
@@ -66,6 +67,8 @@ class LoopState:
     """``rlhf.metrics.StabilityMonitor`` (detector state)."""
     rollbacks: list[dict] = field(default_factory=list)
     """The run's rollbacks so far (their ``stability_events.jsonl`` records, ``rlhf.metrics.actions``)."""
+    pending: object = None
+    """``ppo.async_rollout``: the next step's batch, in flight or loaded (``rlhf.workers.async_rollout``)."""
 
 
 def model_paths(cfg: PPOConfig, run_dir: Path):
@@ -311,19 +314,15 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
 
     from rlhf.algo import adaptive_kl_coef, get_estimator, mismatch_keep_mask, truncated_is_weights
     from rlhf.algo.driver import step_advantages
-    from rlhf.engines.base import SamplingParams
     from rlhf.metrics import ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, preflight_report, reduce_update_stats
     from rlhf.workers.batch import ScoredBatch, collate
 
     p, r = cfg.ppo, cfg.rollout
     step = state.step
     t0 = time.perf_counter()
-    # 1. sample prompts and generate
-    idx = state.sampler.next(p.rollout_batch_size)
-    prompts = [prompt_ids[i] for i in idx for _ in range(p.n_samples_per_prompt)]
-    params = SamplingParams(max_new_tokens=r.max_new_tokens, temperature=r.temperature, top_p=r.top_p,
-                            top_k=r.top_k, seed=cfg.seed * 1_000_003 + step)
-    gens = ray.get(w.rollout.generate.remote(prompts, params))
+    # 1. sample prompts and generate (``ppo.async_rollout``: take the batch generated during the last
+    #    step, then launch the next one, which runs while this step scores and trains)
+    gens, stale, ahead = async_rollout.rollout(cfg, w, state, prompt_ids)
     batch = collate(gens, pad_id)
     mask, B = batch.mask, len(gens)
     finished = torch.tensor([g.finished for g in gens])
@@ -412,8 +411,10 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
         "timing/train": t3 - t2, "timing/sync": t4 - t3, "timing/step": t4 - t0,
         "perf/tokens_per_s": float(batch.attention_mask.sum()) / max(t4 - t0, 1e-9),
     })
-    metrics.update(step_mfu(cfg, batch, bool(w.critic), train_actor,
-                            {"generate": t1 - t0, "score": t2 - t1, "train": t3 - t2, "step": t4 - t0}))
+    if p.async_rollout:  # timing/generate is then the wait for the batch generated ahead
+        metrics["rollout/staleness"] = float(stale)
+    metrics.update(step_mfu(cfg, batch, bool(w.critic), train_actor, {"score": t2 - t1, "train": t3 - t2,
+                            "step": t4 - t0, **({} if ahead else {"generate": t1 - t0})}))
     if entropy is not None:
         metrics["rollout/entropy"] = float((entropy * mask[sub]).sum() / mask[sub].sum())
     state.step += 1
@@ -463,6 +464,7 @@ run's rollbacks; no pickle).
           + [a.save_state.remote(str(tmp / "actor_state")) for a in w.actor]
           + [c.save_state.remote(str(tmp / "critic_state")) for c in w.critic])
     tok.save_pretrained(str(tmp / "actor"))
+    async_rollout.save_pending(state, tmp)  # the batch generated ahead, by weights this checkpoint lacks
     atomic_write(tmp / TRAINER_STATE, json.dumps({
         "step": state.step, "sampler": state.sampler.state_dict(), "kl_coef": state.kl_coef,
         "monitor": state.monitor.state_dict(), "rng": rng_state(), "rollbacks": state.rollbacks}))
@@ -488,9 +490,10 @@ def checkpoint_steps(run_dir: Path) -> list[int]:
     return sorted(int(p.name[5:]) for p in (run_dir / "checkpoints").glob("step_*") if p.name[5:].isdigit())
 
 
-def restore(w, state: LoopState, ckpt: Path) -> None:
+def restore(w, state: LoopState, ckpt: Path, cfg: PPOConfig) -> None:
     """Load engine states into the workers and the loop state from a checkpoint (checked by
-    ``preflight.check_checkpoint`` before any worker started)."""
+    ``preflight.check_checkpoint`` before any worker started); with ``cfg.ppo.async_rollout`` an
+    in-flight generation is dropped for the checkpoint's pending batch."""
     from rlhf.workers.preflight import read_trainer_state
 
     fetch([a.load_state.remote(str(ckpt / "actor_state")) for a in w.actor]
@@ -501,6 +504,7 @@ def restore(w, state: LoopState, ckpt: Path) -> None:
     state.monitor.load_state_dict(s["monitor"])
     state.rollbacks = list(s.get("rollbacks", []))  # absent in checkpoints of older versions
     set_rng_state(s["rng"])
+    state.pending = async_rollout.load_pending(cfg, ckpt)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -535,6 +539,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
     ckpt = latest_checkpoint(run_dir) if resuming else None
     if ckpt is not None:
         check_checkpoint(ckpt, critic=uses_critic(cfg))
+        async_rollout.load_pending(cfg, ckpt)  # present and readable
     group.init_ray(cfg.cluster.address)
     if cfg.cluster.address is None:  # a fixed local cluster: refuse a plan that cannot fit now, naming the resource
         check_resources(make_plan(spec_from_ppo_config(cfg)))
@@ -552,7 +557,7 @@ def train(cfg: PPOConfig, resume: bool = False, force: bool = False, overrides=(
                 w = group.spawn(cfg, paths, tok.pad_token_id, tok.eos_token_id)
                 ckpt = latest_checkpoint(run_dir)
                 if ckpt is not None:
-                    restore(w, state, ckpt)
+                    restore(w, state, ckpt, cfg)
                     sync_weights(w)
                 truncate_jsonl(run_dir / "probes.jsonl", state.step)  # the logger cuts metrics and events
                 logger = MetricLogger(run_dir, resume_step=state.step, monitor=state.monitor, loggers=cfg.trainer.loggers)

@@ -81,7 +81,7 @@ def roll_back(cfg: PPOConfig, w, state, run_dir: Path, tok, logger, act: dict):
     for s in checkpoint_steps(run_dir):
         if s > R:  # none is expected (no save at the firing step), but never resume the abandoned steps
             shutil.rmtree(root / f"step_{s:06d}", ignore_errors=True)
-    restore(w, state, ckpt)
+    restore(w, state, ckpt, cfg)  # with ppo.async_rollout: the checkpoint's pending batch, not the in-flight one
     state.rollbacks = done  # the count is the run's, not the checkpoint's
     change = rollback_change(m, state.kl_coef, rollback_base(cfg, run_dir) if m.rollback_change == "merge" else None)
     if change["kind"] == "kl":
