@@ -99,3 +99,39 @@ def test_rollback_merge_then_resume_after_rollback(ray_address, tmp_path):
             assert r[k] == pytest.approx(full[r["step"]][k], rel=1e-4, abs=1e-6), (r["step"], k)
     events = _jsonl(run_dir / "stability_events.jsonl")
     assert [e["rollback"] for e in events if e.get("action") == "rollback"] == [1]   # no second rollback
+
+
+@pytest.mark.parametrize("change", ["kl", "lr"])
+def test_rollback_kl_or_lr_end_to_end(ray_address, tmp_path, change):
+    """``rollback_change=kl`` / ``lr`` in a real run: the run goes back to the checkpoint before the
+    warning (one a step here), the KL coefficient (x 2) or both learning rates (x 0.5) change from
+    there on, and the replayed step right after it, sampled by the restored weights, does not roll
+    back again even with ``rollback_max`` 3 (its firing is logged, not acted on)."""
+    run_dir = tmp_path / "run"
+    args = [a for a in ARGS if not a.startswith(("trainer.save_every", "metrics.on_collapse_warning",
+                                                 "trainer.total_steps"))]
+    args += ["trainer.save_every=1", "trainer.total_steps=10", "metrics.on_collapse_warning=rollback",
+             f"metrics.rollback_change={change}", "metrics.rollback_max=3", "ppo.kl_coef=0.01", f"run_dir={run_dir}"]
+    train(load_config(None, args))
+    events = _jsonl(run_dir / "stability_events.jsonl")
+    rbs = [e for e in events if e.get("action") == "rollback"]
+    assert rbs, events
+    R, W = rbs[0]["restored_step"], rbs[0]["fired_at"]
+    assert R == W - 1 and rbs[0]["change"]["kind"] == change
+    assert all(e["restored_step"] != R or e["fired_at"] > R + 1 for e in rbs[1:])   # never the replay
+    replay = [e for e in events if e.get("action") == "log" and e["step"] == R + 1]
+    for e in replay:
+        assert "replayed from the rollback to step" in e["reason"]
+    recs = {r["step"]: r for r in _jsonl(run_dir / "metrics.jsonl")}
+    assert sorted(recs) == list(range(1, 11))
+    end = rbs[1]["restored_step"] if len(rbs) > 1 else 10
+    if change == "kl":
+        k0 = recs[R]["kl/coef"]
+        assert rbs[0]["change"]["kl_coef"] == pytest.approx([k0, 2 * k0])
+        assert all(recs[s]["kl/coef"] == pytest.approx(2 * k0) for s in range(R + 1, end + 1))
+    else:
+        for role in ("actor", "critic"):
+            lr0 = recs[R][f"{role}/lr"]
+            assert all(recs[s][f"{role}/lr"] == pytest.approx(0.5 * lr0) for s in range(R + 1, end + 1)), role
+    state = json.loads((run_dir / "checkpoints" / "step_000010" / "trainer_state.json").read_text())
+    assert [r["rollback"] for r in state["rollbacks"]] == list(range(1, len(rbs) + 1))   # kept for --resume
