@@ -1,0 +1,83 @@
+"""`rlhf train` with ``ppo.async_rollout`` (issue 16.5) on the tiny CPU config: step 0 generates
+synchronously (staleness 0, the exact rollout check), every later batch is one actor update stale
+and was sampled by the pre-update weights (its rollout logprobs are the previous checkpoint's
+actor's, not the current one's); a run stopped and resumed logs the uninterrupted async run's
+metrics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rlhf.config import load_config
+from rlhf.trainer import NON_DETERMINISTIC_PREFIXES, train
+from rlhf.workers.async_rollout import PENDING_FILE
+
+ARGS = ["ppo.async_rollout=true", "ppo.tis_cap=2.0", "trainer.probe_every=0", "data.num_builtin=32",
+        "trainer.save_every=1"]
+
+
+def _records(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _logprobs(model_dir: Path, gens: list[dict]) -> list[torch.Tensor]:
+    """Per generation, the logprobs of its response tokens under the HF model in ``model_dir``
+    (temperature 1, no filtering: the tiny config's sampling)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    out = []
+    with torch.no_grad():
+        for g in gens:
+            ids = torch.tensor([g["prompt_ids"] + g["response_ids"]])
+            logp = torch.log_softmax(model(input_ids=ids).logits[0].float(), -1)
+            P, r = len(g["prompt_ids"]), torch.tensor(g["response_ids"])
+            out.append(logp[P - 1:P - 1 + len(r)].gather(-1, r[:, None]).squeeze(-1))
+    return out
+
+
+def _max_gap(model_dir: Path, gens: list[dict]) -> float:
+    got = _logprobs(model_dir, gens)
+    return max(float((a - torch.tensor(g["logprobs"])).abs().max()) for a, g in zip(got, gens))
+
+
+def test_async_batches_come_from_the_pre_update_weights(ray_address, tmp_path):
+    run_dir = tmp_path / "run"
+    train(load_config(None, ARGS + [f"run_dir={run_dir}", "trainer.total_steps=2"]))
+    recs = _records(run_dir)
+    assert [r["step"] for r in recs] == [1, 2]
+    assert [r["rollout/staleness"] for r in recs] == [0.0, 1.0]
+    assert recs[0]["kl/rollout_vs_trainer"] < 1e-3                     # step 0: same weights, exact check
+    assert recs[1]["kl/rollout_vs_trainer"] > 10 * recs[0]["kl/rollout_vs_trainer"]   # now also staleness
+    ck = run_dir / "checkpoints"
+    p1 = json.loads((ck / "step_000001" / PENDING_FILE).read_text())
+    p2 = json.loads((ck / "step_000002" / PENDING_FILE).read_text())
+    assert (p1["step"], p1["version"], p2["step"], p2["version"]) == (1, 0, 2, 1)
+    # the batch trained on at step 2 (p1) was sampled by the initial weights, not by step 1's update
+    init = run_dir / "models" / "tiny_actor"
+    assert _max_gap(init, p1["gens"]) < 1e-4
+    assert _max_gap(ck / "step_000001" / "actor", p1["gens"]) > 1e-3
+    # ... and the batch generated during step 2 (for step 3) by step 1's weights
+    assert _max_gap(ck / "step_000001" / "actor", p2["gens"]) < 1e-4
+    assert _max_gap(ck / "step_000002" / "actor", p2["gens"]) > 1e-3
+
+
+@pytest.mark.slow
+def test_async_stopped_and_resumed_run_matches_uninterrupted(ray_address, tmp_path):
+    steps = 4
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    train(load_config(None, ARGS + [f"run_dir={whole}", f"trainer.total_steps={steps}"]))
+    train(load_config(None, ARGS + [f"run_dir={parts}", "trainer.total_steps=2"]))
+    train(load_config(parts / "config.yaml", [f"run_dir={parts}", f"trainer.total_steps={steps}"]), resume=True)
+    got, want = _records(parts), _records(whole)
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1))
+    assert [r["rollout/staleness"] for r in got] == [0.0, 1.0, 1.0, 1.0]
+    for g, w in zip(got, want):
+        keys = {k for k in w if not k.startswith(NON_DETERMINISTIC_PREFIXES)}
+        assert keys == {k for k in g if not k.startswith(NON_DETERMINISTIC_PREFIXES)}
+        off = {k: (g[k], w[k]) for k in keys if isinstance(w[k], float) and abs(g[k] - w[k]) > 1e-6 * max(1.0, abs(w[k]))}
+        assert not off, (g["step"], off)
