@@ -81,3 +81,30 @@ def test_async_stopped_and_resumed_run_matches_uninterrupted(ray_address, tmp_pa
         assert keys == {k for k in g if not k.startswith(NON_DETERMINISTIC_PREFIXES)}
         off = {k: (g[k], w[k]) for k in keys if isinstance(w[k], float) and abs(g[k] - w[k]) > 1e-6 * max(1.0, abs(w[k]))}
         assert not off, (g["step"], off)
+
+
+@pytest.mark.slow
+def test_async_rollback_replays_the_checkpointed_pending_batch(ray_address, tmp_path):
+    """A rollback (``metrics.on_collapse_warning=rollback``, kl change) with async on drops the
+    in-flight generation and replays the restored checkpoint's pending batch: the replayed step
+    trains on the very batch the abandoned step had (same length and reward), one update stale."""
+    run_dir = tmp_path / "run"
+    args = ["ppo.async_rollout=true", "ppo.tis_cap=2.0", "reward.function=rlhf.rewards:short_answer",
+            "trainer.save_every=1", "trainer.probe_every=0", "data.num_builtin=64", "trainer.total_steps=10",
+            "metrics.baseline_steps=2", "metrics.smooth_window=3", "metrics.warn_smooth_window=1",
+            "metrics.warn_persistence=1", "metrics.on_collapse_warning=rollback", "metrics.rollback_change=kl",
+            "metrics.rollback_max=1", "ppo.kl_coef=0.01", f"run_dir={run_dir}"]
+    train(load_config(None, args))
+    events = [json.loads(x) for x in (run_dir / "stability_events.jsonl").read_text().splitlines()]
+    rb = next(e for e in events if e.get("action") == "rollback")
+    R, W = rb["restored_step"], rb["fired_at"]
+    assert R == W - 1
+    kept = {r["step"]: r for r in _records(run_dir / "rollback" / f"01_step_{W:06d}")}
+    recs = {r["step"]: r for r in _records(run_dir)}
+    assert sorted(recs) == list(range(1, 11))
+    assert recs[W]["rollout/staleness"] == kept[W]["rollout/staleness"] == 1.0
+    for k in ("rollout/length_mean", "reward/mean"):            # the same batch as the abandoned step W
+        assert recs[W][k] == kept[W][k], k
+    assert recs[W]["kl/coef"] == pytest.approx(2 * kept[W]["kl/coef"])
+    assert all((run_dir / "checkpoints" / f"step_{s:06d}" / PENDING_FILE).exists()
+               for s in (R, 10) if (run_dir / "checkpoints" / f"step_{s:06d}").exists())
