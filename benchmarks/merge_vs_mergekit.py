@@ -15,12 +15,16 @@ throughputs is the inverse ratio of wall times. Outputs are deleted and the page
 (`sync`, untimed) before every timed run; inputs stay in page cache (warm read).
 
     python benchmarks/merge_vs_mergekit.py --workdir /tmp/bai_bench     # ~1.08 GB per checkpoint
+    python benchmarks/merge_vs_mergekit.py --workdir /tmp/bai_bench --single --repeat 5 --keep
+        # only (a)'s BAI merge and (c)'s one-output copy, alternated 5 times: each run's time and
+        # load average, then the medians (no mergekit, no sweep; a loaded machine's noise shows)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import shutil
 import subprocess
@@ -112,6 +116,38 @@ for d in inputs[1:]:                               # every other input byte read
 """
 
 
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return " ".join(f.read().split()[:3])
+
+
+def single(args, ins: list[Path], out: Path, bai_yaml: Path, bin_dir: Path, env: dict, moved: int,
+           work: Path) -> int:
+    """``--single``: copy1 and bai1 alternated ``--repeat`` times, each with the load average before it."""
+    rows = {"copy1": [], "bai1": []}
+    cmds = {"copy1": [sys.executable, "-c", COPY_SCRIPT, ",".join(map(str, ins)), str(out / "c")],
+            "bai1": [str(bin_dir / "bai"), "merge", str(bai_yaml), "--out", str(out / "b"), "--no-progress"]}
+    for i in range(args.repeat):
+        for k, cmd in cmds.items():
+            fresh(out)
+            load = loadavg()
+            t, r = timed(cmd, env)
+            rows[k].append((t, r))
+            print(f"run {i + 1}  {k:6s} {t:8.2f} s   {moved / t / 1e9:5.2f} GB/s moved   peak RSS {r:5.2f} GB"
+                  f"   load {load}", flush=True)
+        print(f"run {i + 1}  merge at {rows['copy1'][-1][0] / rows['bai1'][-1][0]:.0%} of the copy's throughput",
+              flush=True)
+    fresh(out)
+    med = {k: statistics.median(t for t, _ in v) for k, v in rows.items()}
+    ratios = [c / b for (c, _), (b, _) in zip(rows["copy1"], rows["bai1"])]
+    print(f"median of {args.repeat}: copy1 {med['copy1']:.2f} s, bai1 {med['bai1']:.2f} s (peak RSS "
+          f"{max(r for _, r in rows['bai1']):.2f} GB); one merge at {statistics.median(ratios):.0%} of the copy's "
+          f"throughput (median of the per-run ratios; target >= 90%)")
+    if not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workdir", default="/tmp/bai_bench", help="where checkpoints and outputs go (deleted at the end)")
@@ -119,7 +155,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--intermediate", type=int, default=5632)
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--vocab", type=int, default=32000)
-    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints")
+    ap.add_argument("--keep", action="store_true", help="keep the generated checkpoints (a later run reuses them)")
+    ap.add_argument("--single", action="store_true", help="only the one-output copy and one BAI merge (no "
+                    "mergekit, no sweep)")
+    ap.add_argument("--repeat", type=int, default=1, help="with --single: alternate copy and merge this many "
+                    "times; prints each run with the load average, then the medians")
     ap.add_argument("--generate-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
 
@@ -169,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "out"
     mk = [str(bin_dir / "mergekit-yaml"), "--no-cuda", "--copy-tokenizer", "--quiet"]
     res = {}
+    if args.single:
+        return single(args, ins, out, bai_yaml, bin_dir, env, 4 * size, work)
     fresh(out)
     res["copy1"] = timed([sys.executable, "-c", COPY_SCRIPT, ",".join(map(str, ins)), str(out / "c")], env)
     fresh(out)
