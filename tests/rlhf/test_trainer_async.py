@@ -66,21 +66,72 @@ def test_async_batches_come_from_the_pre_update_weights(ray_address, tmp_path):
     assert _max_gap(ck / "step_000002" / "actor", p2["gens"]) > 1e-3
 
 
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def whole(ray_address, tmp_path_factory):
+    """The uninterrupted async run the interrupted ones must equal."""
+    run_dir = tmp_path_factory.mktemp("async") / "whole"
+    train(load_config(None, ARGS + [f"run_dir={run_dir}", f"trainer.total_steps={STEPS}"]))
+    return run_dir
+
+
+def _assert_same_run(got: Path, want: Path) -> None:
+    g, w = _records(got), _records(want)
+    assert [r["step"] for r in g] == [r["step"] for r in w] == list(range(1, STEPS + 1))
+    assert [r["rollout/staleness"] for r in g] == [0.0] + [1.0] * (STEPS - 1)
+    for a, b in zip(g, w):
+        keys = {k for k in b if not k.startswith(NON_DETERMINISTIC_PREFIXES)}
+        assert keys == {k for k in a if not k.startswith(NON_DETERMINISTIC_PREFIXES)}
+        off = {k: (a[k], b[k]) for k in keys
+               if isinstance(b[k], float) and abs(a[k] - b[k]) > 1e-6 * max(1.0, abs(b[k]))}
+        assert not off, (a["step"], off)
+
+
 @pytest.mark.slow
-def test_async_stopped_and_resumed_run_matches_uninterrupted(ray_address, tmp_path):
-    steps = 4
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    train(load_config(None, ARGS + [f"run_dir={whole}", f"trainer.total_steps={steps}"]))
+def test_async_stopped_and_resumed_run_matches_uninterrupted(whole, tmp_path):
+    """Stopped at the end of step 2 (its checkpoint holds the batch generated ahead for step 3),
+    then ``--resume`` with a larger ``trainer.total_steps``."""
+    parts = tmp_path / "parts"
     train(load_config(None, ARGS + [f"run_dir={parts}", "trainer.total_steps=2"]))
-    train(load_config(parts / "config.yaml", [f"run_dir={parts}", f"trainer.total_steps={steps}"]), resume=True)
-    got, want = _records(parts), _records(whole)
-    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(1, steps + 1))
-    assert [r["rollout/staleness"] for r in got] == [0.0, 1.0, 1.0, 1.0]
-    for g, w in zip(got, want):
-        keys = {k for k in w if not k.startswith(NON_DETERMINISTIC_PREFIXES)}
-        assert keys == {k for k in g if not k.startswith(NON_DETERMINISTIC_PREFIXES)}
-        off = {k: (g[k], w[k]) for k in keys if isinstance(w[k], float) and abs(g[k] - w[k]) > 1e-6 * max(1.0, abs(w[k]))}
-        assert not off, (g["step"], off)
+    train(load_config(parts / "config.yaml", [f"run_dir={parts}", f"trainer.total_steps={STEPS}"]), resume=True)
+    _assert_same_run(parts, whole)
+
+
+@pytest.mark.slow
+def test_async_rollout_worker_death_restarts_exactly(whole, ray_address, tmp_path):
+    """SIGKILL of the rollout worker (which holds the in-flight generation) in a running driver: the
+    workers restart from the last checkpoint, its pending batch replaces the lost generation, and
+    the run ends as the uninterrupted one."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from rlhf_faults import kill_worker
+
+    run_dir, err_path = tmp_path / "killed", tmp_path / "stderr.txt"
+    cmd = [sys.executable, "-m", "rlhf.cli", "train", *ARGS, f"run_dir={run_dir}", f"trainer.total_steps={STEPS}",
+           f"cluster.address={ray_address}", "trainer.max_restarts=1"]
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True)
+        try:
+            deadline, metrics = time.time() + 300, run_dir / "metrics.jsonl"
+            while time.time() < deadline and proc.poll() is None:
+                if metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+                    break
+                time.sleep(0.02)
+            assert proc.poll() is None, err_path.read_text()[-3000:]
+            kill_worker(os.getpid(), "RolloutWorker")
+            rc = proc.wait(timeout=600)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = err_path.read_text()
+    assert rc == 0, text[-3000:]
+    assert text.count("from the last checkpoint") == 1, text[-3000:]
+    _assert_same_run(run_dir, whole)
 
 
 @pytest.mark.slow
