@@ -59,8 +59,9 @@ instruct model does not emit (``<gh_stars>``; TRL finds response lengths at the 
 responses are checked for it). Ours runs with ``trainer.rollout_check_tol=1`` (override with
 ``--rollout-check-tol``) so a bf16 step-0 rollout-vs-trainer mismatch above the default 1e-3 does
 not stop the benchmark; the measured step-0 value is printed. Every run also prints ours' train
-phase MFU against this CPU's measured 2-thread matmul peak (``PEAK_GFLOPS``), and the load
-average at the start and end of each side's run.
+phase MFU and both sides' whole-step MFU (ours' counted model FLOPs of the step, the same work on
+both sides) against this CPU's 2-thread matmul peak, probed at start (``probe_peaks``), and the
+load average at the start and end of each side's run.
 
     python benchmarks/ppo_vs_trl.py --model real --trl-threads 2 --precision bf16
 """
@@ -171,8 +172,20 @@ def build_real_models(root: Path, response: int) -> dict[str, Path]:
     return {"policy": policy, "rm": root / "rm"}
 
 
-# measured bf16 / fp32 matmul peak of this 2-core CPU with 2 torch threads (GFLOP/s), for the MFU
-PEAK_GFLOPS = {"bf16": 182.0, "fp32": 79.0}
+def probe_peaks(threads: int = 2) -> dict[str, float]:
+    """This machine's bf16 / fp32 matmul peak (GFLOP/s) with ``threads`` torch threads, measured at
+    start by the trainer's own probe (``rlhf.engines.accelerator.matmul_peak_tflops``): the MFU
+    denominator of both sides."""
+    import torch
+
+    from rlhf.engines.accelerator import matmul_peak_tflops
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return {"bf16": matmul_peak_tflops("bfloat16") * 1e3, "fp32": matmul_peak_tflops("float32") * 1e3}
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_flops(model_dir: Path, tokens: float, seq_len: float, epochs: int) -> float:
@@ -222,6 +235,7 @@ def ours(models: dict[str, Path], root: Path, steps: int, bf16: bool = False, re
     return {"steps": [r["timing/step"] for r in recs],
             "stages": {k.split("/")[1]: [r[k] for r in recs] for k in keys},
             "tokens": [r["perf/tokens_per_s"] * r["timing/step"] for r in recs],
+            "step_tflop": [r["perf/model_tflops"] * r["timing/step"] for r in recs if "perf/model_tflops" in r],
             "rollout_vs_trainer": recs[0].get("kl/rollout_vs_trainer")}
 
 
@@ -327,6 +341,9 @@ def main() -> None:
     a.extra = (f"trainer.rollout_check_tol={tol}",) if tol is not None else ()
     with tempfile.TemporaryDirectory(prefix="ppo_vs_trl_") as d:
         root = Path(d)
+        a.peaks = probe_peaks()
+        print(f"matmul probe (2 threads, 1024-square): bf16 {a.peaks['bf16']:.1f} GFLOP/s, fp32 "
+              f"{a.peaks['fp32']:.1f} GFLOP/s (the MFU denominator)", flush=True)
         models = (build_real_models(root / "models", a.response) if real
                   else build_models(root / "models", a.hidden, a.layers, a.heads, a.response))
         med: dict[str, float] = {}
@@ -374,10 +391,15 @@ def compare(models: dict[str, Path], root: Path, a, bf16: bool) -> dict[str, flo
     tokens = statistics.median([x for r in runs[ours_name] for x in r["tokens"][1:]])
     t_train = statistics.median(pooled(ours_name, "train"))
     flops = train_flops(models["policy"], tokens, tokens / BATCH, EPOCHS)
-    peak = PEAK_GFLOPS["bf16" if bf16 else "fp32"]
+    peak = a.peaks["bf16" if bf16 else "fp32"]
     print(f"ours' train phase: {tokens:.0f} tokens/step (mean sequence {tokens / BATCH:.1f}), {flops / 1e12:.2f} "
           f"TFLOP (actor + critic, {EPOCHS} epochs) in {t_train:.2f} s = {flops / t_train / 1e9:.1f} GFLOP/s, "
-          f"MFU {flops / t_train / 1e9 / peak:.1%} of {peak:.0f} GFLOP/s (2-thread matmul peak)")
+          f"MFU {flops / t_train / 1e9 / peak:.1%} of {peak:.0f} GFLOP/s (2-thread matmul probe)")
+    step_tflop = [x for r in runs[ours_name] for x in r["step_tflop"][1:]]
+    if step_tflop:  # the whole step's model FLOPs as ours counts them (perf/model_tflops), the same work on both sides
+        f = statistics.median(step_tflop) * 1e12
+        print("MFU of the whole step (ours' counted model FLOPs of the step, " + f"{f / 1e12:.2f} TFLOP, / step time / "
+              f"probe peak): " + ", ".join(f"{name} {f / med[name] / 1e9 / peak:.1%}" for name in sides))
     kl0 = " ".join(f"{x:.3g}" if x is not None else "-" for x in (r["rollout_vs_trainer"] for r in runs[ours_name]))
     print(f"ours' step-0 kl/rollout_vs_trainer per round: {kl0}" + (f" (run with {a.extra[0]})" if a.extra else ""))
     print(f"per-round ratios ours / {best}: {fmt(per_round)}")

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-EXPECT_COLLAPSE = {"rm_mix": True, "exact_mix": False, "both_mix": None}
+EXPECT_COLLAPSE = {"rm_mix": True, "exact_mix": False, "both_mix": None, "grpo_rm_mix": None}
 
 
 def run_one(condition: str, seed: int, steps: int, build: Path, run_dir: Path, extra: list[str]) -> float:
@@ -40,7 +40,10 @@ def run_one(condition: str, seed: int, steps: int, build: Path, run_dir: Path, e
            f"seed={seed}", f"run_dir={run_dir}", f"trainer.total_steps={steps}",
            f"model.actor={models / 'mix'}", f"model.critic={models / 'rm'}",
            f"data.path={build / 'data' / 'prompts.jsonl'}"]
-    if condition == "rm_mix":
+    import yaml
+
+    conf = yaml.safe_load((REPO / "configs" / "testbed" / f"{condition}.yaml").read_text())
+    if (conf.get("reward") or {}).get("model"):  # a reward-model condition: the build's reward model
         cmd.append(f"reward.model={models / 'rm'}")
     cmd += extra
     env = dict(os.environ, RLHF_TESTBED_RM=str(models / "rm"), DS_ACCELERATOR="cpu", RAY_AUTH_MODE="disabled")
@@ -89,7 +92,7 @@ def figure(results: list[dict], path: Path) -> None:
 
     keys = [("rollout/length_mean", "mean response length (tokens)"), ("reward/mean", "reward (raw score)"),
             ("gold/accuracy", "gold accuracy (exact answer)"), ("rollout/think_rate", "non-empty trace rate")]
-    colors = {"rm_mix": "tab:red", "exact_mix": "tab:blue", "both_mix": "tab:green"}
+    colors = {"rm_mix": "tab:red", "exact_mix": "tab:blue", "both_mix": "tab:green", "grpo_rm_mix": "tab:purple"}
     fig, axes = plt.subplots(1, 4, figsize=(18, 3.8))
     for r in results:
         steps = [row["step"] for row in r["rows"]]
