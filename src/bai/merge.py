@@ -59,7 +59,12 @@ COMMAND = "bai merge"
 """The command name in the output marker (``bairlhf.outputs``)."""
 
 CHUNK_ELEMS = 1 << 20
-"""Elements per chunk for element-wise methods (4 MiB of float32 per input: stays in cache)."""
+"""Elements per chunk (the unit of reading, writing and hand-over between the threads) for
+element-wise methods; a multiple of ``BLOCK_ELEMS``."""
+BLOCK_ELEMS = 1 << 18
+"""Elements per compute block of an element-wise chunk (1 MiB of float32 per input: stays in the
+core's cache). A multiple of every SIMD width, so the kernels split a chunk exactly as they split
+one whole call over it and the bytes do not depend on it."""
 HEAD = "lm_head.weight"
 EMBED_SUFFIXES = ("embed_tokens.weight", "wte.weight", "embed_in.weight", "word_embeddings.weight")
 ELEMENTWISE = {"bai", "linear", "task_arithmetic"}
@@ -202,13 +207,11 @@ def _combiner(cfg: MergeConfig) -> Combine:
 
 
 def _nonfinite_error(p: Plan, t: OutTensor, start: int, n: int) -> MergeError | None:
-    """Re-read the chunk of each input and name the first holding a NaN or inf (None if none does)."""
+    """Look at the range in each input again and name the first holding a NaN or inf (None if none does)."""
     reader = Reader()
     try:
         for ck, src in zip(p.ckpts, t.sources):
-            buf = torch.empty(n * ck.tensors[src].dtype.itemsize, dtype=torch.uint8)
-            x = reader.read(ck, src, start, n, buf)
-            if not bool(torch.isfinite(x).all()):
+            if not bool(torch.isfinite(reader.view(ck, src, start, n)).all()):
                 where = ck.tensors[src].file if ck.tensors[src].offset >= 0 else ck.path
                 return MergeError(f"tensor {src!r} in {where}: contains NaN or inf values")
     finally:
@@ -229,12 +232,15 @@ def _chunks(p: Plan, elementwise: bool) -> list[tuple[int, OutTensor, int, int]]
 def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
     """Write the weight shards and index of every output directory in one pass over the inputs.
 
-    Three stages overlap: a reader thread fills the next chunk's input buffers while the main
-    thread computes the current one and a writer thread appends the previous results to the open
-    shards (preadv, torch kernels and file writes all release the GIL). Progress goes through
-    ``bairlhf.progress`` (a bar on a terminal, a line every few percent in a log). Compute uses one torch
-    thread: the work is bandwidth-bound, and OpenMP teams on busy shared cores stall badly.
-    Whole-tensor methods (TIES, DARE, SLERP) run without read-ahead to keep one tensor per input.
+    Three stages overlap: a reader thread maps the next chunk's input pages while the main thread
+    computes the current one and a writer thread appends the previous results to the open shards
+    (page-table population, torch kernels and file writes all release the GIL, or nearly so).
+    Element-wise methods compute a chunk in blocks of ``BLOCK_ELEMS`` (upcast, combine, check,
+    round into the chunk's output buffer), so the float32 working set stays in the core's cache.
+    Progress goes through ``bairlhf.progress`` (a bar on a terminal, a line every few percent in a
+    log). Compute uses one torch thread: the work is bandwidth-bound, and OpenMP teams on busy
+    shared cores stall badly. Whole-tensor methods (TIES, DARE, SLERP) run without read-ahead to
+    keep one tensor per input.
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -245,12 +251,11 @@ def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
     chunks = _chunks(p, elementwise)
     all_t = [t for s in p.shards for t in s]
     cap = max((n for *_, n in chunks), default=1)
-    in_size = max(i.dtype.itemsize for ck in p.ckpts for i in ck.tensors.values())
+    block = min(BLOCK_ELEMS, cap) if elementwise else cap
     out_size = max((t.dtype.itemsize for t in all_t), default=1)
     depth = 2 if elementwise else 1
-    raw = [[torch.empty(cap * in_size, dtype=torch.uint8) for _ in p.ckpts] for _ in range(depth)]
     outb = [[torch.empty(cap * out_size, dtype=torch.uint8) for _ in out_dirs] for _ in range(depth)]
-    f32 = [torch.empty(cap, dtype=torch.float32) for _ in p.ckpts]
+    f32 = [torch.empty(block, dtype=torch.float32) for _ in p.ckpts]
     names = [f"model-{i + 1:05d}-of-{len(p.shards):05d}.safetensors" for i in range(len(p.shards))]
     slow = float(os.environ.get("BAI_MERGE_SLOWDOWN_S", "0") or 0)
     reader = Reader()
@@ -272,7 +277,9 @@ def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
 
     def read(j: int) -> list[Tensor]:
         _, t, start, n = chunks[j]
-        return [reader.read(ck, src, start, n, b) for ck, src, b in zip(p.ckpts, t.sources, raw[j % depth])]
+        for ck, src in zip(p.ckpts, t.sources):
+            reader.prefetch(ck, src, start, n)
+        return [reader.view(ck, src, start, n) for ck, src in zip(p.ckpts, t.sources)]
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -290,21 +297,25 @@ def stream(p: Plan, out_dirs: list[Path], *, progress: bool = True) -> None:
                     pending[j % depth].result()          # its output buffers are free again
                 outs = [b[:n * t.dtype.itemsize].view(t.dtype) for b in outb[j % depth]]
                 if not t.floating:
-                    ys: Iterable[Tensor] = [views[0]] * len(outs)
-                else:
-                    xs = [v if v.dtype == torch.float32 else f32[i][:n].copy_(v) for i, v in enumerate(views)]
+                    for o in outs:
+                        o.copy_(views[0])
+                for b in range(0, n, block) if t.floating else ():
+                    m = min(block, n - b)
+                    xs = [f[:m].copy_(v[b:b + m]) for f, v in zip(f32, views)]
                     if not elementwise:
                         xs = [x.view(t.shape) for x in xs]
                         if not all(bool(torch.isfinite(x.sum())) for x in xs):
                             raise _nonfinite_error(p, t, start, n) or MergeError(
                                 f"tensor {t.name!r}: overflow while checking values")
-                    ys = combine(xs, t.name)
-                for k, (o, y) in enumerate(zip(outs, ys)):
-                    if k == 0 and elementwise and t.floating and not bool(torch.isfinite(y.sum())):
-                        err = _nonfinite_error(p, t, start, n)
-                        if err is not None:
-                            raise err
-                    o.copy_(y.reshape(-1))
+                    for k, (o, y) in enumerate(zip(outs, combine(xs, t.name))):
+                        if k == 0 and elementwise and not bool(torch.isfinite(y.sum())):
+                            err = _nonfinite_error(p, t, start + b, m)
+                            if err is not None:
+                                raise err
+                        o[b:b + m].copy_(y.reshape(-1))
+                del views
+                for ck, src in zip(p.ckpts, t.sources):
+                    reader.release(ck, src, start, n)
                 pending[j % depth] = wpool.submit(write, si, outs)
                 if depth == 1 and j + 1 < len(chunks):
                     nxt = rpool.submit(read, j + 1)
