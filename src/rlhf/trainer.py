@@ -5,7 +5,8 @@ without writing (config, prompts, reward imports, model weights, the checkpoint 
 run directory's ownership, the cluster's resources), then creates the run directory (tiny models
 built or BAI merge run, ``config.yaml``), starts the Ray workers, restores the last checkpoint
 when resuming, and calls ``ppo_step`` once per step. A step samples prompts, generates (collated
-into a ``RolloutBatch``, ``rlhf.workers.batch``), scores (actor, reference, critic, reward),
+into a ``RolloutBatch``, ``rlhf.workers.batch``; with ``ppo.async_rollout`` the next step's batch is
+generated while this one trains, ``rlhf.workers.async_rollout``), scores (actor, reference, critic, reward),
 computes token rewards and advantages on the driver (``ppo.advantage_estimator``: GAE with the
 critic, or a critic-free one and then no critic is spawned; a ``ScoredBatch``), trains actor (and
 critic) over mini-batches, pushes the new actor weights to the rollout engine, logs metrics and checkpoints
