@@ -45,6 +45,7 @@ def _max_gap(model_dir: Path, gens: list[dict]) -> float:
     return max(float((a - torch.tensor(g["logprobs"])).abs().max()) for a, g in zip(got, gens))
 
 
+@pytest.mark.slow  # starts Ray (the marker's meaning in pyproject.toml); ~60 s
 def test_async_batches_come_from_the_pre_update_weights(ray_address, tmp_path):
     run_dir = tmp_path / "run"
     train(load_config(None, ARGS + [f"run_dir={run_dir}", "trainer.total_steps=2"]))
