@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 ARGS = ["reward.function=rlhf.rewards:short_answer", "trainer.save_every=0", "trainer.probe_every=0",
         "data.num_builtin=64", "trainer.total_steps=14", "metrics.baseline_steps=2", "metrics.smooth_window=3",
-        "metrics.warn_smooth_window=1", "metrics.warn_persistence=1", "metrics.on_collapse_warning=stop"]
+        "metrics.warn_smooth_window=1", "metrics.warn_persistence=1", "metrics.on_collapse_warning=stop",
+        "metrics.warn_reward_corr=1.0"]   # the length path only: the warning comes after a few steps to roll back into
 
 
 def test_stop_on_collapse_warning_then_resume(ray_address, tmp_path):

@@ -144,7 +144,8 @@ def test_async_rollback_replays_the_checkpointed_pending_batch(ray_address, tmp_
     args = ["ppo.async_rollout=true", "ppo.tis_cap=2.0", "reward.function=rlhf.rewards:short_answer",
             "trainer.save_every=1", "trainer.probe_every=0", "data.num_builtin=64", "trainer.total_steps=10",
             "metrics.baseline_steps=2", "metrics.smooth_window=3", "metrics.warn_smooth_window=1",
-            "metrics.warn_persistence=1", "metrics.on_collapse_warning=rollback", "metrics.rollback_change=kl",
+            "metrics.warn_persistence=1", "metrics.warn_reward_corr=1.0", "metrics.on_collapse_warning=rollback",
+            "metrics.rollback_change=kl",
             "metrics.rollback_max=1", "ppo.kl_coef=0.01", f"run_dir={run_dir}"]
     train(load_config(None, args))
     events = [json.loads(x) for x in (run_dir / "stability_events.jsonl").read_text().splitlines()]

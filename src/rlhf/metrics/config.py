@@ -89,6 +89,10 @@ class StabilityConfig:
     <= -this (in [0, 1))."""
     warn_length_fraction: Annotated[float, FRACTION] = 0.9
     """...and the smoothed mean length <= this fraction of its baseline (in (0, 1))."""
+    warn_reward_corr: Annotated[float, Range(0, 1)] = 0.3
+    """Collapse warning, second path (no length condition): the reward itself prefers short
+    responses, its smoothed score-length correlation ``reward/length_corr`` <= -this, while the
+    update follows it (the bias indicator <= -``warn_bias_corr``) (in [0, 1]; 1 turns the path off)."""
     warn_hockey_z: Annotated[float, Range(0, None, lo_open=True)] = 0.125
     """Hockey-stick warning: smoothed reward this many reward stds below its baseline (> 0)."""
     warn_smooth_window: Annotated[int, POS] = 1

@@ -13,8 +13,16 @@ where, for ``warn_persistence`` consecutive observations,
     -``warn_bias_corr``, and
   - the length has started to move: the rolling median (``warn_smooth_window``, shorter: it
     must not lag) of ``rollout/length_mean`` is <= ``warn_length_fraction`` x its baseline (median of the first ``baseline_steps`` values),
-within ``early_steps`` of the first step. Neither alone is enough: a length-biased reward
-whose lengths hold still, or a length drift under an unbiased reward, raises nothing. The lead
+within ``early_steps`` of the first step; or, before the length moves, for ``warn_persistence``
+consecutive observations
+  - the reward itself prefers short responses: the rolling median (``smooth_window``) of the
+    score-length correlation ``reward/length_corr`` is <= -``warn_reward_corr``, and the update
+    follows it (the bias indicator above <= -``warn_bias_corr``).
+A length drift under an unbiased reward raises nothing, nor does an update that prefers short
+responses under a reward with no more than a weak preference, while the lengths hold still. The
+second path warns from the first steps of a run whose reward model scores short answers far above
+long ones (the organism's collapse runs: ``docs/testbed.md``), where the length can halve within
+five steps; with ``warn_reward_corr`` 1 only the first path remains. The lead
 time it is evaluated by (``docs/testbed.md``) = the first step whose raw mean length is below
 half the baseline minus the warning's step.
 
@@ -83,23 +91,35 @@ def collapse_warning(series: Series, cfg: StabilityConfig | None = None) -> Warn
     if LENGTH_KEY not in series or bias is None:
         return WarningVerdict()
     ls, lv = _as_series(*series[LENGTH_KEY])
-    if ls.size < cfg.baseline_steps:
+    if ls.size == 0:
         return WarningVerdict()
-    base = float(np.median(lv[: cfg.baseline_steps]))
-    if base <= 0:
-        return WarningVerdict()
+    # the baseline needs its first steps; the reward-preference path does not
+    base = float(np.median(lv[: cfg.baseline_steps])) if ls.size >= cfg.baseline_steps else math.nan
     _, lsm = _smoothed(ls, lv, cfg.warn_smooth_window)
     cs, csm = _smoothed(*series[bias], cfg.smooth_window)
     corr_at = dict(zip(cs.tolist(), csm.tolist()))
     corr = np.array([corr_at.get(int(s), math.nan) for s in ls])
-    with np.errstate(invalid="ignore"):
-        cond = ((lsm <= cfg.warn_length_fraction * base) & (corr <= -cfg.warn_bias_corr)
-                & ((ls - ls[0]) <= cfg.early_steps))
-    cond[: cfg.baseline_steps] = False
-    i = _raised(cond, cfg.warn_persistence)
+    early = (ls - ls[0]) <= cfg.early_steps
+    i = None
+    if base > 0:  # False for nan: too few steps for a baseline yet
+        with np.errstate(invalid="ignore"):
+            cond = (lsm <= cfg.warn_length_fraction * base) & (corr <= -cfg.warn_bias_corr) & early
+        cond[: cfg.baseline_steps] = False
+        i = _raised(cond, cfg.warn_persistence)
+    if cfg.warn_reward_corr < 1 and LENGTH_CORR_KEY in series and len(series[LENGTH_CORR_KEY][0]):  # the reward's own preference
+        rs, rsm = _smoothed(*series[LENGTH_CORR_KEY], cfg.smooth_window)
+        r_at = dict(zip(rs.tolist(), rsm.tolist()))
+        rcorr = np.array([r_at.get(int(s), math.nan) for s in ls])
+        with np.errstate(invalid="ignore"):
+            prefers_short = (rcorr <= -cfg.warn_reward_corr) & (corr <= -cfg.warn_bias_corr) & early
+        j = _raised(prefers_short, cfg.warn_persistence)
+        if j is not None and (i is None or j < i):
+            i = j
     if i is None:
         return WarningVerdict()
-    return WarningVerdict("warned", int(ls[i]), float(corr[i]), float(lsm[i] / base))
+    # the length ratio once the baseline is known at that step (as online), else None
+    ratio = float(lsm[i] / base) if base > 0 and i >= cfg.baseline_steps - 1 else None
+    return WarningVerdict("warned", int(ls[i]), float(corr[i]), ratio)
 
 
 def hockey_stick_warning(series: Series, cfg: StabilityConfig | None = None,

@@ -8,11 +8,12 @@ import pytest
 
 from rlhf.metrics import StabilityConfig, StabilityMonitor
 from rlhf.metrics.detectors import LENGTH_KEY, REWARD_KEY, REWARD_STD_KEY, detect_run
-from rlhf.metrics.warning import LENGTH_CORR_KEY, collapse_warning, hockey_stick_warning, lead_time
+from rlhf.metrics.warning import ADV_CORR_KEY, LENGTH_CORR_KEY, collapse_warning, hockey_stick_warning, lead_time
 
 STEPS = np.arange(300)
 SEEDS = range(20)
-HAND = StabilityConfig(smooth_window=1, baseline_steps=3, warn_persistence=2, warn_length_fraction=0.85)
+HAND = StabilityConfig(smooth_window=1, baseline_steps=3, warn_persistence=2, warn_length_fraction=0.85,
+                       warn_reward_corr=1.0)   # the length path alone (the reward-preference path off)
 
 
 def _series(lengths, corr, steps=None):
@@ -33,6 +34,23 @@ def test_collapse_warning_by_hand():
     assert collapse_warning(_series(lengths, 0.3), HAND).state == "quiet"
     assert collapse_warning({LENGTH_KEY: (range(9), lengths)}, HAND).state == "quiet"  # indicator missing
     assert lead_time(range(9), [100] * 9, 5, HAND) is None
+
+
+def test_collapse_warning_reward_preference_path_by_hand():
+    """Second path: the score-length correlation (here also the bias indicator) <= -0.3 for 2 steps
+    warns before the length moves: -0.5 from step 0 -> raised at step 1 (no baseline needed yet, so
+    no length ratio); -0.25 is weaker than warn_reward_corr 0.3, so only the length path can fire
+    (step 5, as above); an advantage-length correlation that does not follow the reward (-0.1)
+    stops it."""
+    lengths = [100, 100, 100, 90, 80, 70, 60, 50, 40]
+    cfg = StabilityConfig(smooth_window=1, baseline_steps=3, warn_persistence=2, warn_length_fraction=0.85)
+    v = collapse_warning(_series(lengths, -0.5), cfg)
+    assert (v.state, v.step, v.indicator, v.length_ratio) == ("warned", 1, -0.5, None)
+    assert collapse_warning(_series(lengths, -0.25), cfg).step == 5
+    series = _series([100] * 9, -0.5)
+    assert collapse_warning(series, cfg).step == 1      # lengths holding still: this path alone
+    series[ADV_CORR_KEY] = (list(range(9)), [-0.1] * 9)
+    assert collapse_warning(series, cfg).state == "quiet"
 
 
 def _declining(seed, start=20, over=20, to=0.3, noise=0.03):
