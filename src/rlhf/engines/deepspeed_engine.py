@@ -90,9 +90,29 @@ def warmup_factor(step: int, warmup_steps: int) -> float:
     return min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
-def _free_port() -> int:
+PORT_RANGE = (20000, 32768)
+"""Where rendezvous ports are drawn: below Linux's ephemeral range (32768-60999), whose ports the
+kernel hands to outgoing connections (Ray's, gloo's) at any moment, so that a port found free is
+not taken by a connection before the process group listens on it (seen: EADDRINUSE when several
+runs start on one machine)."""
+
+
+def free_port(host: str = "127.0.0.1", tries: int = 64) -> int:
+    """A TCP port free on ``host`` now: a random one of ``PORT_RANGE`` that binds, else the kernel's
+    pick. Still a check, not a reservation: the process group must listen soon after."""
+    import random
+
+    rng = random.SystemRandom()
+    for _ in range(tries):
+        port = rng.randrange(*PORT_RANGE)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -112,7 +132,7 @@ def init_distributed() -> bool:
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     from rlhf.engines.accelerator import dist_backend, ds_accelerator
 
     accel = ds_accelerator(torch.cuda.is_available(), os.environ)

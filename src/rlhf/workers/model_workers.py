@@ -19,13 +19,12 @@ rows (training records only from the group's first rank, so no micro-batch is co
 from __future__ import annotations
 
 import os
-import socket
 
 import ray
 import torch
 
 from rlhf.engines.accelerator import attn_implementation
-from rlhf.engines.deepspeed_engine import (critic_values, filter_logits,  # noqa: F401  (re-exported)
+from rlhf.engines.deepspeed_engine import (critic_values, filter_logits, free_port,  # noqa: F401  (re-exported)
                                            policy_logits, _forward_hidden_or_logits)
 from rlhf.workers.batch import RolloutBatch, ScoredBatch, budget_groups, forward_in_micro_batches
 from rlhf.workers.specs import ReferenceSpec, RewardSpec, RolloutSpec, TrainableSpec
@@ -68,10 +67,9 @@ def _setup_dist(rank: int, world: int, addr: str, port: int) -> None:
                        "WORLD_SIZE": str(world), "LOCAL_RANK": "0"})  # a Ray worker sees its one GPU as cuda:0
 
 
-def free_port() -> tuple[str, int]:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return ray.util.get_node_ip_address(), s.getsockname()[1]
+def node_port() -> tuple[str, int]:
+    """This node's address and a port free on every interface (rank 0's rendezvous)."""
+    return ray.util.get_node_ip_address(), free_port("")
 
 
 class _TrainableBase:
@@ -89,7 +87,7 @@ class _TrainableBase:
         self.rank, self.world, self.loss = rank, world, spec.loss
 
     def address(self) -> tuple[str, int]:
-        return free_port()
+        return node_port()
 
     def init_engine(self, addr: str, port: int) -> None:
         """Join the role's process group (rank 0's address) and build the engine from the checkpoint."""

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 
@@ -19,17 +18,12 @@ import pytest
 import torch
 
 from rlhf import tiny
+from rlhf.engines.deepspeed_engine import free_port
 
 ARCHS = ("llama", "qwen2")
 LAYOUTS = {"tp2": (2, 1), "pp2": (1, 2), "dp2": (1, 1)}
 LR, TEMP, SEED, CLIP = 1e-3, 0.7, 3, 1.0
 PROMPT_RESPONSE = [(5, 7), (9, 3), (2, 10), (6, 6)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _batch(seed: int = 0):
@@ -227,7 +221,7 @@ def test_megatron_engine_layout(layout, gqa_models, references, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     sys.path.insert(0, str(Path(__file__).parent))  # the spawned ranks import this module by name
-    mp.spawn(_job, args=(2, _free_port(), layout, {a: str(d) for a, d in gqa_models.items()}, str(out)),
+    mp.spawn(_job, args=(2, free_port(), layout, {a: str(d) for a, d in gqa_models.items()}, str(out)),
              nprocs=2, join=True)
     from rlhf.engines.megatron import cuda_shim
 
