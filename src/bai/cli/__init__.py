@@ -4,7 +4,10 @@ with ``rlhf.sft``), so ``bai`` itself imports no ``rlhf``."""
 
 from __future__ import annotations
 
-from bairlhf.cli import dispatch
+import os
+import sys
+
+from bairlhf.cli import dispatch, split_global_flags
 
 COMMANDS = {
     "merge": ("bai.cli.merge:main", "merge checkpoints from a YAML recipe (BAI two-stage, linear, TIES, DARE, SLERP...)"),
@@ -13,5 +16,22 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    return dispatch("bai", COMMANDS, argv)
+    rc = dispatch("bai", COMMANDS, argv)
+    if argv is None and split_global_flags(sys.argv[1:])[1][:1] == ["merge"]:
+        _exit_now(rc)
+    return rc
+
+
+def _exit_now(rc: int) -> None:
+    """End a finished ``bai merge`` process without the interpreter's teardown of torch (0.1-0.2 s,
+    several percent of a merge; 0.5 s without the ``gc.freeze`` of ``bai.cli.merge``). Its files
+    are closed and renamed by then; only the standard streams and logging handlers need a flush."""
+    if "logging" in sys.modules:
+        sys.modules["logging"].shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(rc)
 
