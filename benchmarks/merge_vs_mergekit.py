@@ -7,8 +7,8 @@ and peak RSS of the whole command, CLI start-up included):
   (a) one BAI merge (alpha 0.5, SFT weights 0.5/0.5)  vs  mergekit-yaml on the equivalent linear
       recipe (weights 0.5/0.25/0.25, mergekit's default dtype handling);
   (b) a 9-ratio sweep (alpha 0.1 .. 0.9) in one `bai merge`  vs  9 mergekit-yaml runs;
-  (c) a plain copy of the same bytes (read every input file once, write the output bytes: one
-      output for (a), nine for (b)), the I/O floor.
+  (c) a plain copy of the same bytes (read every input file once into one reused buffer, write
+      the output bytes: one output for (a), nine for (b)), the I/O floor.
 
 Prints times, peak RSS and the ratios: throughput = bytes moved / wall time, so the ratio of
 throughputs is the inverse ratio of wall times. Outputs are deleted and the page cache flushed
@@ -99,19 +99,22 @@ def fresh(*paths: Path) -> None:
 
 
 COPY_SCRIPT = """
-import shutil, sys
+import sys
 from pathlib import Path
 inputs, outs = [Path(p) for p in sys.argv[1].split(',')], [Path(p) for p in sys.argv[2].split(',')]
 files = sorted(inputs[0].glob('*.safetensors'))
+buf = bytearray(8 << 20)                           # one reused buffer, as the merge reuses its own
+view = memoryview(buf)
 for o in outs:                                     # the output bytes: one copy of a checkpoint per output
     o.mkdir(parents=True)
     for f in files:
-        with open(f, 'rb') as src, open(o / f.name, 'wb') as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
+        with open(f, 'rb', buffering=0) as src, open(o / f.name, 'wb', buffering=0) as dst:
+            while n := src.readinto(buf):
+                dst.write(view[:n])
 for d in inputs[1:]:                               # every other input byte read once
     for f in sorted(d.glob('*.safetensors')):
-        with open(f, 'rb') as src:
-            while src.read(8 << 20):
+        with open(f, 'rb', buffering=0) as src:
+            while src.readinto(buf):
                 pass
 """
 
