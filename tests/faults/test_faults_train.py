@@ -72,10 +72,16 @@ def test_local_ray_listens_on_loopback_only(ray_address, reference):
     below them); processes left over from other test modules' clusters are not this cluster's. Not
     checked: the actor / critic processes (and children holding their fds), whose torch.distributed
     rendezvous store binds every interface (torch has no bind-address option for it)."""
+    import gc
+
     import ray
 
     from rlhf_faults import descendants, listening_sockets
 
+    # an in-process process group of an earlier test (``rlhf sft`` run in this process) whose
+    # TCPStore sits in a reference cycle listens on every interface until the cyclic GC frees it:
+    # not this cluster's listener
+    gc.collect()
     assert ray_address.startswith("127.0.0.1:"), ray_address
     session = ray._private.worker._global_node.get_session_dir_path()
     roots = []

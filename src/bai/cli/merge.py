@@ -3,22 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import gc
 import os
 import time
 from pathlib import Path
 
-# Importing bai.merge imports torch, the largest part of a merge's start-up (about 1 s of CPU),
-# and a tenth of that is the cyclic GC walking torch's new objects, which hold nothing to free:
-# collect nothing during the import, then freeze what it created (later collections skip it).
-_gc_was_enabled = gc.isenabled()
-gc.disable()
-try:
-    from bai.merge import merge
-finally:
-    gc.freeze()
-    if _gc_was_enabled:
-        gc.enable()
+from bai.merge import merge
 
 
 def main(argv: list[str] | None = None) -> int:
