@@ -265,38 +265,6 @@ def seed_everything(seed: int) -> None:
 
 # ----------------------------------------------------------------------------- one PPO step
 
-def split(n: int, world: int) -> list[list[int]]:
-    """Contiguous row shards, one per data-parallel rank."""
-    k = n // world
-    return [list(range(r * k, (r + 1) * k)) for r in range(world)]
-
-
-def make_plans(cfg: PPOConfig, step: int, mask: torch.Tensor, world: int, loss_agg: str = "token_mean") -> list[list]:
-    """Per rank: for each epoch, the (rows, loss divisor) of each mini-batch; the divisor is the
-    global mini-batch's token count, or rows x ``rollout.max_new_tokens`` for ``loss_agg``
-    ``token_sum_norm`` (``rlhf.algo.estimators.loss_num_tokens``).
-
-    Rows are shuffled per epoch with a generator seeded by (seed, step, epoch), so a resumed run
-    trains on the same mini-batches. Each mini-batch is split contiguously over the ranks.
-    """
-    from rlhf.algo import loss_num_tokens
-
-    B, mb = mask.shape[0], cfg.ppo.mini_batch_size
-    plans: list[list] = [[] for _ in range(world)]
-    for epoch in range(cfg.ppo.ppo_epochs):
-        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
-        perm = torch.randperm(B, generator=g).tolist()
-        per_rank: list[list] = [[] for _ in range(world)]
-        for i in range(0, B, mb):
-            rows = perm[i:i + mb]
-            ntok = loss_num_tokens(loss_agg, float(mask[rows].sum()), len(rows), cfg.rollout.max_new_tokens)
-            for r, shard in enumerate(split(len(rows), world)):
-                per_rank[r].append(([rows[j] for j in shard], ntok))
-        for r in range(world):
-            plans[r].append(per_rank[r])
-    return plans
-
-
 def fetch(refs: list) -> list:
     """``ray.get`` that raises as soon as any call fails: a dead rank must not leave the driver
     waiting on its peers, which would sit in a collective until the gloo/nccl timeout."""
@@ -316,7 +284,7 @@ def ppo_step(cfg: PPOConfig, w, state: LoopState, prompt_ids: list[list[int]], p
     from rlhf.algo import adaptive_kl_coef, get_estimator, mismatch_keep_mask, truncated_is_weights
     from rlhf.algo.driver import step_advantages
     from rlhf.metrics import ACTOR_STAT_NAMES, CRITIC_STAT_NAMES, batch_metrics, preflight_report, reduce_update_stats
-    from rlhf.workers.batch import ScoredBatch, collate
+    from rlhf.workers.batch import ScoredBatch, collate, make_plans, split
 
     p, r = cfg.ppo, cfg.rollout
     step = state.step

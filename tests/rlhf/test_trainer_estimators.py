@@ -14,7 +14,8 @@ from rlhf.algo import gae, masked_whiten, token_rewards
 from rlhf.algo.driver import step_advantages
 from rlhf.algo.estimators import AdvantageInputs, compute_advantages
 from rlhf.config import load_config
-from rlhf.trainer import make_plans, train
+from rlhf.trainer import train
+from rlhf.workers.batch import make_plans
 
 COMMON = ["trainer.save_every=4", "trainer.probe_every=0", "data.num_builtin=64"]
 

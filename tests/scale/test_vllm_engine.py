@@ -159,7 +159,7 @@ def test_ppo_step_then_broadcast_from_actor_rank0(engine, prompts, tiny_llama, t
     match the actor's own (``kl/rollout_vs_trainer`` < 1e-3) and no longer match the old weights."""
     from rlhf.config import load_config
     from rlhf.metrics import batch_metrics
-    from rlhf.trainer import make_plans
+    from rlhf.workers.batch import make_plans
     from rlhf.workers.batch import ScoredBatch, collate
     from rlhf.workers.group import _init_engines, trainable_spec
     from rlhf.workers.model_workers import ActorWorker

@@ -14,11 +14,14 @@ trainer and rollout logprobs agree for left-padded rows.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
-from typing import Self
+from typing import TYPE_CHECKING, Self
 
 import torch
 
 from rlhf.engines.base import Generation
+
+if TYPE_CHECKING:
+    from rlhf.config import PPOConfig
 
 
 @dataclass(frozen=True)
@@ -202,3 +205,35 @@ def collate(gens: list[Generation], pad_id: int) -> RolloutBatch:
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     return RolloutBatch(input_ids=ids, attention_mask=attn, position_ids=pos, responses=ids[:, P:].clone(),
                         mask=mask, rollout_logp=rollout_logp, prompt_len=P)
+
+
+def split(n: int, world: int) -> list[list[int]]:
+    """Contiguous row shards, one per data-parallel rank."""
+    k = n // world
+    return [list(range(r * k, (r + 1) * k)) for r in range(world)]
+
+
+def make_plans(cfg: PPOConfig, step: int, mask: torch.Tensor, world: int, loss_agg: str = "token_mean") -> list[list]:
+    """Per rank (the trainer's plan of a step's PPO updates): for each epoch, the (rows, loss divisor) of each mini-batch; the divisor is the
+    global mini-batch's token count, or rows x ``rollout.max_new_tokens`` for ``loss_agg``
+    ``token_sum_norm`` (``rlhf.algo.estimators.loss_num_tokens``).
+
+    Rows are shuffled per epoch with a generator seeded by (seed, step, epoch), so a resumed run
+    trains on the same mini-batches. Each mini-batch is split contiguously over the ranks.
+    """
+    from rlhf.algo import loss_num_tokens
+
+    B, mb = mask.shape[0], cfg.ppo.mini_batch_size
+    plans: list[list] = [[] for _ in range(world)]
+    for epoch in range(cfg.ppo.ppo_epochs):
+        g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step * 101 + epoch)
+        perm = torch.randperm(B, generator=g).tolist()
+        per_rank: list[list] = [[] for _ in range(world)]
+        for i in range(0, B, mb):
+            rows = perm[i:i + mb]
+            ntok = loss_num_tokens(loss_agg, float(mask[rows].sum()), len(rows), cfg.rollout.max_new_tokens)
+            for r, shard in enumerate(split(len(rows), world)):
+                per_rank[r].append(([rows[j] for j in shard], ntok))
+        for r in range(world):
+            plans[r].append(per_rank[r])
+    return plans

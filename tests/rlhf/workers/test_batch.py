@@ -8,7 +8,7 @@ import torch
 from rlhf.algo import gae, token_rewards
 from rlhf.config import load_config
 from rlhf.engines.base import Generation
-from rlhf.trainer import make_plans
+from rlhf.workers.batch import make_plans
 from rlhf.workers.batch import collate
 
 PAD, EOS = 0, 9
